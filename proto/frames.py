@@ -1,0 +1,168 @@
+"""The KV frame codec: msgpack `[header, payload]` with a versioned header and a CRC32.
+
+One request's KV moves from each prefill shard as a stream:
+    begin (seq 0: source descriptor, prompt length)
+    data  (seq 1..n: one layer, a whole number of blocks, raw bytes in the source layout)
+    end   (seq n+1: how many data frames were sent, the first sampled token)
+The decoder trusts nothing it has not checked: types, ranges, lengths, checksum.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgpack
+
+from proto.layouts import KVDescriptor
+
+FRAME_VERSION = 1
+FrameKind = Literal["begin", "data", "end"]
+_KINDS = ("begin", "data", "end")
+
+
+class FrameError(ValueError):
+    """A frame that must be rejected; the message says why."""
+
+
+@dataclass
+class Frame:
+    kind: FrameKind
+    request_id: str
+    seq: int
+    shard: int
+    layout_id: str
+    # data frames
+    layer: int = -1
+    token_start: int = 0
+    token_stop: int = 0
+    payload: bytes | memoryview = b""
+    # begin frames
+    descriptor: KVDescriptor | None = None
+    num_tokens: int = 0
+    dest_instance: str = ""  # where a converter forwards the stream ("" when sent direct)
+    dest_descriptor: KVDescriptor | None = None  # the layout the final receiver stores
+    # end frames
+    data_frames: int = 0
+    first_token: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_frame(frame: Frame) -> bytes:
+    header: dict[str, Any] = {
+        "v": FRAME_VERSION,
+        "kind": frame.kind,
+        "rid": frame.request_id,
+        "seq": frame.seq,
+        "shard": frame.shard,
+        "layout": frame.layout_id,
+    }
+    payload = frame.payload
+    if frame.kind == "data":
+        header.update(
+            layer=frame.layer,
+            tok=[frame.token_start, frame.token_stop],
+            n=len(payload),
+            crc=zlib.crc32(payload),
+        )
+    elif frame.kind == "begin":
+        if frame.descriptor is None:
+            raise FrameError("begin frame needs a descriptor")
+        header.update(
+            desc=frame.descriptor.model_dump(),
+            ntok=frame.num_tokens,
+            dest=frame.dest_instance,
+            dest_desc=frame.dest_descriptor.model_dump() if frame.dest_descriptor else None,
+        )
+        payload = b""
+    else:
+        header.update(frames=frame.data_frames, first=frame.first_token, extra=frame.extra)
+        payload = b""
+    return msgpack.packb([header, payload], use_bin_type=True)
+
+
+def _field(header: dict, key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    if key not in header:
+        raise FrameError(f"{what}: header lacks {key!r}")
+    value = header[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise FrameError(f"{what}: header field {key!r} has type {type(value).__name__}")
+    return value
+
+
+def decode_frame(data: bytes, max_bytes: int) -> Frame:
+    if len(data) > max_bytes:
+        raise FrameError(f"frame of {len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        outer = msgpack.unpackb(
+            data, raw=False, use_list=True, max_bin_len=max_bytes, max_str_len=1 << 16,
+            max_array_len=1 << 16, max_map_len=256,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise FrameError(f"not a msgpack frame: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(outer, list) or len(outer) != 2:
+        raise FrameError("frame is not a [header, payload] pair")
+    header, payload = outer
+    if not isinstance(header, dict) or not isinstance(payload, bytes):
+        raise FrameError("frame is not a [header map, payload bytes] pair")
+    version = header.get("v")
+    if version != FRAME_VERSION:
+        raise FrameError(f"unsupported frame version {version!r} (this build speaks {FRAME_VERSION})")
+    kind = _field(header, "kind", str, "frame")
+    if kind not in _KINDS:
+        raise FrameError(f"unknown frame kind {kind!r}")
+    frame = Frame(
+        kind=kind,
+        request_id=_field(header, "rid", str, kind),
+        seq=_field(header, "seq", int, kind),
+        shard=_field(header, "shard", int, kind),
+        layout_id=_field(header, "layout", str, kind),
+    )
+    if frame.seq < 0 or frame.shard < 0:
+        raise FrameError(f"{kind}: negative seq or shard")
+    if kind == "data":
+        frame.layer = _field(header, "layer", int, kind)
+        tok = _field(header, "tok", list, kind)
+        if len(tok) != 2 or not all(isinstance(t, int) for t in tok) or not 0 <= tok[0] < tok[1]:
+            raise FrameError(f"data: bad token range {tok!r}")
+        frame.token_start, frame.token_stop = tok
+        size = _field(header, "n", int, kind)
+        if size != len(payload):
+            raise FrameError(f"data: truncated payload ({len(payload)} bytes, header says {size})")
+        crc = _field(header, "crc", int, kind)
+        if zlib.crc32(payload) != crc:
+            raise FrameError("data: checksum mismatch")
+        if frame.layer < 0:
+            raise FrameError(f"data: negative layer {frame.layer}")
+        frame.payload = payload
+    elif kind == "begin":
+        try:
+            frame.descriptor = KVDescriptor.model_validate(_field(header, "desc", dict, kind))
+        except ValueError as exc:
+            raise FrameError(f"begin: bad descriptor: {exc}") from exc
+        if frame.descriptor.id != frame.layout_id:
+            raise FrameError("begin: layout id does not match its descriptor")
+        frame.num_tokens = _field(header, "ntok", int, kind)
+        frame.dest_instance = _field(header, "dest", str, kind)
+        dest_desc = header.get("dest_desc")
+        if dest_desc is not None:
+            if not isinstance(dest_desc, dict):
+                raise FrameError("begin: destination descriptor is not a map")
+            try:
+                frame.dest_descriptor = KVDescriptor.model_validate(dest_desc)
+            except ValueError as exc:
+                raise FrameError(f"begin: bad destination descriptor: {exc}") from exc
+        if frame.num_tokens < 1:
+            raise FrameError("begin: a prompt has at least one token")
+    else:
+        frame.data_frames = _field(header, "frames", int, kind)
+        first = header.get("first")
+        if first is not None and not isinstance(first, int):
+            raise FrameError("end: first token is not an integer")
+        frame.first_token = first
+        extra = header.get("extra", {})
+        if not isinstance(extra, dict):
+            raise FrameError("end: extra is not a map")
+        frame.extra = extra
+    return frame

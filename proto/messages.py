@@ -1,0 +1,172 @@
+"""Message models every service shares. msgpack on the wire, validated by pydantic on receipt."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, TypeVar
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from proto.layouts import KVDescriptor
+
+Role = Literal["gateway", "scheduler", "prefill", "decode", "converter"]
+ROLES: tuple[Role, ...] = ("gateway", "scheduler", "prefill", "decode", "converter")
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    def pack(self) -> bytes:
+        return msgpack.packb(self.model_dump(mode="python"), use_bin_type=True)
+
+    @classmethod
+    def unpack(cls: type[M], data: bytes) -> M:
+        """Decode and validate; raises `MessageError` with the reason on anything malformed."""
+        try:
+            raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise MessageError(f"{cls.__name__}: not msgpack ({exc})") from exc
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise MessageError(f"{cls.__name__}: {exc.errors()[0]['loc']} {exc.errors()[0]['msg']}") from exc
+
+
+M = TypeVar("M", bound=Message)
+
+
+class MessageError(ValueError):
+    """A message that does not decode or validate."""
+
+
+class SamplingParams(Message):
+    max_tokens: Annotated[int, Field(ge=1)] = 16
+    temperature: Annotated[float, Field(ge=0.0)] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    top_k: int = -1  # -1: off
+    seed: int | None = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+
+
+class GenerateRequest(Message):
+    """Gateway -> scheduler (JetStream work queue) and, inside jobs, to the workers."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    # Tokens already produced by an earlier attempt that died: the retry continues after them.
+    resumed_token_ids: list[int] = []
+    attempt: int = 0
+    excluded_instances: list[str] = []
+    submitted_at: float = 0.0
+
+    @property
+    def context_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.resumed_token_ids
+
+
+class InstanceInfo(Message):
+    """A registry entry: refreshed by a heartbeat, considered dead after the TTL."""
+
+    instance_id: str
+    role: Role
+    model: str = ""
+    kv: KVDescriptor | None = None  # what the instance's cache holds (prefill, decode)
+    engine: str = "native"
+    tp_size: int = 1
+    running: int = 0
+    waiting: int = 0
+    peak_running: int = 0  # largest decode batch so far
+    free_blocks: int = 0
+    total_blocks: int = 0
+    max_model_len: int = 0
+    heartbeat_at: float = 0.0
+    started_at: float = 0.0
+
+
+class ReserveRequest(Message):
+    """Scheduler -> decode: hold blocks for this many tokens before prefill starts."""
+
+    request: GenerateRequest
+    num_tokens: int  # context plus the tokens still to generate
+    hold_seconds: float  # give the blocks back if no KV has arrived by then
+
+
+class ReserveReply(Message):
+    ok: bool
+    reason: str = ""
+    free_blocks: int = 0
+
+
+class KVRoute(Message):
+    """Where a prefill worker sends its frames, and what the final receiver stores."""
+
+    send_to: str  # instance id of the first hop (decode, or a converter)
+    decode_instance: str
+    decode_kv: KVDescriptor
+    via_converter: bool = False
+
+
+class PrefillJob(Message):
+    request: GenerateRequest
+    route: KVRoute
+    events_subject: str
+
+
+class RouteEvent(Message):
+    kind: Literal["route"] = "route"
+    request_id: str
+    prefill_instance: str
+    decode_instance: str
+    converter_instance: str | None = None
+
+
+class TokenEvent(Message):
+    """Tokens for the gateway. `index` is the position of token_ids[0] in the completion, so
+    events from prefill (the first token) and decode (the rest) can be put in order."""
+
+    kind: Literal["tokens"] = "tokens"
+    request_id: str
+    index: int
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    instance_id: str = ""
+
+
+class ErrorEvent(Message):
+    kind: Literal["error"] = "error"
+    request_id: str
+    message: str
+    retryable: bool = True
+    instance_id: str = ""
+
+
+RequestEvent = Annotated[RouteEvent | TokenEvent | ErrorEvent, Field(discriminator="kind")]
+_request_event = TypeAdapter(RequestEvent)
+
+
+def unpack_request_event(data: bytes) -> RouteEvent | TokenEvent | ErrorEvent:
+    """Any event published on a request's events subject; MessageError if malformed."""
+    try:
+        return _request_event.validate_python(msgpack.unpackb(data, raw=False))
+    except (ValidationError, ValueError, msgpack.ExtraData) as exc:
+        raise MessageError(f"request event: {exc}") from exc
+
+
+class AbortRequest(Message):
+    request_id: str
+    reason: str = ""
+
+
+class CompletionRecord(Message):
+    request_id: str
+    prefill_instance: str
+    decode_instance: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason
+    finished_at: float

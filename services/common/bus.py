@@ -1,0 +1,84 @@
+"""The NATS connection every service holds, and the JetStream objects they share."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import RetentionPolicy, StreamConfig
+from nats.js.errors import BadRequestError
+from nats.js.kv import KeyValue
+
+from proto.messages import M, Message
+from proto.subjects import Subjects
+from services.common.settings import CommonSettings
+from services.common.telemetry import inject
+
+log = logging.getLogger(__name__)
+
+
+class Bus:
+    def __init__(self, nc: Client, settings: CommonSettings):
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.settings = settings
+        self.subjects: Subjects = settings.subjects
+
+    @classmethod
+    async def connect(cls, settings: CommonSettings, name: str, attempts: int = 30) -> Bus:
+        """Retry while the server starts (compose, `hetserve up`): it may not be there yet."""
+        last: Exception | None = None
+        for _ in range(attempts):
+            try:
+                nc = await nats.connect(
+                    settings.nats_url, name=name, max_reconnect_attempts=-1,
+                    reconnect_time_wait=1, connect_timeout=2,
+                )
+                return cls(nc, settings)
+            except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as exc:
+                last = exc
+                await asyncio.sleep(0.5)
+        raise ConnectionError(f"cannot reach NATS at {settings.nats_url}: {last}")
+
+    async def ensure_streams(self) -> None:
+        """Create the request queue and completion log if absent (idempotent)."""
+        s = self.subjects
+        for config in (
+            StreamConfig(name=s.requests_stream, subjects=[s.requests],
+                         retention=RetentionPolicy.WORK_QUEUE, max_age=600.0),
+            StreamConfig(name=s.completions_stream, subjects=[s.completions], max_age=3600.0,
+                         max_msgs=100_000),
+        ):
+            try:
+                await self.js.add_stream(config)
+            except BadRequestError as exc:  # created concurrently by another service
+                log.debug("stream %s exists: %s", config.name, exc)
+
+    async def registry_bucket(self) -> KeyValue:
+        bucket = self.subjects.registry_bucket
+        try:
+            return await self.js.key_value(bucket)
+        except Exception:  # noqa: BLE001 - absent: create it
+            try:
+                return await self.js.create_key_value(
+                    bucket=bucket, history=1, ttl=self.settings.instance_ttl_s * 10
+                )
+            except BadRequestError:
+                return await self.js.key_value(bucket)
+
+    async def publish(self, subject: str, message: Message) -> None:
+        await self.nc.publish(subject, message.pack(), headers=inject())
+
+    async def request(self, subject: str, message: Message, reply: type[M], timeout: float) -> M:
+        msg = await self.nc.request(subject, message.pack(), timeout=timeout, headers=inject())
+        return reply.unpack(msg.data)
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except Exception as exc:  # noqa: BLE001 - closing anyway
+                log.debug("drain: %s", exc)

@@ -1,0 +1,104 @@
+"""Sending and acknowledging KV frames with credit-based flow control.
+
+A sender publishes frames in order to the receiver's KV subject with a private reply
+inbox, and never has more than `window` frames unacknowledged: a fast prefill cannot
+outrun a slow receiver, so the server never has to drop one as a slow consumer.
+A receiver acknowledges a frame once it has taken it (stored, or converted and forwarded),
+or rejects it with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import msgpack
+from nats.aio.msg import Msg
+
+from proto.frames import Frame, encode_frame
+from services.common.bus import Bus
+from services.common.telemetry import inject
+
+log = logging.getLogger(__name__)
+
+
+class StreamFailed(RuntimeError):
+    """The receiver rejected a frame, or stopped acknowledging."""
+
+
+def ack_payload(ok: bool, reason: str = "") -> bytes:
+    return msgpack.packb({"ok": ok, "reason": reason})
+
+
+async def acknowledge(msg: Msg, ok: bool = True, reason: str = "") -> None:
+    if msg.reply:
+        await msg.respond(ack_payload(ok, reason))
+
+
+class FrameSender:
+    def __init__(self, bus: Bus, receiver: str, window: int, ack_timeout_s: float):
+        self.bus = bus
+        self.subject = bus.subjects.kv_frames(receiver)
+        self.receiver = receiver
+        self.window = window
+        self.ack_timeout_s = ack_timeout_s
+        self._credits = asyncio.Semaphore(window)
+        self._unacked = 0
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._error: str | None = None
+        self._sub = None
+        self.bytes_sent = 0
+        self.frames_sent = 0
+
+    async def __aenter__(self) -> FrameSender:
+        self._inbox = self.bus.nc.new_inbox()
+        self._sub = await self.bus.nc.subscribe(self._inbox, cb=self._on_ack)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+
+    async def _on_ack(self, msg: Msg) -> None:
+        try:
+            reply = msgpack.unpackb(msg.data)
+            ok, reason = bool(reply["ok"]), str(reply.get("reason", ""))
+        except Exception:  # noqa: BLE001 - a broken ack is a failed stream
+            ok, reason = False, "unreadable acknowledgement"
+        if not ok and self._error is None:
+            self._error = f"{self.receiver} rejected a frame: {reason}"
+        self._unacked -= 1
+        if self._unacked == 0:
+            self._drained.set()
+        self._credits.release()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise StreamFailed(self._error)
+
+    async def send(self, frame: Frame) -> None:
+        self._check()
+        try:
+            await asyncio.wait_for(self._credits.acquire(), self.ack_timeout_s)
+        except TimeoutError:
+            raise StreamFailed(
+                f"{self.receiver} acknowledged nothing for {self.ack_timeout_s:.0f}s"
+            ) from None
+        self._check()
+        data = encode_frame(frame)
+        self._unacked += 1
+        self._drained.clear()
+        await self.bus.nc.publish(self.subject, data, reply=self._inbox, headers=inject())
+        self.bytes_sent += len(data)
+        self.frames_sent += 1
+
+    async def finish(self) -> None:
+        """Wait until every frame is acknowledged; raise if any was rejected."""
+        try:
+            await asyncio.wait_for(self._drained.wait(), self.ack_timeout_s)
+        except TimeoutError:
+            raise StreamFailed(
+                f"{self.receiver} left {self._unacked} frames unacknowledged"
+            ) from None
+        self._check()

@@ -1,0 +1,123 @@
+"""`hetserve up`: NATS (embedded unless a URL is given) and every instance of a topology,
+each its own OS process. Ctrl-C (or SIGTERM) stops everything it started."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from services.common.nats_server import NatsServer
+from services.common.topology import Topology, WorkerSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Instance:
+    name: str
+    role: str
+    env: dict[str, str]
+    process: subprocess.Popen | None = None
+
+
+def plan_instances(topology: Topology, nats_url: str, prefix: str) -> list[Instance]:
+    base = {"HETSERVE_NATS_URL": nats_url, "HETSERVE_PREFIX": prefix}
+    out: list[Instance] = []
+    for i in range(topology.scheduler.replicas):
+        out.append(Instance(f"scheduler-{i}", "scheduler", {**base}))
+    for i in range(topology.converter.replicas):
+        out.append(Instance(f"converter-{i}", "converter", {**base}))
+    for role, specs in (("prefill", topology.prefill), ("decode", topology.decode)):
+        for spec in specs:
+            for i in range(spec.replicas):
+                out.append(Instance(f"{spec.name}-{i}", role, {**base, **worker_env(topology, spec)}))
+    for i in range(topology.gateway.replicas):
+        out.append(Instance(f"gateway-{i}", "gateway", {
+            **base, "HETSERVE_MODEL": topology.model, "HETSERVE_HOST": topology.gateway.host,
+            "HETSERVE_PORT": str(topology.gateway.port + i),
+        }))
+    for inst in out:
+        inst.env["HETSERVE_INSTANCE_ID"] = inst.name
+    return out
+
+
+def worker_env(topology: Topology, spec: WorkerSpec) -> dict[str, str]:
+    env = {
+        "HETSERVE_MODEL": topology.model,
+        "HETSERVE_ENGINE": spec.engine,
+        "HETSERVE_KV_LAYOUT": spec.kv_layout,
+        "HETSERVE_BLOCK_SIZE": str(spec.block_size),
+        "HETSERVE_KV_DTYPE": spec.dtype,
+        "HETSERVE_NUM_BLOCKS": str(spec.num_blocks),
+        "HETSERVE_DEVICE": spec.device,
+        "HETSERVE_TORCH_THREADS": "1",
+    }
+    env.update(spec.env)
+    return env
+
+
+def start(inst: Instance) -> None:
+    env = {**os.environ, **inst.env}
+    inst.process = subprocess.Popen(
+        [sys.executable, "-m", "services.common.cli", "serve", inst.role], env=env,
+    )
+
+
+def stop_all(instances: list[Instance], timeout_s: float = 10.0) -> None:
+    for inst in instances:
+        if inst.process is not None and inst.process.poll() is None:
+            inst.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for inst in instances:
+        if inst.process is None:
+            continue
+        try:
+            inst.process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            inst.process.kill()
+            inst.process.wait()
+
+
+def run_up(topology: Topology, nats_url: str | None, prefix: str) -> int:
+    server = None
+    if nats_url is None:
+        server = NatsServer().start()
+        nats_url = server.url
+        log.info("embedded NATS with JetStream at %s", nats_url)
+    instances = plan_instances(topology, nats_url, prefix)
+    stop = {"now": False}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    code = 0
+    try:
+        for inst in instances:
+            start(inst)
+        gateway = topology.gateway
+        log.info("started %d instances; OpenAI API at http://%s:%d/v1", len(instances),
+                 gateway.host, gateway.port)
+        reported: set[str] = set()
+        while not stop["now"]:
+            time.sleep(0.2)
+            for inst in instances:
+                rc = inst.process.poll() if inst.process else None
+                if rc is not None and inst.name not in reported:
+                    reported.add(inst.name)
+                    log.error("%s (%s) exited with code %s; the others keep serving",
+                              inst.name, inst.role, rc)
+            if len(reported) == len(instances):
+                code = 1
+                break
+    finally:
+        stop_all(instances)
+        if server is not None:
+            server.stop()
+    return code

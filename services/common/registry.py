@@ -1,0 +1,74 @@
+"""The live instance registry: a JetStream KV bucket of heartbeats, mirrored in memory.
+
+An entry is live while its heartbeat is younger than the TTL; a dead process stops
+heartbeating and drops out, a stopping one deletes its key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from nats.js.kv import KeyValue
+
+from proto.messages import InstanceInfo, MessageError, Role
+from services.common.bus import Bus
+
+log = logging.getLogger(__name__)
+
+
+class Registry:
+    def __init__(self, bus: Bus, ttl_s: float):
+        self.bus = bus
+        self.ttl_s = ttl_s
+        self.entries: dict[str, InstanceInfo] = {}
+        self._kv: KeyValue | None = None
+        self._watch_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._kv = await self.bus.registry_bucket()
+        watcher = await self._kv.watchall()
+        self._watch_task = asyncio.create_task(self._watch(watcher))
+
+    async def _watch(self, watcher) -> None:  # noqa: ANN001
+        async for entry in watcher:
+            if entry is None:  # end of the initial values
+                continue
+            if entry.operation in ("DEL", "PURGE") or not entry.value:
+                self.entries.pop(entry.key, None)
+                continue
+            try:
+                self.entries[entry.key] = InstanceInfo.unpack(entry.value)
+            except MessageError as exc:
+                log.warning("ignoring registry entry %s: %s", entry.key, exc)
+
+    def is_live(self, info: InstanceInfo, now: float | None = None) -> bool:
+        return (now or time.time()) - info.heartbeat_at < self.ttl_s
+
+    def live(self, role: Role | None = None) -> list[InstanceInfo]:
+        now = time.time()
+        return [
+            info for info in self.entries.values()
+            if (role is None or info.role == role) and self.is_live(info, now)
+        ]
+
+    def get(self, instance_id: str) -> InstanceInfo | None:
+        info = self.entries.get(instance_id)
+        return info if info is not None and self.is_live(info) else None
+
+    async def announce(self, info: InstanceInfo) -> None:
+        assert self._kv is not None, "start() first"
+        info.heartbeat_at = time.time()
+        await self._kv.put(info.instance_id, info.pack())
+
+    async def withdraw(self, instance_id: str) -> None:
+        if self._kv is not None:
+            try:
+                await self._kv.delete(instance_id)
+            except Exception as exc:  # noqa: BLE001 - shutting down; the TTL covers us
+                log.debug("withdraw %s: %s", instance_id, exc)
+
+    async def stop(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()

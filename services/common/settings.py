@@ -1,0 +1,75 @@
+"""Settings of every service: `HETSERVE_*` environment variables (or a .env file)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from proto.subjects import Subjects
+
+
+def default_instance_id(role: str) -> str:
+    """Unique per process and per container (hostname), safe as a subject token."""
+    host = "".join(c if c.isalnum() else "-" for c in socket.gethostname())[:24]
+    return f"{role}-{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HETSERVE_", env_file=".env", extra="ignore")
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    prefix: str = "hetserve"
+    instance_id: str = ""
+    log_level: str = "INFO"
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    instance_ttl_s: float = Field(4.0, gt=0)
+    # KV frames: at most this many bytes each (below the server's max_payload), and at most
+    # `kv_window` unacknowledged frames per stream (credit-based flow control).
+    max_frame_bytes: int = Field(512 * 1024, ge=4096)
+    kv_window: int = Field(8, ge=1)
+    kv_ack_timeout_s: float = Field(10.0, gt=0)
+    metrics_port: int = 0  # 0: no Prometheus endpoint
+
+    @property
+    def subjects(self) -> Subjects:
+        return Subjects(self.prefix)
+
+
+class WorkerSettings(CommonSettings):
+    """Prefill and decode instances."""
+
+    model: str = "models/tiny-llama"
+    engine: str = "native"
+    kv_layout: str = "vllm-flash"
+    block_size: int = 16
+    kv_dtype: str = "float32"
+    num_blocks: int = Field(1024, ge=2)
+    device: str = ""  # "" picks cuda when present, else cpu
+    max_model_len: int = 0  # 0: the model's max_position_embeddings
+    torch_threads: int = 0  # 0: torch's default
+    max_batch_size: int = Field(64, ge=1)
+    reserve_hold_s: float = Field(30.0, gt=0)
+
+
+class GatewaySettings(CommonSettings):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str = "models/tiny-llama"
+    served_model_name: str = ""  # "" : the model directory's name
+    first_token_timeout_s: float = Field(120.0, gt=0)
+    token_timeout_s: float = Field(60.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+
+
+class SchedulerSettings(CommonSettings):
+    reserve_timeout_s: float = Field(5.0, gt=0)
+    reserve_hold_s: float = Field(30.0, gt=0)
+    max_in_flight: int = Field(256, ge=1)
+
+
+class ConverterSettings(CommonSettings):
+    convert_threads: int = Field(1, ge=1)

@@ -1,0 +1,326 @@
+"""Decode worker: reserves blocks, takes KV frames into them, decodes in a continuous batch.
+
+A request moves: reserved (blocks held, frames arriving) -> ready (KV complete, first
+token known) -> running (in the batch, one token per step) -> finished (blocks freed).
+Requests join and leave the running batch between steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from nats.aio.msg import Msg
+from opentelemetry.trace import Span
+
+from proto.frames import Frame, FrameError, decode_frame
+from proto.layouts import payload_from_bytes
+from proto.messages import (
+    AbortRequest,
+    CompletionRecord,
+    ErrorEvent,
+    GenerateRequest,
+    MessageError,
+    ReserveReply,
+    ReserveRequest,
+    TokenEvent,
+)
+from services.common.kv_stream import acknowledge
+from services.common.service import Service
+from services.common.settings import WorkerSettings
+from services.common.telemetry import extract, tracer
+from services.engine.engine import NativeEngine
+from services.engine.factory import build_engine
+from services.engine.kv_cache import OutOfBlocks
+from services.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+_tracer = tracer("hetserve.decode")
+
+
+@dataclass
+class Inbound:
+    """A reserved request whose KV frames are arriving."""
+
+    request: GenerateRequest
+    blocks: list[int]
+    deadline: float
+    next_seq: int = 0
+    num_tokens: int = 0
+    data_frames: int = 0
+    layer_tokens: dict[int, int] = field(default_factory=dict)  # tokens received per layer
+    span: Span | None = None
+
+
+@dataclass
+class Running:
+    seq: Sequence
+    request: GenerateRequest
+    span: Span
+    aborted: bool = False
+    prefill_instance: str = ""
+
+
+class DecodeService(Service):
+    role = "decode"
+    settings: WorkerSettings
+
+    def __init__(self, settings: WorkerSettings):
+        super().__init__(settings)
+        self.engine: NativeEngine
+        self.inbound: dict[str, Inbound] = {}
+        self.ready: deque[Running] = deque()
+        self.running: list[Running] = []
+        self.by_id: dict[str, Running] = {}
+        self.peak_running = 0
+        self._wakeup = asyncio.Event()
+
+    async def start(self) -> None:
+        self.engine = await asyncio.to_thread(build_engine, self.settings)
+        s = self.bus.subjects
+        await self.subscribe(s.reserve(self.instance_id), self._on_reserve)
+        await self.subscribe(s.kv_frames(self.instance_id), self._on_frame)
+        await self.subscribe(s.aborts, self._on_abort)
+        self.spawn(self._decode_loop(), "decode-loop")
+        self.spawn(self._expire_reservations(), "reservation-expiry")
+
+    def status(self):  # noqa: ANN201
+        info = super().status()
+        info.model = self.settings.model
+        info.kv = self.engine.kv
+        info.engine = self.settings.engine
+        info.running = len(self.running)
+        info.waiting = len(self.ready) + len(self.inbound)
+        info.peak_running = self.peak_running
+        info.free_blocks = self.engine.allocator.num_free
+        info.total_blocks = self.engine.allocator.num_total
+        info.max_model_len = self.engine.max_model_len
+        return info
+
+    # -- reservation --------------------------------------------------------------------
+
+    async def _on_reserve(self, msg: Msg) -> None:
+        try:
+            req = ReserveRequest.unpack(msg.data)
+        except MessageError as exc:
+            await msg.respond(ReserveReply(ok=False, reason=str(exc)).pack())
+            return
+        rid = req.request.request_id
+        if rid in self.inbound or rid in self.by_id:
+            await msg.respond(ReserveReply(ok=False, reason=f"{rid} already held").pack())
+            return
+        if req.num_tokens > self.engine.max_model_len:
+            reason = f"{req.num_tokens} tokens exceed max_model_len {self.engine.max_model_len}"
+            await msg.respond(ReserveReply(ok=False, reason=reason).pack())
+            return
+        try:
+            blocks = self.engine.allocator.allocate(self.engine.blocks_for(req.num_tokens))
+        except OutOfBlocks as exc:
+            await msg.respond(ReserveReply(ok=False, reason=str(exc)).pack())
+            return
+        self.inbound[rid] = Inbound(
+            request=req.request, blocks=blocks, deadline=time.monotonic() + req.hold_seconds,
+            span=_tracer.start_span("decode.admit", context=extract(msg.headers),
+                                    attributes={"request.id": rid, "instance.id": self.instance_id}),
+        )
+        await msg.respond(
+            ReserveReply(ok=True, free_blocks=self.engine.allocator.num_free).pack()
+        )
+
+    def _release(self, rid: str) -> None:
+        inbound = self.inbound.pop(rid, None)
+        if inbound is not None:
+            self.engine.allocator.free(inbound.blocks)
+            if inbound.span is not None:
+                inbound.span.end()
+
+    async def _fail(self, rid: str, message: str) -> None:
+        inbound = self.inbound.get(rid)
+        self._release(rid)
+        if inbound is not None:
+            await self.bus.publish(
+                self.bus.subjects.request_events(rid),
+                ErrorEvent(request_id=rid, message=message, instance_id=self.instance_id),
+            )
+
+    async def _expire_reservations(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            for rid in [r for r, i in self.inbound.items() if i.deadline < now]:
+                log.warning("%s: KV for %s never completed; releasing its blocks",
+                            self.instance_id, rid)
+                await self._fail(rid, f"{self.instance_id}: KV transfer did not complete in time")
+
+    # -- KV frames ----------------------------------------------------------------------
+
+    async def _on_frame(self, msg: Msg) -> None:
+        try:
+            frame = decode_frame(msg.data, self.settings.max_frame_bytes * 2)
+        except FrameError as exc:
+            log.warning("%s rejected a KV frame: %s", self.instance_id, exc)
+            await acknowledge(msg, False, str(exc))
+            return
+        inbound = self.inbound.get(frame.request_id)
+        if inbound is None:
+            reason = f"frame for unknown request {frame.request_id!r}"
+            log.warning("%s rejected a KV frame: %s", self.instance_id, reason)
+            await acknowledge(msg, False, reason)
+            return
+        try:
+            self._take(inbound, frame, msg)
+        except (FrameError, ValueError) as exc:
+            log.warning("%s rejected a KV frame of %s: %s", self.instance_id, frame.request_id, exc)
+            await acknowledge(msg, False, str(exc))
+            await self._fail(frame.request_id, f"bad KV frame: {exc}")
+            return
+        await acknowledge(msg)
+
+    def _take(self, inbound: Inbound, frame: Frame, msg: Msg) -> None:
+        kv = self.engine.kv
+        if frame.seq != inbound.next_seq:
+            raise FrameError(f"sequence number {frame.seq}, expected {inbound.next_seq}")
+        inbound.next_seq += 1
+        if frame.layout_id != kv.id:
+            raise FrameError(f"layout {frame.layout_id} is not this instance's ({kv.id}, {kv.layout})")
+        if frame.kind == "begin":
+            expected = len(inbound.request.context_token_ids)
+            if frame.num_tokens != expected:
+                raise FrameError(f"begin announces {frame.num_tokens} tokens, request has {expected}")
+            inbound.num_tokens = frame.num_tokens
+        elif frame.kind == "data":
+            self._store(inbound, frame)
+        else:
+            self._finish_transfer(inbound, frame, msg)
+
+    def _store(self, inbound: Inbound, frame: Frame) -> None:
+        kv = self.engine.kv
+        if inbound.num_tokens == 0:
+            raise FrameError("data frame before begin")
+        if frame.layer not in kv.layers:
+            raise FrameError(f"layer {frame.layer} outside {kv.layers}")
+        have = inbound.layer_tokens.get(frame.layer, 0)
+        if frame.token_start != have or frame.token_stop > inbound.num_tokens:
+            raise FrameError(
+                f"layer {frame.layer}: tokens [{frame.token_start}, {frame.token_stop}) "
+                f"do not continue [0, {have}) within {inbound.num_tokens}"
+            )
+        first = frame.token_start // kv.block_size
+        count = self.engine.blocks_for(frame.token_stop) - first
+        payload = payload_from_bytes(kv, frame.payload, count)
+        self.engine.cache.import_blocks(frame.layer, inbound.blocks[first : first + count], payload)
+        inbound.layer_tokens[frame.layer] = frame.token_stop
+        inbound.data_frames += 1
+
+    def _finish_transfer(self, inbound: Inbound, frame: Frame, msg: Msg) -> None:
+        rid = inbound.request.request_id
+        if "error" in frame.extra:
+            # The sender failed and told the gateway; just give the blocks back.
+            self._release(rid)
+            return
+        if frame.data_frames != inbound.data_frames:
+            raise FrameError(f"end says {frame.data_frames} data frames, {inbound.data_frames} came")
+        missing = [
+            layer for layer in self.engine.kv.layers
+            if inbound.layer_tokens.get(layer, 0) != inbound.num_tokens
+        ]
+        if missing:
+            raise FrameError(f"end before layers {missing} were complete")
+        if frame.first_token is None:
+            raise FrameError("end frame without the first token")
+        if not 0 <= frame.first_token < self.engine.cfg.vocab_size:
+            raise FrameError(f"first token {frame.first_token} outside the vocabulary")
+        del self.inbound[rid]
+        if inbound.span is not None:
+            inbound.span.end()
+        seq = self.engine.new_sequence(inbound.request)
+        seq.block_table = inbound.blocks
+        seq.append(frame.first_token)
+        span = _tracer.start_span(
+            "decode.generate", context=extract(msg.headers),
+            attributes={"request.id": rid, "instance.id": self.instance_id,
+                        "prompt.tokens": len(seq.context_ids)},
+        )
+        entry = Running(seq=seq, request=inbound.request, span=span)
+        if seq.finished:  # the first token already ended it (EOS, max_tokens=1, stop)
+            self._retire(entry)
+            return
+        self.by_id[rid] = entry
+        self.ready.append(entry)
+        self._wakeup.set()
+
+    # -- the batch ----------------------------------------------------------------------
+
+    async def _on_abort(self, msg: Msg) -> None:
+        try:
+            abort = AbortRequest.unpack(msg.data)
+        except MessageError:
+            return
+        if abort.request_id in self.inbound:
+            self._release(abort.request_id)
+        entry = self.by_id.get(abort.request_id)
+        if entry is not None:
+            entry.aborted = True  # leaves the batch between steps
+            self._wakeup.set()
+
+    def _retire(self, entry: Running) -> None:
+        self.by_id.pop(entry.seq.request_id, None)
+        self.engine.allocator.free(entry.seq.block_table)
+        entry.seq.block_table = []
+        entry.span.set_attribute("completion.tokens", len(entry.seq.output_ids))
+        entry.span.end()
+        if entry.seq.finished:
+            record = CompletionRecord(
+                request_id=entry.seq.request_id, prefill_instance=entry.prefill_instance,
+                decode_instance=self.instance_id, prompt_tokens=len(entry.request.prompt_token_ids),
+                completion_tokens=entry.seq.completion_offset + len(entry.seq.output_ids),
+                finish_reason=entry.seq.finish_reason, finished_at=time.time(),
+            )
+            self.spawn(self.bus.js.publish(self.bus.subjects.completions, record.pack()))
+
+    def _drop_aborted(self) -> None:
+        for entry in [e for e in (*self.running, *self.ready) if e.aborted]:
+            self._retire(entry)
+        self.running = [e for e in self.running if not e.aborted]
+        self.ready = deque(e for e in self.ready if not e.aborted)
+
+    async def _decode_loop(self) -> None:
+        while True:
+            self._drop_aborted()
+            while self.ready and len(self.running) < self.settings.max_batch_size:
+                self.running.append(self.ready.popleft())
+            if not self.running:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            self.peak_running = max(self.peak_running, len(self.running))
+            batch = [e.seq for e in self.running]
+            await asyncio.to_thread(self.engine.decode, batch)
+            still = []
+            for entry in self.running:
+                seq = entry.seq
+                await self.bus.publish(
+                    self.bus.subjects.request_events(seq.request_id),
+                    TokenEvent(
+                        request_id=seq.request_id,
+                        index=seq.completion_offset + len(seq.output_ids) - 1,
+                        token_ids=[seq.output_ids[-1]], finish_reason=seq.finish_reason,
+                        stop_reason=seq.stop_reason, instance_id=self.instance_id,
+                    ),
+                )
+                if seq.finished:
+                    self._retire(entry)
+                else:
+                    still.append(entry)
+            self.running = still
+
+    async def stop(self) -> None:
+        for entry in list(self.running) + list(self.ready):
+            await self.bus.publish(
+                self.bus.subjects.request_events(entry.seq.request_id),
+                ErrorEvent(request_id=entry.seq.request_id, instance_id=self.instance_id,
+                           message=f"{self.instance_id} is shutting down"),
+            )

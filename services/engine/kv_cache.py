@@ -1,0 +1,129 @@
+"""The paged KV cache, stored in the layout its descriptor names, and its block allocator.
+
+Attention writes and reads through `proto.layouts` views, so the cache is used in place in
+whichever engine's layout the instance's profile chose; frames export and import whole
+blocks of one layer as raw bytes of that layout.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from proto.layouts import KVDescriptor, kv_views
+
+
+class OutOfBlocks(RuntimeError):
+    pass
+
+
+class BlockAllocator:
+    def __init__(self, num_blocks: int, reserved: int = 0):
+        if num_blocks <= reserved:
+            raise ValueError(f"cache of {num_blocks} blocks has none left after {reserved} reserved")
+        self.num_total = num_blocks - reserved
+        self._free: deque[int] = deque(range(reserved, num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, count: int) -> list[int]:
+        if count > len(self._free):
+            raise OutOfBlocks(f"need {count} KV blocks, {len(self._free)} free")
+        return [self._free.popleft() for _ in range(count)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(blocks)
+
+
+def _split_symbols(dims: tuple[str, ...]) -> list[str]:
+    return [symbol for dim in dims for symbol in dim.split("*")]
+
+
+class PagedKVCache:
+    def __init__(self, desc: KVDescriptor, num_blocks: int, device: torch.device | str = "cpu"):
+        self.desc = desc
+        self.num_blocks = num_blocks
+        spec = desc.spec
+        layers = list(desc.layers)
+        self.layer_ids = layers
+        self._slot = {layer: i for i, layer in enumerate(layers)}
+        if spec.multi_layer:
+            shared = self._allocate(num_blocks, len(layers), device)
+            self.storage = [shared] * len(layers)
+        else:
+            self.storage = [self._allocate(num_blocks, 1, device) for _ in layers]
+        self.views = [
+            kv_views(desc, store, num_blocks, layer_index=i if spec.multi_layer else 0)
+            for i, store in enumerate(self.storage)
+        ]
+        # Each storage tensor with every product dim split, so blocks (N) and layers (L)
+        # are axes of their own: exporting blocks is then one index_select.
+        self._split = [
+            {
+                name: tensor.view(tuple(desc.sizes(num_blocks, len(layers)).of(s) for s in symbols))
+                for name, tensor in store.items()
+                for symbols in [_split_symbols(spec.storage[name])]
+            }
+            for store in self.storage
+        ]
+        self._symbols = {name: _split_symbols(dims) for name, dims in spec.storage.items()}
+
+    def _allocate(self, num_blocks: int, layers: int, device) -> dict[str, torch.Tensor]:  # noqa: ANN001
+        shapes = self.desc.storage_shapes(num_blocks, layers)
+        return {
+            name: torch.zeros(shape, dtype=self.desc.torch_dtype, device=device)
+            for name, shape in shapes.items()
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.storage[0].values())).device
+
+    def write(
+        self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Store new tokens' K/V ([T, H, D]) at (block, offset) slots."""
+        k_view, v_view = self.views[self._slot[layer]]
+        for view, values in ((k_view, k), (v_view, v)):
+            view[blocks, offsets] = values.to(view.dtype).reshape(values.shape[0], *view.shape[2:])
+
+    def gather(
+        self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V at [S, Tmax] slots -> [S, Tmax, H, D] each."""
+        k_view, v_view = self.views[self._slot[layer]]
+        s, t = blocks.shape
+        return (
+            k_view[blocks, offsets].reshape(s, t, k_view.shape[2], -1),
+            v_view[blocks, offsets].reshape(s, t, v_view.shape[2], -1),
+        )
+
+    def export_blocks(self, layer: int, block_ids: list[int]) -> dict[str, torch.Tensor]:
+        """One layer's storage restricted to `block_ids`, in order: a frame payload."""
+        slot = self._slot[layer]
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        out = {}
+        for name, tensor in self._split[slot].items():
+            symbols = self._symbols[name]
+            if "L" in symbols:
+                tensor = tensor.select(symbols.index("L"), slot)
+                symbols = [s for s in symbols if s != "L"]
+            out[name] = tensor.index_select(symbols.index("N"), index)
+        return out
+
+    def import_blocks(self, layer: int, block_ids: list[int], payload: dict[str, torch.Tensor]) -> None:
+        slot = self._slot[layer]
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        for name, tensor in self._split[slot].items():
+            symbols = self._symbols[name]
+            if "L" in symbols:
+                tensor = tensor.select(symbols.index("L"), slot)
+                symbols = [s for s in symbols if s != "L"]
+            axis = symbols.index("N")
+            source = payload[name].to(tensor.device)
+            shape = list(tensor.shape)
+            shape[axis] = len(block_ids)
+            tensor.index_copy_(axis, index, source.reshape(shape))

@@ -1,0 +1,192 @@
+"""The Llama family (Llama, Mistral, Qwen2) in plain torch, module names as in Hugging Face.
+
+Tokens of all sequences in a step are flattened into one axis; `AttentionMetadata` says
+which tokens belong to which sequence and where their KV lives in the paged cache.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.engine.hf_config import ModelConfig
+from services.engine.kv_cache import PagedKVCache
+
+
+@dataclass
+class AttentionMetadata:
+    """One step's batch. Prefill: one sequence, all its tokens. Decode: one token per sequence."""
+
+    is_prefill: bool
+    positions: torch.Tensor  # [T] position of each flattened token
+    slot_blocks: torch.Tensor  # [T] cache block each token's KV is written to
+    slot_offsets: torch.Tensor  # [T] offset inside that block
+    # decode only: where each sequence's whole context lives
+    context_blocks: torch.Tensor | None = None  # [S, Tmax] block of each context position
+    context_offsets: torch.Tensor | None = None  # [S, Tmax]
+    context_mask: torch.Tensor | None = None  # [S, 1, 1, Tmax] True where attended
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in ("default", None):
+        return inv_freq
+    if kind != "llama3":
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (default, llama3 are)")
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Rotary(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = (self.inv_freq[:, None].float() @ positions[None, :].float()).T  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        cache: PagedKVCache,
+    ) -> torch.Tensor:
+        tokens = x.shape[0]
+        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        cos, sin = (t.to(x.dtype)[:, None, :] for t in cos_sin)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        cache.write(self.layer_index, meta.slot_blocks, meta.slot_offsets, k, v)
+        if meta.is_prefill:
+            # The whole prompt is in this step: attend to the fresh K/V, causally.
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                is_causal=True, enable_gqa=self.num_heads != self.num_kv_heads,
+            )  # [Hq, T, D]
+            out = out.transpose(0, 1)
+        else:
+            # One new token per sequence: read each context from the cache, in its layout.
+            ctx_k, ctx_v = cache.gather(self.layer_index, meta.context_blocks, meta.context_offsets)
+            # ctx_k: [S, Tmax, Hkv, D]
+            out = F.scaled_dot_product_attention(
+                q[:, :, None, :],  # [S, Hq, 1, D]
+                ctx_k.to(x.dtype).transpose(1, 2),
+                ctx_v.to(x.dtype).transpose(1, 2),
+                attn_mask=meta.context_mask,
+                enable_gqa=self.num_heads != self.num_kv_heads,
+            )[:, :, 0, :]  # [S, Hq, D]
+        return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_index)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos_sin, meta, cache):  # noqa: ANN001, ANN201 - see Attention.forward
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+LayerDone = Callable[[int], None]
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.rotary = Rotary(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(
+        self,
+        token_ids: torch.Tensor,  # [T]
+        meta: AttentionMetadata,
+        cache: PagedKVCache,
+        last_token_index: torch.Tensor,  # [S] which flattened tokens give logits
+        on_layer_done: LayerDone | None = None,
+    ) -> torch.Tensor:  # [S, vocab] float32
+        x = self.model.embed_tokens(token_ids)
+        cos_sin = self.rotary(meta.positions)
+        for layer in self.model.layers:
+            x = layer(x, cos_sin, meta, cache)
+            if on_layer_done is not None:
+                on_layer_done(layer.self_attn.layer_index)
+        x = self.model.norm(x[last_token_index])
+        return self.lm_head(x).float()

@@ -1,0 +1,41 @@
+"""One request as the engine sees it: its tokens, its blocks, how it samples and stops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from proto.messages import FinishReason, SamplingParams
+from services.engine.sampling import Sampler
+from services.engine.stopping import StopChecker
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    context_ids: list[int]  # prompt, plus tokens an earlier attempt produced
+    params: SamplingParams
+    sampler: Sampler
+    stopper: StopChecker
+    completion_offset: int = 0  # completion tokens produced before this attempt
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.context_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.context_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token_id: int) -> None:
+        """Record a sampled token and decide whether the sequence is done."""
+        self.output_ids.append(token_id)
+        generated = self.completion_offset + len(self.output_ids)
+        self.finish_reason, self.stop_reason = self.stopper.check(token_id, generated)

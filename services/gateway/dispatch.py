@@ -1,0 +1,158 @@
+"""The gateway's side of the bus: submit a request, follow its events, retry when an
+instance dies, abort when the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from proto.messages import (
+    ROLES,
+    AbortRequest,
+    ErrorEvent,
+    GenerateRequest,
+    MessageError,
+    RouteEvent,
+    TokenEvent,
+    unpack_request_event,
+)
+from services.common.bus import Bus
+from services.common.registry import Registry
+from services.common.settings import GatewaySettings
+from services.common.telemetry import inject, tracer
+from services.gateway.backend import GenerationError
+
+log = logging.getLogger(__name__)
+_tracer = tracer("hetserve.gateway")
+
+_LIVENESS_CHECK_S = 0.5
+
+
+class _Retry(Exception):
+    def __init__(self, reason: str, dead: list[str]):
+        super().__init__(reason)
+        self.dead = dead
+
+
+class NatsBackend:
+    def __init__(
+        self,
+        bus: Bus,
+        registry: Registry,
+        settings: GatewaySettings,
+        model_name: str,
+        max_model_len: int,
+    ):
+        self.bus = bus
+        self.registry = registry
+        self.settings = settings
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+
+    def live_roles(self) -> dict[str, int]:
+        counts = {role: 0 for role in ROLES}
+        for info in self.registry.live():
+            counts[info.role] += 1
+        counts["gateway"] = max(counts["gateway"], 1)  # this one is answering
+        return counts
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        with _tracer.start_as_current_span("gateway.request") as span:
+            span.set_attribute("request.id", request.request_id)
+            span.set_attribute("prompt.tokens", len(request.prompt_token_ids))
+            produced: list[int] = []
+            excluded: list[str] = []
+            attempt = 0
+            while True:
+                attempt_request = request.model_copy(
+                    update={
+                        "request_id": request.request_id
+                        if attempt == 0
+                        else f"{request.request_id}-r{attempt}",
+                        "resumed_token_ids": list(produced),
+                        "attempt": attempt,
+                        "excluded_instances": list(excluded),
+                        "submitted_at": time.time(),
+                    }
+                )
+                try:
+                    async for event in self._attempt(attempt_request):
+                        produced.extend(event.token_ids)
+                        yield event
+                    span.set_attribute("completion.tokens", len(produced))
+                    return
+                except _Retry as retry:
+                    attempt += 1
+                    excluded.extend(retry.dead)
+                    if attempt >= self.settings.max_attempts:
+                        raise GenerationError(
+                            f"request failed after {attempt} attempts: {retry}"
+                        ) from None
+                    log.warning("retrying %s (attempt %d): %s", request.request_id, attempt, retry)
+
+    async def _attempt(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        rid = request.request_id
+        events: asyncio.Queue = asyncio.Queue()
+
+        async def on_event(msg) -> None:  # noqa: ANN001
+            try:
+                events.put_nowait(unpack_request_event(msg.data))
+            except MessageError as exc:
+                log.warning("bad event for %s: %s", rid, exc)
+
+        sub = await self.bus.nc.subscribe(self.bus.subjects.request_events(rid), cb=on_event)
+        finished = False
+        try:
+            await self.bus.js.publish(self.bus.subjects.requests, request.pack(), headers=inject())
+            route: RouteEvent | None = None
+            pending: dict[int, TokenEvent] = {}
+            next_index = len(request.resumed_token_ids)
+            first_deadline = time.monotonic() + self.settings.first_token_timeout_s
+            deadline = first_deadline
+            while not finished:
+                try:
+                    event = await asyncio.wait_for(events.get(), _LIVENESS_CHECK_S)
+                except TimeoutError:
+                    self._check_alive(route, next_index > len(request.resumed_token_ids) + 1)
+                    if time.monotonic() > deadline:
+                        raise GenerationError(
+                            f"request {rid} timed out waiting for tokens", 504, "timeout"
+                        ) from None
+                    continue
+                if isinstance(event, RouteEvent):
+                    route = event
+                elif isinstance(event, ErrorEvent):
+                    if event.retryable:
+                        raise _Retry(
+                            event.message, [event.instance_id] if event.instance_id else []
+                        )
+                    raise GenerationError(event.message)
+                else:
+                    pending[event.index] = event
+                    while next_index in pending:
+                        ready = pending.pop(next_index)
+                        next_index += len(ready.token_ids)
+                        deadline = time.monotonic() + self.settings.token_timeout_s
+                        finished = ready.finish_reason is not None
+                        yield ready
+                        if finished:
+                            break
+        finally:
+            await sub.unsubscribe()
+            if not finished:
+                # Client gone, retry, or failure: whoever holds blocks for it frees them.
+                await self.bus.publish(
+                    self.bus.subjects.aborts, AbortRequest(request_id=rid, reason="gateway gave up")
+                )
+
+    def _check_alive(self, route: RouteEvent | None, decoding: bool) -> None:
+        if route is None:
+            return
+        watched = [route.decode_instance]
+        if not decoding:  # before decode's own tokens, the KV path matters too
+            watched += [route.prefill_instance, route.converter_instance or ""]
+        dead = [i for i in watched if i and self.registry.get(i) is None]
+        if dead:
+            raise _Retry(f"instance {', '.join(dead)} stopped responding", dead)

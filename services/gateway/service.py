@@ -1,0 +1,43 @@
+"""Gateway service: the OpenAI-compatible HTTP API in front of the bus."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from aiohttp import web
+
+from services.common.service import Service
+from services.common.settings import GatewaySettings
+from services.engine.hf_config import load_model_config
+from services.engine.tokenizer import Tokenizer
+from services.gateway.dispatch import NatsBackend
+from services.gateway.http_app import create_app
+
+log = logging.getLogger(__name__)
+
+
+class GatewayService(Service):
+    role = "gateway"
+    settings: GatewaySettings
+
+    async def start(self) -> None:
+        model_dir = Path(self.settings.model)
+        tokenizer, cfg = await asyncio.to_thread(
+            lambda: (Tokenizer.from_model_dir(model_dir), load_model_config(model_dir))
+        )
+        name = self.settings.served_model_name or model_dir.name
+        backend = NatsBackend(
+            self.bus, self.registry, self.settings, name, cfg.max_position_embeddings
+        )
+        self.runner = web.AppRunner(create_app(backend, tokenizer), handle_signals=False)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.settings.host, self.settings.port)
+        await site.start()
+        log.info(
+            "OpenAI API on http://%s:%d/v1 serving %s", self.settings.host, self.settings.port, name
+        )
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()

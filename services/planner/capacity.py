@@ -1,0 +1,199 @@
+"""The highest arrival rate one instance sustains within the SLO: queueing estimates.
+
+Prefill: an M/G/1 queue (one prompt per service; batching in the simulator only, so this is
+conservative for short prompts) whose wait has the Pollaczek-Khinchine mean and an exponential
+tail, P(W > t) = rho exp(-t rho / E[W]); TTFT = wait + prefill latency + exposed KV transfer.
+Decode: continuous batching; by Little's law the mean batch B = rate x decode steps x step time;
+the batch fluctuates like a Poisson count, so a request sees about B + z sqrt(B) sequences.
+Colocated: one queue for both phases, prefill first; decode runs in the time prefill leaves.
+`level` is the share of requests that must meet each phase's target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import norm
+
+from services.planner.perf_model import PerfModel, transfer_tail
+from services.planner.workload import RequestMix
+
+MEMORY_LEVEL = 0.99  # share of time the decode batch's KV must fit without waiting
+_BISECTION_STEPS = 60
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Requests per second one instance sustains (0 when none), and why it is limited."""
+
+    rate: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class PhaseTargets:
+    ttft_s: float
+    tpot_s: float
+    level: float
+    max_batch: int
+    max_prefill_tokens: int
+    memory_utilisation: float
+
+
+def _wait_cdf_ok(rate: float, service: np.ndarray, fixed: np.ndarray, slo: float, level: float) -> bool:
+    """Whether P(wait + fixed <= slo) >= level for an M/G/1 queue with these services."""
+    rho = rate * service.mean()
+    if rho >= 1:
+        return False
+    slack = slo - fixed
+    if rate == 0:
+        return float(np.mean(slack >= 0)) >= level
+    mean_wait = rate * np.mean(service**2) / (2 * (1 - rho))
+    cdf = np.where(slack >= 0, 1 - rho * np.exp(-np.maximum(slack, 0) * rho / mean_wait), 0.0)
+    return float(cdf.mean()) >= level
+
+
+def _largest_rate(ok: Callable[[float], bool], upper: float) -> float:
+    """The largest rate in [0, upper) for which `ok(rate)` holds; `ok` is monotone."""
+    low, high = 0.0, upper
+    for _ in range(_BISECTION_STEPS):
+        middle = (low + high) / 2
+        if ok(middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def prefill_latencies(perf: PerfModel, mix: RequestMix, link_gbps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per representative prompt: stage service time, and latency through KV arrival."""
+    s = mix.prompt.points()
+    service = np.asarray(perf.prefill_stage_time(s, s**2, 1))
+    latency = np.asarray(perf.prefill_latency(s, s**2, 1))
+    kv = s * perf.model.kv_bytes_per_token
+    tail = transfer_tail(kv, latency, perf.model.num_layers, link_gbps)
+    return service, latency + tail
+
+
+def prefill_capacity(perf: PerfModel, mix: RequestMix, targets: PhaseTargets, link_gbps: float) -> Capacity:
+    service, fixed = prefill_latencies(perf, mix, link_gbps)
+    if not _wait_cdf_ok(0.0, service, fixed, targets.ttft_s, targets.level):
+        unloaded = float(np.quantile(fixed, targets.level))
+        return Capacity(
+            0.0,
+            f"TTFT at zero load is {unloaded:.3g} s at the {targets.level:.1%} level "
+            f"(target {targets.ttft_s:g} s)",
+        )
+    rate = _largest_rate(
+        lambda r: _wait_cdf_ok(r, service, fixed, targets.ttft_s, targets.level),
+        1 / service.mean(),
+    )
+    return Capacity(rate, "TTFT queueing")
+
+
+def _decode_limits(perf: PerfModel, mix: RequestMix, targets: PhaseTargets) -> tuple[float, float, str]:
+    """(KV tokens per instance, largest request, reason) for the memory checks."""
+    kv_tokens = perf.kv_capacity_tokens(targets.memory_utilisation, targets.max_prefill_tokens)
+    largest = mix.prompt.largest() + mix.output.largest()
+    reason = f"KV memory holds {kv_tokens} tokens; the largest request needs {largest}"
+    return kv_tokens, largest, reason
+
+
+def _batch_grid(max_batch: int) -> np.ndarray:
+    return np.linspace(max_batch / 4096, max_batch, 4096)
+
+
+def decode_capacity(perf: PerfModel, mix: RequestMix, targets: PhaseTargets) -> Capacity:
+    kv_tokens, largest, memory_reason = _decode_limits(perf, mix, targets)
+    if kv_tokens < largest:
+        return Capacity(0.0, memory_reason)
+    context = mix.mean_prompt + mix.mean_output / 2
+    held = mix.mean_prompt + mix.mean_output
+    batch = _batch_grid(targets.max_batch)
+    seen = batch + norm.ppf(targets.level) * np.sqrt(batch)
+    peak = batch + norm.ppf(MEMORY_LEVEL) * np.sqrt(batch)
+    tpot = np.asarray(perf.decode_round(seen, seen * context))
+    checks = {  # each holds for a prefix of the batch grid
+        f"TPOT (target {targets.tpot_s:g} s)": tpot <= targets.tpot_s,
+        f"KV memory ({kv_tokens} tokens)": peak * held <= kv_tokens,
+        f"max_batch ({targets.max_batch})": seen <= targets.max_batch,
+    }
+    ok = np.logical_and.reduce(list(checks.values()))
+    binding = next(
+        (name for name, holds in checks.items() if not holds[min(ok.sum(), len(ok) - 1)]),
+        f"max_batch ({targets.max_batch})",
+    )
+    if not ok.any():
+        return Capacity(0.0, f"no decode batch meets {binding}")
+    best = batch[ok].max()
+    steps = mix.mean_output - 1
+    rate = best / (steps * float(perf.decode_round(best, best * context)))
+    return Capacity(rate, binding)
+
+
+def colocated_capacity(perf: PerfModel, mix: RequestMix, targets: PhaseTargets) -> Capacity:
+    """Both phases on one instance, prefill first: decode progresses in the remaining time."""
+    kv_tokens, largest, memory_reason = _decode_limits(perf, mix, targets)
+    if kv_tokens < largest:
+        return Capacity(0.0, memory_reason)
+    s = mix.prompt.points()
+    service = np.asarray(perf.prefill_latency(s, s**2, 1))
+    context = mix.mean_prompt + mix.mean_output / 2
+    held = mix.mean_prompt + mix.mean_output
+    steps = mix.mean_output - 1
+    z, z_memory = norm.ppf(targets.level), norm.ppf(MEMORY_LEVEL)
+    batch = _batch_grid(targets.max_batch)
+    step = np.asarray(perf.decode_round(batch, batch * context))
+
+    def ok(rate: float) -> bool:
+        share = 1 - rate * service.mean()  # time left to decode
+        if share <= 0:
+            return False
+        stable = rate * steps * step / share <= batch  # Little's law fixed point reached
+        if not stable.any():
+            return False
+        mean_batch = batch[np.argmax(stable)]
+        seen = mean_batch + z * np.sqrt(mean_batch)
+        if seen > targets.max_batch or (mean_batch + z_memory * np.sqrt(mean_batch)) * held > kv_tokens:
+            return False
+        if float(perf.decode_round(seen, seen * context)) / share > targets.tpot_s:
+            return False
+        residual = float(perf.decode_round(mean_batch, mean_batch * context))
+        return _wait_cdf_ok(rate, service, service + residual, targets.ttft_s, targets.level)
+
+    if not ok(1e-9):
+        return Capacity(0.0, "no load meets both TTFT and TPOT when both phases share the GPUs")
+    return Capacity(_largest_rate(ok, 1 / service.mean()), "TTFT and TPOT on shared GPUs")
+
+
+def ttft_quantile(service: np.ndarray, fixed: np.ndarray, rate: float, level: float) -> float:
+    """TTFT at `level` for a prefill queue at `rate` (the smallest t with P(TTFT<=t)>=level)."""
+    low, high = 0.0, float(fixed.max()) * 2 + 1.0
+    while not _wait_cdf_ok(rate, service, fixed, high, level):
+        if rate * service.mean() >= 1:
+            return float("inf")
+        high *= 2
+    for _ in range(_BISECTION_STEPS):
+        middle = (low + high) / 2
+        if _wait_cdf_ok(rate, service, fixed, middle, level):
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def tpot_quantile(perf: PerfModel, mix: RequestMix, rate: float, level: float, max_batch: int) -> float:
+    """TPOT at `level` for a decode instance at `rate` (inf when the batch cannot keep up)."""
+    context = mix.mean_prompt + mix.mean_output / 2
+    batch = _batch_grid(max_batch)
+    step = np.asarray(perf.decode_round(batch, batch * context))
+    stable = rate * (mix.mean_output - 1) * step <= batch
+    if rate <= 0:
+        return float(perf.decode_round(1.0, context))
+    if not stable.any():
+        return float("inf")
+    mean_batch = batch[np.argmax(stable)]
+    seen = mean_batch + norm.ppf(level) * np.sqrt(mean_batch)
+    return float(perf.decode_round(seen, seen * context))

@@ -1,0 +1,176 @@
+"""Scheduler: takes requests from the JetStream queue and routes each one.
+
+For a request it picks a decode instance that can reserve blocks for it, a prefill
+instance, and a route: direct when their KV descriptors are identical, through a converter
+otherwise. Decode reserves before prefill starts, so no KV is made that nobody can hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from proto.messages import (
+    AbortRequest,
+    ErrorEvent,
+    GenerateRequest,
+    InstanceInfo,
+    KVRoute,
+    MessageError,
+    PrefillJob,
+    ReserveReply,
+    ReserveRequest,
+    RouteEvent,
+)
+from services.common.service import Service
+from services.common.settings import SchedulerSettings
+from services.common.telemetry import extract, inject, tracer
+from services.scheduler.policy import RoutingError, pairable, rank_decode, rank_prefill
+
+log = logging.getLogger(__name__)
+_tracer = tracer("hetserve.scheduler")
+
+
+class SchedulerService(Service):
+    role = "scheduler"
+    settings: SchedulerSettings
+
+    def __init__(self, settings: SchedulerSettings):
+        super().__init__(settings)
+        self.in_flight = asyncio.Semaphore(settings.max_in_flight)
+        self.routed = 0
+
+    async def start(self) -> None:
+        s = self.bus.subjects
+        self.queue = await self.bus.js.pull_subscribe(
+            s.requests, durable="scheduler", stream=s.requests_stream,
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30.0),
+        )
+        self.spawn(self._pull_loop(), "scheduler-pull")
+
+    async def _pull_loop(self) -> None:
+        while True:
+            await self.in_flight.acquire()
+            try:
+                msgs = await self.queue.fetch(1, timeout=1.0)
+            except (nats.errors.TimeoutError, TimeoutError):
+                self.in_flight.release()
+                continue
+            self.spawn(self._handle(msgs[0]), "route")
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            try:
+                request = GenerateRequest.unpack(msg.data)
+            except MessageError as exc:
+                log.warning("dropping a malformed request: %s", exc)
+                await msg.term()
+                return
+            with _tracer.start_as_current_span("scheduler.route", context=extract(msg.headers)) as span:
+                span.set_attribute("request.id", request.request_id)
+                span.set_attribute("prompt.tokens", len(request.context_token_ids))
+                try:
+                    route = await self._route(request)
+                    span.set_attribute("prefill.instance", route.prefill_instance)
+                    span.set_attribute("decode.instance", route.decode_instance)
+                    span.set_attribute("converter.instance", route.converter_instance or "")
+                    self.routed += 1
+                except RoutingError as exc:
+                    span.set_attribute("error", str(exc))
+                    await self.bus.publish(
+                        self.bus.subjects.request_events(request.request_id),
+                        ErrorEvent(request_id=request.request_id, message=str(exc),
+                                   retryable=False, instance_id=self.instance_id),
+                    )
+            await msg.ack()
+        finally:
+            self.in_flight.release()
+
+    async def _route(self, request: GenerateRequest) -> RouteEvent:
+        prefills = rank_prefill(self.registry.live("prefill"), request)
+        decodes = rank_decode(self.registry.live("decode"), request)
+        if not prefills:
+            raise RoutingError("no live prefill instance can take this request")
+        if not decodes:
+            raise RoutingError("no live decode instance can take this request")
+        reasons = []
+        for decode in decodes:
+            candidates = [p for p in prefills if pairable(p, decode)]
+            if not candidates:
+                reasons.append(f"{decode.instance_id}: no prefill instance with the same model")
+                continue
+            reply = await self._reserve(decode, request)
+            if not reply.ok:
+                reasons.append(f"{decode.instance_id}: {reply.reason}")
+                continue
+            for prefill in candidates:
+                route = await self._start_prefill(request, prefill, decode)
+                if route is not None:
+                    return route
+            await self.bus.publish(self.bus.subjects.aborts,
+                                   AbortRequest(request_id=request.request_id, reason="no prefill"))
+            reasons.append(f"{decode.instance_id}: no prefill instance accepted the job")
+        raise RoutingError("could not place the request: " + "; ".join(reasons))
+
+    async def _reserve(self, decode: InstanceInfo, request: GenerateRequest) -> ReserveReply:
+        remaining = request.sampling.max_tokens - len(request.resumed_token_ids)
+        ask = ReserveRequest(
+            request=request, num_tokens=len(request.context_token_ids) + max(remaining, 1),
+            hold_seconds=self.settings.reserve_hold_s,
+        )
+        try:
+            return await self.bus.request(
+                self.bus.subjects.reserve(decode.instance_id), ask, ReserveReply,
+                timeout=self.settings.reserve_timeout_s,
+            )
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, MessageError) as exc:
+            return ReserveReply(ok=False, reason=f"no answer ({type(exc).__name__})")
+
+    async def _start_prefill(
+        self, request: GenerateRequest, prefill: InstanceInfo, decode: InstanceInfo
+    ) -> RouteEvent | None:
+        assert prefill.kv is not None and decode.kv is not None
+        converter = None
+        if not prefill.kv.same_kv_as(decode.kv):
+            converters = sorted(self.registry.live("converter"), key=lambda c: c.running)
+            if not converters:
+                raise RoutingError(
+                    f"{prefill.kv.layout} -> {decode.kv.layout} needs a converter and none is live"
+                )
+            converter = converters[0].instance_id
+        events = self.bus.subjects.request_events(request.request_id)
+        route = RouteEvent(
+            request_id=request.request_id, prefill_instance=prefill.instance_id,
+            decode_instance=decode.instance_id, converter_instance=converter,
+        )
+        # The gateway learns the route first, so it can watch those instances' health.
+        await self.bus.publish(events, route)
+        job = PrefillJob(
+            request=request, events_subject=events,
+            route=KVRoute(send_to=converter or decode.instance_id,
+                          decode_instance=decode.instance_id, decode_kv=decode.kv,
+                          via_converter=converter is not None),
+        )
+        try:
+            reply = await self.bus.nc.request(
+                self.bus.subjects.prefill_jobs(prefill.instance_id), job.pack(),
+                timeout=self.settings.reserve_timeout_s, headers=inject(),
+            )
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            log.warning("prefill %s did not take %s: %s", prefill.instance_id,
+                        request.request_id, type(exc).__name__)
+            return None
+        if reply.data != b"ok":
+            log.warning("prefill %s refused %s: %s", prefill.instance_id, request.request_id,
+                        reply.data[:200])
+            return None
+        return route
+
+    def status(self):  # noqa: ANN201
+        info = super().status()
+        info.running = self.settings.max_in_flight - self.in_flight._value  # noqa: SLF001
+        return info
