@@ -160,5 +160,461 @@ def get_layout(name: str) -> LayoutSpec:
         raise ValueError(f"unknown KV layout {name!r}; known: {known}") from None
 
 
-# the registry itself is data in its own module; importing it registers every layout
-from proto import layout_registry as _registry  # noqa: E402, F401
+_NATIVE = "float32"  # see the module docstring
+_BF_FP = ("bfloat16", "float16")
+_KV_FIRST = ("KV", "N", "B", "H", "D")
+_BLOCKS_FIRST = ("N", "KV", "B", "H", "D")
+
+
+def _joint(
+    name: str,
+    engine: str,
+    backend: str,
+    dims: tuple[str, ...],
+    *,
+    dtypes: tuple[str, ...],
+    block_sizes: tuple[int, ...],
+    notes: str,
+) -> None:
+    """A layout whose K and V share one tensor, split on its KV axis."""
+    k, v = Plane("kv", dims, 0), Plane("kv", dims, 1)
+    register(
+        LayoutSpec(name, engine, backend, {"kv": dims}, k, v, dtypes, block_sizes, notes=notes)
+    )
+
+
+def _separate(
+    name: str,
+    engine: str,
+    backend: str,
+    dims: tuple[str, ...],
+    *,
+    dtypes: tuple[str, ...],
+    block_sizes: tuple[int, ...],
+    notes: str,
+    reserved_blocks: int = 0,
+) -> None:
+    """A layout with one K and one V tensor of the same shape."""
+    k, v = Plane("k", CANONICAL_DIMS), Plane("v", CANONICAL_DIMS)
+    storage = {"k": dims, "v": dims}
+    register(
+        LayoutSpec(
+            name,
+            engine,
+            backend,
+            storage,
+            k,
+            v,
+            dtypes,
+            block_sizes,
+            reserved_blocks=reserved_blocks,
+            notes=notes,
+        )
+    )
+
+
+_joint(
+    "vllm-flash",
+    "vLLM",
+    "FLASH_ATTN (NHD)",
+    _KV_FIRST,
+    dtypes=(_NATIVE, *_BF_FP, "float8_e4m3fn"),
+    block_sizes=(16, 32, 64, 128),
+    notes="vllm/v1/attention/backends/flash_attn.py get_kv_cache_shape (2, N, B, H, D)",
+)
+_joint(
+    "vllm-flash-hnd",
+    "vLLM",
+    "FLASH_ATTN (HND stride order)",
+    ("KV", "N", "H", "B", "D"),
+    dtypes=(_NATIVE, *_BF_FP, "float8_e4m3fn"),
+    block_sizes=(16, 32, 64, 128),
+    notes="flash_attn.py get_kv_cache_stride_order (0, 1, 3, 2, 4): HND in memory",
+)
+_joint(
+    "vllm-flashinfer",
+    "vLLM",
+    "FLASHINFER (NHD)",
+    _BLOCKS_FIRST,
+    dtypes=(_NATIVE, *_BF_FP, "float8_e4m3fn", "float8_e5m2"),
+    block_sizes=(16, 32, 64),
+    notes="vllm/v1/attention/backends/flashinfer.py get_kv_cache_shape (N, 2, B, H, D)",
+)
+_joint(
+    "vllm-triton",
+    "vLLM",
+    "TRITON_ATTN (also ROCm)",
+    _BLOCKS_FIRST,
+    dtypes=(_NATIVE, *_BF_FP, "float8_e4m3fn", "float8_e4m3fnuz"),
+    block_sizes=(16, 32, 64, 128),
+    notes="vllm/v1/attention/backends/triton_attn.py (N, 2, B, H, D); fp8 stored as uint8 "
+    "with per-tensor _k_scale/_v_scale on the layer (e4m3fnuz on ROCm MI300)",
+)
+register(
+    LayoutSpec(
+        name="vllm-paged-legacy",
+        engine="vLLM",
+        backend="legacy PagedAttention (old ROCm path)",
+        storage={"kv": ("KV", "N", "B*H*D")},
+        k=Plane("kv", ("KV", "N", "H", "Dx", "B", "x"), 0),
+        v=Plane("kv", ("KV", "N", "H", "D", "B"), 1),
+        dtypes=(_NATIVE, *_BF_FP, "float8_e4m3fn", "float8_e4m3fnuz"),
+        block_sizes=(8, 16, 32),
+        pack_bytes=16,
+        notes="vllm/attention/ops/paged_attn.py split_kv_cache: K [N, H, D/x, B, x], "
+        "V [N, H, D, B], x = 16 bytes / element size",
+    )
+)
+register(
+    LayoutSpec(
+        name="vllm-cpu",
+        engine="vLLM",
+        backend="CPU attention",
+        storage={"kv": ("N", "H", "B", "2*D")},
+        # per block and head: K transposed [D, B], then V [B, D]
+        k=Plane("kv", ("N", "H", "KV", "D", "B"), 0),
+        v=Plane("kv", ("N", "H", "KV", "B", "D"), 1),
+        dtypes=(_NATIVE, *_BF_FP),
+        block_sizes=(16, 32, 64, 128),
+        notes="vllm/v1/attention/backends/cpu_attn.py: [N, H, B, 2*D]",
+    )
+)
+_separate(
+    "ascend",
+    "vllm-ascend",
+    "Ascend attention_v1 (separate K/V)",
+    ("N", "B", "H", "D"),
+    dtypes=(_NATIVE, *_BF_FP),
+    block_sizes=(128,),
+    notes="vllm_ascend/attention/attention_v1.py, worker/model_runner_v1.py; block 128 "
+    "forced with prefix caching / chunked prefill",
+)
+register(
+    LayoutSpec(
+        name="ascend-310p",
+        engine="vllm-ascend",
+        backend="Ascend 310P attention (NZ fractal)",
+        storage={"kv": ("KV", "N", "H*Dx", "B", "x")},
+        k=Plane("kv", ("KV", "N", "H", "Dx", "B", "x"), 0),
+        v=Plane("kv", ("KV", "N", "H", "Dx", "B", "x"), 1),
+        dtypes=(_NATIVE, "float16"),
+        block_sizes=(64, 128),
+        pack_elems=16,
+        notes="vllm_ascend/_310p/attention/attention_v1.py: (2, N, H*D/16, B, 16); the 16-element "
+        "fractals never straddle heads because head_dim is a multiple of 16",
+    )
+)
+_separate(
+    "gaudi",
+    "vllm-gaudi (Intel Gaudi)",
+    "HPU paged attention",
+    ("N*B", "H", "D"),
+    dtypes=(_NATIVE, "bfloat16"),
+    block_sizes=(128,),
+    reserved_blocks=1,
+    notes="vllm_gaudi hpu_paged_attn.py get_kv_cache_shape: K and V each (N*B, H, D) plus one "
+    "spare block; its fp8 uses per-token bf16 scales, which this registry does not model",
+)
+_separate(
+    "sglang",
+    "SGLang",
+    "MHA token pool",
+    ("N*B", "H", "D"),
+    dtypes=(_NATIVE, *_BF_FP, "float8_e4m3fn", "float8_e4m3fnuz"),
+    block_sizes=(1, 16, 32, 64),
+    reserved_blocks=1,
+    notes="sglang/srt/mem_cache/memory_pool.py MHATokenToKVPool: k_buffer[l], v_buffer[l] of "
+    "(slots + page_size, H, D); a block is a page (page_size 1 by default) and the reserved "
+    "leading page holds the dummy slot 0, hence N counts it and reserved_blocks = 1",
+)
+_joint(
+    "tensorrt-llm",
+    "TensorRT-LLM",
+    "KV cache manager (multi-layer HND blocks)",
+    ("N", "L", "KV", "H", "B", "D"),
+    dtypes=(_NATIVE, *_BF_FP, "float8_e4m3fn"),
+    block_sizes=(8, 16, 32, 64, 128),
+    notes="tensorrt_llm KVBlockArray::getKVLocalIdx, _torch/pyexecutor/resource_manager.py: a "
+    "block holds every layer of its pool x kvFactor 2 x [H, tokens_per_block, D]; a frame "
+    "carries one layer of it (L = 1)",
+)
+
+
+class KVDescriptor(BaseModel):
+    """A layout made concrete: what one instance (or one TP shard of it) stores."""
+
+    model_config = ConfigDict(frozen=True)
+
+    layout: str
+    block_size: int
+    dtype: str
+    num_layers: int
+    num_kv_heads: int  # of the whole model, before sharding
+    head_dim: int
+    tp_size: int = 1
+    tp_rank: int = 0
+    layer_start: int = 0
+    layer_stop: int | None = None  # None: all layers
+
+    @model_validator(mode="after")
+    def _check(self) -> KVDescriptor:
+        spec = get_layout(self.layout)
+        if self.dtype not in spec.dtypes:
+            raise ValueError(
+                f"layout {self.layout} does not store {self.dtype}; it accepts {spec.dtypes}"
+            )
+        if self.block_size not in spec.block_sizes:
+            raise ValueError(
+                f"layout {self.layout} does not use block size {self.block_size}; "
+                f"it accepts {spec.block_sizes}"
+            )
+        if min(self.num_layers, self.num_kv_heads, self.head_dim, self.tp_size) < 1:
+            raise ValueError("num_layers, num_kv_heads, head_dim and tp_size must be >= 1")
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"tp_rank {self.tp_rank} outside tp_size {self.tp_size}")
+        big, small = max(self.tp_size, self.num_kv_heads), min(self.tp_size, self.num_kv_heads)
+        if big % small:
+            raise ValueError(f"{self.num_kv_heads} KV heads cannot be split over tp {self.tp_size}")
+        if self.head_dim % self.pack:
+            raise ValueError(f"head_dim {self.head_dim} is not a multiple of pack {self.pack}")
+        stop = self.num_layers if self.layer_stop is None else self.layer_stop
+        if not 0 <= self.layer_start < stop <= self.num_layers:
+            raise ValueError(
+                f"layer range [{self.layer_start}, {stop}) outside {self.num_layers} layers"
+            )
+        return self
+
+    @property
+    def spec(self) -> LayoutSpec:
+        return get_layout(self.layout)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.torch_dtype in FP8_DTYPES
+
+    @property
+    def pack(self) -> int:
+        spec = self.spec
+        if spec.pack_elems:
+            return spec.pack_elems
+        if spec.pack_bytes:
+            return spec.pack_bytes // self.torch_dtype.itemsize
+        return 1
+
+    @property
+    def heads(self) -> range:
+        """KV heads this shard holds (vLLM QKVParallelLinear: replicate when tp > heads)."""
+        if self.tp_size <= self.num_kv_heads:
+            per = self.num_kv_heads // self.tp_size
+            return range(self.tp_rank * per, (self.tp_rank + 1) * per)
+        head = self.tp_rank // (self.tp_size // self.num_kv_heads)
+        return range(head, head + 1)
+
+    @property
+    def layers(self) -> range:
+        stop = self.num_layers if self.layer_stop is None else self.layer_stop
+        return range(self.layer_start, stop)
+
+    @property
+    def id(self) -> str:
+        """Short stable id carried by every frame; equal ids mean identical bytes layout."""
+        return hashlib.blake2s(self.model_dump_json().encode(), digest_size=6).hexdigest()
+
+    def sizes(self, num_blocks: int, num_layers: int | None = None) -> Sizes:
+        return Sizes(
+            L=len(self.layers) if num_layers is None else num_layers,
+            N=num_blocks,
+            B=self.block_size,
+            H=len(self.heads),
+            D=self.head_dim,
+            x=self.pack,
+        )
+
+    def storage_shapes(
+        self, num_blocks: int, multi_layer_count: int = 1
+    ) -> dict[str, tuple[int, ...]]:
+        """Shapes of the storage tensors; with the default count, one layer's (a payload's)."""
+        sizes = self.sizes(num_blocks, multi_layer_count)
+        return {
+            name: tuple(sizes.of(dim) for dim in dims) for name, dims in self.spec.storage.items()
+        }
+
+    def payload_nbytes(self, num_blocks: int) -> int:
+        """Bytes of one layer's KV for `num_blocks` blocks of this shard."""
+        shapes = self.storage_shapes(num_blocks)
+        return sum(math.prod(s) for s in shapes.values()) * self.torch_dtype.itemsize
+
+    def same_kv_as(self, other: KVDescriptor) -> bool:
+        """Same layout of the same KV: frames can pass from one to the other untouched."""
+        return self.id == other.id
+
+
+def plane_view(
+    desc: KVDescriptor,
+    plane: Plane,
+    storage: dict[str, torch.Tensor],
+    num_blocks: int,
+    layer_index: int = 0,
+) -> torch.Tensor:
+    """A view of K or V in canonical dim order: (N, B, H, D), or (N, B, H, Dx, x) if packed.
+
+    `storage` is either an engine cache (for a multi-layer layout holding all its layers)
+    or a payload of one layer. `layer_index` selects inside a multi-layer tensor: it counts
+    from the tensor's first layer (desc.layer_start), and is 0 for a payload.
+    """
+    spec = desc.spec
+    tensor = storage[plane.tensor]
+    dims_of_tensor = spec.storage[plane.tensor]
+    layers = tensor.shape[dims_of_tensor.index("L")] if "L" in dims_of_tensor else 1
+    if not 0 <= layer_index < layers:
+        raise IndexError(f"layer index {layer_index} outside the {layers} layer(s) of the tensor")
+    sizes = desc.sizes(num_blocks, layers)
+    view = tensor.view(tuple(sizes.of(dim) for dim in plane.dims))
+    dims = list(plane.dims)
+    for axis_name, index in (("KV", plane.kv_index), ("L", layer_index)):
+        if axis_name in dims:
+            axis = dims.index(axis_name)
+            view = view.select(axis, index or 0)
+            dims.pop(axis)
+    target = PACKED_DIMS if "x" in dims else CANONICAL_DIMS
+    return view.permute(tuple(dims.index(d) for d in target))
+
+
+def kv_views(
+    desc: KVDescriptor, storage: dict[str, torch.Tensor], num_blocks: int, layer_index: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    spec = desc.spec
+    return (
+        plane_view(desc, spec.k, storage, num_blocks, layer_index),
+        plane_view(desc, spec.v, storage, num_blocks, layer_index),
+    )
+
+
+def to_tokens(view: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(N, B, H, D[x]) view of a payload -> (T, H, D) tokens (a copy)."""
+    n, b, h = view.shape[:3]
+    return view.reshape(n * b, h, -1)[:num_tokens]
+
+
+def new_payload(desc: KVDescriptor, num_blocks: int) -> dict[str, torch.Tensor]:
+    shapes = desc.storage_shapes(num_blocks)
+    return {name: torch.zeros(shape, dtype=desc.torch_dtype) for name, shape in shapes.items()}
+
+
+def payload_from_tokens(
+    desc: KVDescriptor, k: torch.Tensor, v: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Lay out tokens `k`, `v` (T, H, D) as one layer's payload in `desc`'s layout.
+
+    A plain cast: for fp8 it means a scale of 1 (services/converter/relayout.py scales).
+    """
+    tokens = k.shape[0]
+    num_blocks = -(-tokens // desc.block_size)
+    payload = new_payload(desc, num_blocks)
+    k_view, v_view = kv_views(desc, payload, num_blocks)
+    for view, src in ((k_view, k), (v_view, v)):
+        flat = src.to(desc.torch_dtype).reshape(tokens, *view.shape[2:])
+        block = torch.arange(tokens) // desc.block_size
+        offset = torch.arange(tokens) % desc.block_size
+        view[block, offset] = flat
+    return payload
+
+
+def payload_to_tokens(
+    desc: KVDescriptor, payload: dict[str, torch.Tensor], num_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    num_blocks = -(-num_tokens // desc.block_size)
+    k_view, v_view = kv_views(desc, payload, num_blocks)
+    return to_tokens(k_view, num_tokens), to_tokens(v_view, num_tokens)
+
+
+def payload_to_bytes(payload: dict[str, torch.Tensor]) -> bytes:
+    """Storage tensors in the spec's order, contiguous, concatenated."""
+    return b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in payload.values())
+
+
+def payload_from_bytes(
+    desc: KVDescriptor, data: bytes | memoryview, num_blocks: int
+) -> dict[str, torch.Tensor]:
+    """A writable copy of `data` as storage tensors (relayout.py reads frames without copying)."""
+    expected = desc.payload_nbytes(num_blocks)
+    if memoryview(data).nbytes != expected:
+        raise ValueError(
+            f"payload is {memoryview(data).nbytes} bytes; {num_blocks} blocks of {desc.layout} "
+            f"need {expected}"
+        )
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return split_payload(desc, flat, num_blocks)
+
+
+def split_payload(
+    desc: KVDescriptor, flat: torch.Tensor, num_blocks: int
+) -> dict[str, torch.Tensor]:
+    """Views of a flat uint8 tensor of payload_nbytes(num_blocks) as the storage tensors."""
+    out: dict[str, torch.Tensor] = {}
+    typed = flat.view(desc.torch_dtype)
+    start = 0
+    for name, shape in desc.storage_shapes(num_blocks).items():
+        count = math.prod(shape)
+        out[name] = typed[start : start + count].view(shape)
+        start += count
+    return out
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The same memory as integers of the same width: indexing and equality work for every
+    dtype (CPU fp8 lacks index_copy and equal), and NaNs compare by their bits."""
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return tensor.view(width[tensor.dtype.itemsize])
+
+
+def _block_axes(desc: KVDescriptor, name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """`tensor` (contiguous) with every product dim split, as integer bits; and the symbols."""
+    dims = desc.spec.storage[name]
+    symbols = [s for dim in dims for s in dim.split("*")]
+    layers = tensor.shape[dims.index("L")] if "L" in dims else 1
+    one = desc.sizes(1, layers)
+    shape = [-1 if s == "N" else one.of(s) for s in symbols]
+    return bits(tensor).view(shape), symbols
+
+
+def gather_payload(
+    desc: KVDescriptor,
+    cache: dict[str, torch.Tensor],
+    block_ids: torch.Tensor,
+    layer_index: int = 0,
+) -> dict[str, torch.Tensor]:
+    """One layer's payload (a copy) of the blocks `block_ids` of an engine cache.
+
+    `cache` holds one layer's storage, or every layer for a multi-layer layout (then
+    `layer_index` counts from desc.layer_start).
+    """
+    out: dict[str, torch.Tensor] = {}
+    shapes = desc.storage_shapes(len(block_ids))
+    for name, tensor in cache.items():
+        view, symbols = _block_axes(desc, name, tensor)
+        if "L" in symbols:
+            view = view.narrow(symbols.index("L"), layer_index, 1)
+        picked = view.index_select(symbols.index("N"), block_ids)
+        out[name] = picked.reshape(shapes[name]).view(desc.torch_dtype)
+    return out
+
+
+def scatter_payload(
+    desc: KVDescriptor,
+    cache: dict[str, torch.Tensor],
+    block_ids: torch.Tensor,
+    payload: dict[str, torch.Tensor],
+    layer_index: int = 0,
+) -> None:
+    """Write one layer's payload into the blocks `block_ids` of an engine cache, in place."""
+    for name, tensor in cache.items():
+        view, symbols = _block_axes(desc, name, tensor)
+        if "L" in symbols:
+            view = view.narrow(symbols.index("L"), layer_index, 1)
+        src, _ = _block_axes(desc, name, payload[name].contiguous())
+        view.index_copy_(symbols.index("N"), block_ids, src)

@@ -85,6 +85,7 @@ class InstanceInfo(Message):
     max_model_len: int = 0
     heartbeat_at: float = 0.0
     started_at: float = 0.0
+    pid: int = 0
 
 
 class ReserveRequest(Message):

@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 
 from proto.messages import GenerateRequest, TokenEvent
+from services.engine.tokenizer import ChatTemplateError
 from services.gateway.backend import GenerationError
 from services.gateway.http_app import create_app
 
@@ -64,13 +65,14 @@ class CharTokenizer:
     ) -> str:
         roles = [m["role"] for m in messages if m["role"] != "system"]
         if any(a == b for a, b in itertools.pairwise(roles)):
-            raise ValueError("Conversation roles must alternate user/assistant/user/assistant")
+            raise ChatTemplateError(
+                "Conversation roles must alternate user/assistant/user/assistant"
+            )
         text = "<s>" + "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages)
         return text + ("<|assistant|>" if add_generation_prompt else "")
 
 
 TOK = CharTokenizer()
-EOS = TOK.eos_token_ids[0]
 
 
 class ScriptedBackend:
@@ -80,9 +82,11 @@ class ScriptedBackend:
     model_name = MODEL
     max_model_len = MAX_MODEL_LEN
 
-    def __init__(self) -> None:
+    def __init__(self, tokenizer: Any = TOK, reply: str = REPLY) -> None:
+        self.tokenizer = tokenizer
+        self.eos = tokenizer.eos_token_ids[0]
         self.roles = dict(ALL_ROLES_UP)
-        self.reply_ids = TOK.encode(REPLY, add_special_tokens=False) + [EOS]
+        self.reply_ids = tokenizer.encode(reply, add_special_tokens=False) + [self.eos]
         self.tokens_per_event = 2
         self.engine_stops_on_strings = True
         self.endless = False  # ignore every stop condition and max_tokens
@@ -134,11 +138,11 @@ class ScriptedBackend:
     def _finish(self, out: list[int], sampling: Any) -> tuple[str | None, str | int | None]:
         if self.endless:
             return None, None
-        if out[-1] == EOS and not sampling.ignore_eos:
+        if out[-1] == self.eos and not sampling.ignore_eos:
             return "stop", None
         if out[-1] in sampling.stop_token_ids:
             return "stop", out[-1]
-        text = TOK.decode(out)
+        text = self.tokenizer.decode(out)
         hit = next((s for s in sampling.stop if s in text), None)
         if self.engine_stops_on_strings and hit is not None:
             return "stop", hit
@@ -149,7 +153,8 @@ class ScriptedBackend:
 
 @contextlib.asynccontextmanager
 async def serve(backend: ScriptedBackend, handler_cancellation: bool = True) -> AsyncIterator[str]:
-    runner = web.AppRunner(create_app(backend, TOK), handler_cancellation=handler_cancellation)
+    app = create_app(backend, backend.tokenizer)
+    runner = web.AppRunner(app, handler_cancellation=handler_cancellation)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from abc import ABC, abstractmethod
@@ -44,7 +45,9 @@ class Service(ABC):
         """Subscribe and start loops; self.bus and self.registry are ready."""
 
     def status(self) -> InstanceInfo:
-        return InstanceInfo(instance_id=self.instance_id, role=self.role, started_at=self.started_at)
+        return InstanceInfo(
+            instance_id=self.instance_id, role=self.role, started_at=self.started_at, pid=os.getpid()
+        )
 
     async def stop(self) -> None:
         """Release what the service holds; subscriptions are drained after this."""

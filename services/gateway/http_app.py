@@ -238,15 +238,19 @@ async def _text_deltas(
             )
             if ends_on_stop_token:
                 continue  # as vLLM: the EOS or stop token counts, but its text is not shown
-            emit, hit = stops.feed(detokenizer.feed([token_id]))
-            text.append(emit)
-            if hit is not None:
-                yield Delta("".join(text), event.token_ids[:position], "stop", hit)
+            match = stops.feed(detokenizer.feed([token_id]))
+            text.append(match.text)
+            if match.stop is not None:
+                yield Delta("".join(text), event.token_ids[:position], "stop", match.stop)
                 return
         finish = event.finish_reason or ("length" if generated >= sampling.max_tokens else None)
         if finish is not None:
-            text.append(stops.flush())
-            yield Delta("".join(text), event.token_ids, finish, event.stop_reason)
+            stop_reason = event.stop_reason
+            match = stops.feed(detokenizer.flush())
+            text += [match.text, stops.flush()]
+            if match.stop is not None:
+                finish, stop_reason = "stop", match.stop
+            yield Delta("".join(text), event.token_ids, finish, stop_reason)
             return
         yield Delta("".join(text), event.token_ids)
     raise GenerationError("the backend ended a request without a finish reason", 502, "bad_gateway")

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from proto.messages import SamplingParams
-
-if TYPE_CHECKING:
-    from services.engine.tokenizer import Tokenizer
+from services.engine.tokenizer import ChatTemplateError, Tokenizer
 
 
 class InvalidRequest(Exception):
@@ -225,7 +223,7 @@ def prepare_chat(request: ChatRequest, tokenizer: Tokenizer, served: ServedModel
     messages = [{"role": m.role, "content": m.content} for m in request.messages]
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    except ValueError as exc:  # the template's raise_exception (e.g. roles must alternate)
+    except ChatTemplateError as exc:  # e.g. "roles must alternate", or no template at all
         raise InvalidRequest(
             f"The chat template rejected the messages: {exc}", "messages"
         ) from None

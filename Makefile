@@ -1,0 +1,44 @@
+# The two commands: `make run` serves the demo system, `make test` runs the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+MODEL ?= models/tiny-llama
+PORT ?= 8000
+# The CPU build of torch; on a CUDA machine: make run TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: run test lint install model clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+$(MODEL)/config.json: | $(VENV)/.installed
+	$(PY) scripts/make_tiny_model.py $(MODEL)
+
+model: $(MODEL)/config.json
+
+run: $(VENV)/.installed $(MODEL)/config.json
+	$(VENV)/bin/hetserve up --model $(MODEL) --port $(PORT)
+
+test: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) models

@@ -1,0 +1,125 @@
+"""Enumerate instance shapes per GPU type and phase, and what each sustains under the SLO."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from services.planner.capacity import (
+    Capacity,
+    PhaseTargets,
+    colocated_capacity,
+    decode_capacity,
+    prefill_capacity,
+)
+from services.planner.inputs import PlanInputs
+from services.planner.perf_model import InstanceShape, PerfModel
+from services.planner.problem import CapacityProblem, Config
+
+Mode = Literal["disaggregated", "colocated"]
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    problem: CapacityProblem
+    perf: tuple[PerfModel, ...]  # per configuration, same order as problem.configs
+    limits: tuple[str, ...]  # per configuration: what bounds its rate
+    rejected: tuple[str, ...]  # shapes or (shape, role) pairs left out, and why
+
+
+def targets_of(inputs: PlanInputs) -> PhaseTargets:
+    return PhaseTargets(
+        ttft_s=inputs.slo.ttft_s,
+        tpot_s=inputs.slo.tpot_s,
+        level=inputs.level,
+        max_batch=inputs.search.max_batch,
+        max_prefill_tokens=inputs.search.max_prefill_tokens,
+        memory_utilisation=inputs.search.gpu_memory_utilisation,
+    )
+
+
+def kv_bytes_per_request(inputs: PlanInputs) -> float:
+    return inputs.mix.mean_prompt * inputs.model.kv_bytes_per_token
+
+
+def link_rates(inputs: PlanInputs) -> dict[tuple[str, str], float]:
+    """Requests/s each (prefill type, decode type) KV path carries at its utilisation cap."""
+    per_request = kv_bytes_per_request(inputs)
+    usable = inputs.max_link_utilisation * 1e9 / 8
+    return {pair: gbps * usable / per_request for pair, gbps in inputs.link_gbps.items()}
+
+
+def _shapes(inputs: PlanInputs, gpu_types: list[str]) -> tuple[list[PerfModel], list[str]]:
+    """Every (tp, pp) of the search space that fits the type's node, count and memory."""
+    model, search = inputs.model, inputs.search
+    fitting: list[PerfModel] = []
+    rejected: list[str] = []
+    need = inputs.mix.prompt.largest()
+    for name in gpu_types:
+        gpu = inputs.gpus[name]
+        for tp in sorted(set(search.tp)):
+            for pp in sorted(set(search.pp)):
+                shape = InstanceShape(gpu, tp, pp)
+                if tp > gpu.gpus_per_node or model.num_heads % tp or pp > model.num_layers:
+                    continue  # not a legal shape for this node or model
+                if shape.gpus > inputs.counts[name]:
+                    continue
+                perf = PerfModel(model, shape, inputs.link_gbps[(name, name)])
+                tokens = perf.kv_capacity_tokens(
+                    search.gpu_memory_utilisation, search.max_prefill_tokens
+                )
+                if tokens < need:
+                    per_gpu = (perf.weight_bytes_per_gpu() + perf.activation_bytes_per_gpu(search.max_prefill_tokens)) / 1e9
+                    rejected.append(
+                        f"{shape.label()}: weights and activations take {per_gpu:.1f} GB of "
+                        f"{gpu.memory_gb * search.gpu_memory_utilisation:.1f} GB usable per GPU, "
+                        f"leaving KV room for {tokens} tokens (a {need}-token prompt needs more)"
+                    )
+                    continue
+                fitting.append(perf)
+    return fitting, rejected
+
+
+def build_problem(inputs: PlanInputs, mode: Mode = "disaggregated", gpu_types: list[str] | None = None) -> SearchResult:
+    types = gpu_types if gpu_types is not None else list(inputs.gpus)
+    targets = targets_of(inputs)
+    shapes, rejected = _shapes(inputs, types)
+    configs: list[Config] = []
+    perfs: list[PerfModel] = []
+    limits: list[str] = []
+
+    def add(config: Config, perf: PerfModel, capacity: Capacity) -> None:
+        if config.best_rate() > 0:
+            configs.append(config)
+            perfs.append(perf)
+            limits.append(capacity.reason)
+        else:
+            rejected.append(f"{config.label()}: {capacity.reason}")
+
+    for perf in shapes:
+        shape = perf.shape
+        name = shape.gpu.name
+        price = inputs.prices[name] * shape.gpus
+        common = {"gpu": name, "tp": shape.tp, "pp": shape.pp, "price_per_hour": price}
+        if mode == "colocated":
+            capacity = colocated_capacity(perf, inputs.mix, targets)
+            add(Config(role="colocated", rate=float(capacity.rate), **common), perf, capacity)
+            continue
+        by_bandwidth: dict[float, Capacity] = {}
+        for destination in types:
+            bandwidth = inputs.link_gbps[(name, destination)]
+            if bandwidth not in by_bandwidth:
+                by_bandwidth[bandwidth] = prefill_capacity(perf, inputs.mix, targets, bandwidth)
+        rate_to = {d: float(by_bandwidth[inputs.link_gbps[(name, d)]].rate) for d in types}
+        fastest = max(by_bandwidth.values(), key=lambda c: c.rate)
+        add(Config(role="prefill", rate_to=rate_to, **common), perf, fastest)
+        capacity = decode_capacity(perf, inputs.mix, targets)
+        add(Config(role="decode", rate=float(capacity.rate), **common), perf, capacity)
+    problem = CapacityProblem(
+        configs=tuple(configs),
+        inventory={name: inputs.counts[name] for name in types},
+        link_rate={pair: rate for pair, rate in link_rates(inputs).items() if pair[0] in types and pair[1] in types},
+        demand=inputs.mix.rate if inputs.objective == "min_cost" else None,
+        budget=inputs.budget_per_hour if inputs.objective == "max_goodput" else None,
+    )
+    return SearchResult(problem, tuple(perfs), tuple(limits), tuple(rejected))
