@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -438,19 +439,45 @@ class KVDescriptor(BaseModel):
         self, num_blocks: int, multi_layer_count: int = 1
     ) -> dict[str, tuple[int, ...]]:
         """Shapes of the storage tensors; with the default count, one layer's (a payload's)."""
-        sizes = self.sizes(num_blocks, multi_layer_count)
-        return {
-            name: tuple(sizes.of(dim) for dim in dims) for name, dims in self.spec.storage.items()
-        }
+        return dict(_storage_shapes(self, num_blocks, multi_layer_count))
 
     def payload_nbytes(self, num_blocks: int) -> int:
         """Bytes of one layer's KV for `num_blocks` blocks of this shard."""
-        shapes = self.storage_shapes(num_blocks)
-        return sum(math.prod(s) for s in shapes.values()) * self.torch_dtype.itemsize
+        shapes = _storage_shapes(self, num_blocks, 1)
+        return sum(math.prod(shape) for _, shape in shapes) * self.torch_dtype.itemsize
 
     def same_kv_as(self, other: KVDescriptor) -> bool:
         """Same layout of the same KV: frames can pass from one to the other untouched."""
         return self.id == other.id
+
+
+# Shapes are parsed from the symbolic dims once per (descriptor, block count): views are
+# taken for every frame and every engine step.
+@lru_cache(maxsize=4096)
+def _storage_shapes(
+    desc: KVDescriptor, num_blocks: int, layers: int
+) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    sizes = desc.sizes(num_blocks, layers)
+    return tuple(
+        (name, tuple(sizes.of(dim) for dim in dims)) for name, dims in desc.spec.storage.items()
+    )
+
+
+@lru_cache(maxsize=4096)
+def _plane_plan(
+    desc: KVDescriptor, plane: Plane, num_blocks: int, layers: int
+) -> tuple[tuple[int, ...], tuple[tuple[int, str], ...], tuple[int, ...]]:
+    """(view shape, axes to select in order with what selects them, permutation)."""
+    sizes = desc.sizes(num_blocks, layers)
+    dims = list(plane.dims)
+    selects = []
+    for axis_name in ("KV", "L"):
+        if axis_name in dims:
+            selects.append((dims.index(axis_name), axis_name))
+            dims.remove(axis_name)
+    target = PACKED_DIMS if "x" in dims else CANONICAL_DIMS
+    shape = tuple(sizes.of(dim) for dim in plane.dims)
+    return shape, tuple(selects), tuple(dims.index(d) for d in target)
 
 
 def plane_view(
@@ -466,22 +493,16 @@ def plane_view(
     or a payload of one layer. `layer_index` selects inside a multi-layer tensor: it counts
     from the tensor's first layer (desc.layer_start), and is 0 for a payload.
     """
-    spec = desc.spec
     tensor = storage[plane.tensor]
-    dims_of_tensor = spec.storage[plane.tensor]
+    dims_of_tensor = desc.spec.storage[plane.tensor]
     layers = tensor.shape[dims_of_tensor.index("L")] if "L" in dims_of_tensor else 1
     if not 0 <= layer_index < layers:
         raise IndexError(f"layer index {layer_index} outside the {layers} layer(s) of the tensor")
-    sizes = desc.sizes(num_blocks, layers)
-    view = tensor.view(tuple(sizes.of(dim) for dim in plane.dims))
-    dims = list(plane.dims)
-    for axis_name, index in (("KV", plane.kv_index), ("L", layer_index)):
-        if axis_name in dims:
-            axis = dims.index(axis_name)
-            view = view.select(axis, index or 0)
-            dims.pop(axis)
-    target = PACKED_DIMS if "x" in dims else CANONICAL_DIMS
-    return view.permute(tuple(dims.index(d) for d in target))
+    shape, selects, permutation = _plane_plan(desc, plane, num_blocks, layers)
+    view = tensor.view(shape)
+    for axis, what in selects:
+        view = view.select(axis, layer_index if what == "L" else plane.kv_index or 0)
+    return view.permute(permutation)
 
 
 def kv_views(
@@ -558,7 +579,7 @@ def split_payload(
     out: dict[str, torch.Tensor] = {}
     typed = flat.view(desc.torch_dtype)
     start = 0
-    for name, shape in desc.storage_shapes(num_blocks).items():
+    for name, shape in _storage_shapes(desc, num_blocks, 1):
         count = math.prod(shape)
         out[name] = typed[start : start + count].view(shape)
         start += count

@@ -90,13 +90,13 @@ CHATML_TEMPLATE = """{{- bos_token }}
 # Qwen2's shape, written without "-" so that it renders right only with trim_blocks and
 # lstrip_blocks (what transformers sets).
 QWEN_TEMPLATE = """{% for message in messages %}
-{% if message['role'] not in ['system', 'user', 'assistant'] %}
-{{ raise_exception('Unsupported role: ' + message['role']) }}
-{% endif %}
-{% if loop.first and message['role'] != 'system' %}
+    {% if message['role'] not in ['system', 'user', 'assistant'] %}
+        {{ raise_exception('Unsupported role: ' + message['role']) }}
+    {% endif %}
+    {% if loop.first and message['role'] != 'system' %}
 <|im_start|>system
 You are a helpful assistant.<|im_end|>
-{% endif %}
+    {% endif %}
 <|im_start|>{{ message['role'] }}
 {{ message['content'] }}<|im_end|>
 {% endfor %}

@@ -16,9 +16,11 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from proto.messages import GenerateRequest, TokenEvent
-from services.engine.tokenizer import ChatTemplateError
+from services.engine.tokenizer import ChatTemplateError, Tokenizer
 from services.gateway.backend import GenerationError
 from services.gateway.http_app import create_app
 
@@ -95,6 +97,7 @@ class ScriptedBackend:
         self.fail_after_events: tuple[int, Exception] | None = None
         self.requests: list[GenerateRequest] = []
         self.tokens_sent: dict[str, int] = {}
+        self.called = asyncio.Event()
         self.closed: dict[str, asyncio.Event] = {}
 
     def live_roles(self) -> dict[str, int]:
@@ -102,6 +105,7 @@ class ScriptedBackend:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         self.requests.append(request)
+        self.called.set()
         self.closed[request.request_id] = asyncio.Event()
         try:
             if self.fail_before is not None:
@@ -416,6 +420,69 @@ async def test_models(client: openai.AsyncOpenAI) -> None:
     assert [m.id for m in models] == [MODEL]
 
 
+# --- the real Tokenizer ----------------------------------------------------------------------
+
+REAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m.role == 'system' and not loop.first %}{{ raise_exception('system goes first') }}"
+    "{% endif %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def byte_level_tokenizer() -> Tokenizer:
+    """A real Tokenizer on a byte-level BPE so small that é and ✓ span several tokens."""
+    bpe = HFTokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=280,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(["hello world, hello there"] * 20, trainer)
+    return Tokenizer(
+        bpe,
+        eos_token_ids=[1],
+        bos_token_id=0,
+        special_tokens={"bos_token": "<s>", "eos_token": "</s>"},
+        chat_template=REAL_TEMPLATE,
+    )
+
+
+async def test_real_tokenizer_streams_multibyte_text_intact() -> None:
+    tokenizer = byte_level_tokenizer()
+    reply = "héllo wörld ✓ done"
+    backend = ScriptedBackend(tokenizer, reply)
+    backend.tokens_per_event = 1
+    assert len(backend.reply_ids) > len(reply) + 1  # some characters are several tokens
+    async with serve(backend) as url, aiohttp.ClientSession() as http:
+        body = {"prompt": "hello", "max_tokens": 60, "stream": True}
+        async with http.post(f"{url}{COMPLETIONS}", json=body) as response:
+            events = await sse_events(response)
+    texts = [e["choices"][0]["text"] for e in events[:-1]]
+    assert "".join(texts) == reply
+    assert not any("\ufffd" in t for t in texts)  # partial characters were held back
+
+
+async def test_real_tokenizer_chat_template(http: aiohttp.ClientSession) -> None:
+    tokenizer = byte_level_tokenizer()
+    backend = ScriptedBackend(tokenizer, "hi")
+    async with serve(backend) as url:
+        body = {"messages": USER, "max_tokens": 5}
+        async with http.post(f"{url}{CHAT}", json=body) as response:
+            assert (await response.json())["choices"][0]["message"]["content"] == "hi"
+        expected = tokenizer.encode("<s><user>Hi there\n<assistant>", add_special_tokens=False)
+        assert backend.requests[0].prompt_token_ids == expected
+        assert expected.count(0) == 1
+
+        late_system = {"messages": USER + [{"role": "system", "content": "x"}]}
+        async with http.post(f"{url}{CHAT}", json=late_system) as response:
+            assert response.status == 400
+            error = (await response.json())["error"]
+        assert error["param"] == "messages" and "system goes first" in error["message"]
+
+
 # --- health ----------------------------------------------------------------------------------
 
 
@@ -608,3 +675,18 @@ async def test_client_disconnect_closes_backend_iterator(
         # The session is closed: the connection is gone.
         request_id = backend.requests[0].request_id
         await asyncio.wait_for(backend.closed[request_id].wait(), 5)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_client_disconnect_before_first_token_closes_backend_iterator(
+    backend: ScriptedBackend, base_url: str, stream: bool
+) -> None:
+    backend.stall_after_events = 0
+    async with aiohttp.ClientSession() as session:
+        body = {"messages": USER, "stream": stream}
+        post = asyncio.create_task(session.post(f"{base_url}{CHAT}", json=body))
+        await asyncio.wait_for(backend.called.wait(), 5)
+        post.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await post
+    await asyncio.wait_for(backend.closed[backend.requests[0].request_id].wait(), 5)

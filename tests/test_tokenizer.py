@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import decoders, models
 
 from services.engine.tokenizer import (
     ChatTemplateError,
@@ -281,6 +283,19 @@ def test_incremental_detokenizer_holds_split_characters(pairs: dict) -> None:
     assert "" in deltas  # held while a character was incomplete
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) + detok.flush() == text
+
+
+def test_incremental_detokenizer_gives_the_first_token_context() -> None:
+    """SentencePiece-style decoders drop the leading space of the first token decoded, so a
+    reply's first word must be decoded after some prompt tokens to keep its space."""
+    backend = BackendTokenizer(
+        models.WordLevel(vocab={"▁hello": 0, "▁world": 1, "<unk>": 2}, unk_token="<unk>")
+    )
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok = Tokenizer(backend, eos_token_ids=[])
+    assert IncrementalDetokenizer(tok, prompt_ids=[0]).feed([1]) == " world"
+    fresh = IncrementalDetokenizer(tok)
+    assert fresh.feed([0]) + fresh.feed([1]) == "hello world"
 
 
 # --- stop strings ---------------------------------------------------------------------------

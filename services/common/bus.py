@@ -38,7 +38,7 @@ class Bus:
                     reconnect_time_wait=1, connect_timeout=2,
                 )
                 return cls(nc, settings)
-            except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
                 last = exc
                 await asyncio.sleep(0.5)
         raise ConnectionError(f"cannot reach NATS at {settings.nats_url}: {last}")
@@ -72,8 +72,10 @@ class Bus:
     async def publish(self, subject: str, message: Message) -> None:
         await self.nc.publish(subject, message.pack(), headers=inject())
 
-    async def request(self, subject: str, message: Message, reply: type[M], timeout: float) -> M:
-        msg = await self.nc.request(subject, message.pack(), timeout=timeout, headers=inject())
+    async def request(
+        self, subject: str, message: Message, reply: type[M], timeout_s: float
+    ) -> M:
+        msg = await self.nc.request(subject, message.pack(), timeout=timeout_s, headers=inject())
         return reply.unpack(msg.data)
 
     async def close(self) -> None:

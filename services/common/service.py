@@ -49,7 +49,7 @@ class Service(ABC):
             instance_id=self.instance_id, role=self.role, started_at=self.started_at, pid=os.getpid()
         )
 
-    async def stop(self) -> None:
+    async def stop(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release what the service holds; subscriptions are drained after this."""
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str = "") -> asyncio.Task:

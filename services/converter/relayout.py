@@ -203,7 +203,8 @@ def convert_layer(
         run, buffer = _new_run(target, start, stop)
         for (_, taken, src_runs), (k_cast, v_cast) in zip(plan, casts, strict=True):
             for src_run in src_runs:
-                _copy(run, src_run, taken, k_cast, v_cast)
+                if src_run.start < stop and start < src_run.stop:
+                    _copy(run, src_run, taken, k_cast, v_cast)
         out.append((start, stop, memoryview(buffer.numpy())))
     return out
 
@@ -326,13 +327,20 @@ def _copy(dst: _Run, src: _Run, heads: range, k_cast: Cast, v_cast: Cast) -> Non
         raise ValueError(f"block sizes {u} and {U} do not nest")
     segments = list(_segments(t0, t1, u, U))
     for d_plane, s_plane, cast in ((dst.k, src.k, k_cast), (dst.v, src.v, v_cast)):
-        d_plane = d_plane.narrow(2, h0 - dst.heads.start, h1 - h0)
-        s_plane = s_plane.narrow(2, h0 - src.heads.start, h1 - h0)
-        d_plane, s_plane = _align_head_dim(d_plane, s_plane)
+        d_plane = _narrow_heads(d_plane, dst.heads, h0, h1)
+        s_plane = _narrow_heads(s_plane, src.heads, h0, h1)
+        if d_plane.shape[2:] != s_plane.shape[2:]:
+            d_plane, s_plane = _align_head_dim(d_plane, s_plane)
         for a, b, kind in segments:
             d = _segment(d_plane, a - dst.start, b - dst.start, dst.block_size, kind, u, U)
             s = _segment(s_plane, a - src.start, b - src.start, src.block_size, kind, u, U)
             d.copy_(cast(s))
+
+
+def _narrow_heads(view: Tensor, heads: range, h0: int, h1: int) -> Tensor:
+    if heads.start == h0 and heads.stop == h1:
+        return view
+    return view.narrow(2, h0 - heads.start, h1 - h0)
 
 
 def _align_head_dim(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -378,6 +386,8 @@ def _segment(view: Tensor, p: int, q: int, B: int, kind: str, u: int, U: int) ->
     both sides of a copy: blocks (n, U/u, u, H, ...), chunks (n, u, H, ...), rows (n, H, ...)."""
     if kind == "blocks":
         picked = view[p // B : q // B]
+        if u == U:
+            return picked
         return picked.unflatten(1, (U // u, u)) if B == U else picked.unflatten(0, (-1, U // u))
     if kind == "chunks":
         if B == u:

@@ -99,7 +99,7 @@ def compile_chat_template(source: str) -> jinja2.Template:
     """Compile in the environment transformers renders chat templates in."""
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True,
-        lstrip_blocks=False,
+        lstrip_blocks=True,
         extensions=[_GenerationTag, jinja2.ext.loopcontrols],
     )
     env.filters["tojson"] = _tojson

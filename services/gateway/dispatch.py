@@ -4,6 +4,7 @@ instance dies, abort when the client goes away."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -78,9 +79,11 @@ class NatsBackend:
                     }
                 )
                 try:
-                    async for event in self._attempt(attempt_request):
-                        produced.extend(event.token_ids)
-                        yield event
+                    # aclosing: a client that leaves closes the attempt now, which aborts it.
+                    async with contextlib.aclosing(self._attempt(attempt_request)) as events:
+                        async for event in events:
+                            produced.extend(event.token_ids)
+                            yield event
                     span.set_attribute("completion.tokens", len(produced))
                     return
                 except _Retry as retry:

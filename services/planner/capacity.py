@@ -26,10 +26,12 @@ _BISECTION_STEPS = 60
 
 @dataclass(frozen=True)
 class Capacity:
-    """Requests per second one instance sustains (0 when none), and why it is limited."""
+    """Requests per second one instance sustains (0 when none), and why it is limited; for a
+    configuration that meets no load, its latency at zero load (TTFT, or TPOT for one sequence)."""
 
     rate: float
     reason: str
+    unloaded_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -85,12 +87,13 @@ def prefill_capacity(perf: PerfModel, mix: RequestMix, targets: PhaseTargets, li
             0.0,
             f"TTFT at zero load is {unloaded:.3g} s at the {targets.level:.1%} level "
             f"(target {targets.ttft_s:g} s)",
+            unloaded,
         )
     rate = _largest_rate(
         lambda r: _wait_cdf_ok(r, service, fixed, targets.ttft_s, targets.level),
         1 / service.mean(),
     )
-    return Capacity(rate, "TTFT queueing")
+    return Capacity(float(rate), "TTFT queueing")
 
 
 def _decode_limits(perf: PerfModel, mix: RequestMix, targets: PhaseTargets) -> tuple[float, float, str]:
@@ -126,11 +129,12 @@ def decode_capacity(perf: PerfModel, mix: RequestMix, targets: PhaseTargets) -> 
         f"max_batch ({targets.max_batch})",
     )
     if not ok.any():
-        return Capacity(0.0, f"no decode batch meets {binding}")
+        single = float(perf.decode_round(1.0, context))
+        return Capacity(0.0, f"no decode batch meets {binding}", single)
     best = batch[ok].max()
     steps = mix.mean_output - 1
     rate = best / (steps * float(perf.decode_round(best, best * context)))
-    return Capacity(rate, binding)
+    return Capacity(float(rate), binding)
 
 
 def colocated_capacity(perf: PerfModel, mix: RequestMix, targets: PhaseTargets) -> Capacity:
@@ -165,7 +169,7 @@ def colocated_capacity(perf: PerfModel, mix: RequestMix, targets: PhaseTargets) 
 
     if not ok(1e-9):
         return Capacity(0.0, "no load meets both TTFT and TPOT when both phases share the GPUs")
-    return Capacity(_largest_rate(ok, 1 / service.mean()), "TTFT and TPOT on shared GPUs")
+    return Capacity(float(_largest_rate(ok, 1 / service.mean())), "TTFT and TPOT on shared GPUs")
 
 
 def ttft_quantile(service: np.ndarray, fixed: np.ndarray, rate: float, level: float) -> float:

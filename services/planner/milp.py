@@ -7,7 +7,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
 
 from services.planner.errors import PlannerError
-from services.planner.problem import Allocation, CapacityProblem, Config
+from services.planner.problem import Allocation, CapacityProblem, Config, Infeasible, Solution
 
 TIME_LIMIT_S = 60.0
 _FLOW_EPSILON = 1e-9
@@ -137,9 +137,9 @@ def _allocation(problem: CapacityProblem, layout: _Layout, x: np.ndarray) -> All
     return Allocation(counts=counts, flows=flows, served=float(x[layout.z]), cost=problem.cost(counts))
 
 
-def solve_milp(problem: CapacityProblem) -> Allocation | None:
-    """The optimal allocation, or None when no allocation meets the demand (or, for
-    max-goodput, when the budget buys nothing that serves any request)."""
+def solve_milp(problem: CapacityProblem) -> Solution:
+    """The optimal allocation, or Infeasible when none meets the demand (or, for max-goodput,
+    when the budget buys nothing that serves any request)."""
     keep = undominated(problem)
     reduced = problem.restricted(keep)
     layout = _Layout(reduced)
@@ -152,10 +152,10 @@ def solve_milp(problem: CapacityProblem) -> Allocation | None:
         goodput[layout.z] = -1.0
         first = _solve(reduced, layout, goodput, 0.0)
         if first is None or first[layout.z] <= _FLOW_EPSILON:
-            return None
+            return Infeasible("no instance set within the inventory and budget serves any request")
         x = _solve(reduced, layout, prices, first[layout.z] * (1 - 1e-9))
     if x is None:
-        return None
+        return Infeasible(f"no allocation within the inventory serves {problem.demand:g} req/s")
     local = _allocation(reduced, layout, x)
     counts = [0] * len(problem.configs)
     for k, i in enumerate(keep):

@@ -15,7 +15,7 @@ import numpy as np
 from scipy.optimize import linprog
 
 from services.planner.errors import PlannerError
-from services.planner.problem import Allocation, CapacityProblem
+from services.planner.problem import Allocation, CapacityProblem, Infeasible, Solution
 
 MAX_CANDIDATES = 2_000_000
 
@@ -90,8 +90,8 @@ def _max_flow(problem: CapacityProblem, counts: tuple[int, ...]) -> tuple[float,
     return colocated + float(-result.fun), flows
 
 
-def solve_exhaustive(problem: CapacityProblem) -> Allocation | None:
-    """The optimal allocation by enumeration, or None when none is feasible."""
+def solve_exhaustive(problem: CapacityProblem) -> Solution:
+    """The optimal allocation by enumeration, or Infeasible when none is."""
     ranked = sorted(_candidates(problem), key=problem.cost)
     if problem.demand is not None:
         demand = problem.demand
@@ -100,7 +100,7 @@ def solve_exhaustive(problem: CapacityProblem) -> Allocation | None:
                 served, flows = _max_flow(problem, counts)
                 if served >= demand * (1 - 1e-9):
                     return Allocation(counts, flows, served, problem.cost(counts))
-        return None
+        return Infeasible(f"no allocation within the inventory serves {demand:g} req/s")
     budget = problem.budget if problem.budget is not None else math.inf
     best: Allocation | None = None
     for counts in ranked:
@@ -110,7 +110,7 @@ def solve_exhaustive(problem: CapacityProblem) -> Allocation | None:
         served, flows = _max_flow(problem, counts)
         if served > 1e-9 and (best is None or served > best.served * (1 + 1e-9)):
             best = Allocation(counts, flows, served, cost)
-    return best
+    return best if best is not None else Infeasible("the budget buys nothing that serves requests")
 
 
 def _necessary(problem: CapacityProblem, counts: tuple[int, ...], demand: float) -> bool:

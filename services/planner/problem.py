@@ -84,3 +84,11 @@ class Allocation:
     flows: Mapping[tuple[int, str], float]  # (prefill config index, decode type) -> req/s
     served: float  # requests/s the allocation carries
     cost: float  # per hour
+
+
+@dataclass(frozen=True)
+class Infeasible:
+    reason: str
+
+
+Solution = Allocation | Infeasible

@@ -20,11 +20,23 @@ Mode = Literal["disaggregated", "colocated"]
 
 
 @dataclass(frozen=True)
+class Rejection:
+    """A shape left out (role "memory": it fits no request) or a (shape, role) that meets no
+    load; `unloaded_s` is its zero-load TTFT or single-sequence TPOT when that is the cause."""
+
+    role: str
+    label: str
+    reason: str
+    unloaded_s: float | None = None
+
+
+@dataclass(frozen=True)
 class SearchResult:
     problem: CapacityProblem
     perf: tuple[PerfModel, ...]  # per configuration, same order as problem.configs
     limits: tuple[str, ...]  # per configuration: what bounds its rate
-    rejected: tuple[str, ...]  # shapes or (shape, role) pairs left out, and why
+    rejected: tuple[Rejection, ...]
+    shapes_tried: int
 
 
 def targets_of(inputs: PlanInputs) -> PhaseTargets:
@@ -49,11 +61,11 @@ def link_rates(inputs: PlanInputs) -> dict[tuple[str, str], float]:
     return {pair: gbps * usable / per_request for pair, gbps in inputs.link_gbps.items()}
 
 
-def _shapes(inputs: PlanInputs, gpu_types: list[str]) -> tuple[list[PerfModel], list[str]]:
+def _shapes(inputs: PlanInputs, gpu_types: list[str]) -> tuple[list[PerfModel], list[Rejection]]:
     """Every (tp, pp) of the search space that fits the type's node, count and memory."""
     model, search = inputs.model, inputs.search
     fitting: list[PerfModel] = []
-    rejected: list[str] = []
+    rejected: list[Rejection] = []
     need = inputs.mix.prompt.largest()
     for name in gpu_types:
         gpu = inputs.gpus[name]
@@ -70,11 +82,13 @@ def _shapes(inputs: PlanInputs, gpu_types: list[str]) -> tuple[list[PerfModel], 
                 )
                 if tokens < need:
                     per_gpu = (perf.weight_bytes_per_gpu() + perf.activation_bytes_per_gpu(search.max_prefill_tokens)) / 1e9
-                    rejected.append(
-                        f"{shape.label()}: weights and activations take {per_gpu:.1f} GB of "
-                        f"{gpu.memory_gb * search.gpu_memory_utilisation:.1f} GB usable per GPU, "
-                        f"leaving KV room for {tokens} tokens (a {need}-token prompt needs more)"
+                    usable = gpu.memory_gb * search.gpu_memory_utilisation
+                    reason = (
+                        f"weights and activations take {per_gpu:.1f} GB of {usable:.1f} GB "
+                        f"usable per GPU, leaving KV room for {tokens} tokens "
+                        f"(a {need}-token prompt needs more)"
                     )
+                    rejected.append(Rejection("memory", shape.label(), reason))
                     continue
                 fitting.append(perf)
     return fitting, rejected
@@ -94,7 +108,8 @@ def build_problem(inputs: PlanInputs, mode: Mode = "disaggregated", gpu_types: l
             perfs.append(perf)
             limits.append(capacity.reason)
         else:
-            rejected.append(f"{config.label()}: {capacity.reason}")
+            label = f"{config.gpu} tp={config.tp} pp={config.pp}"
+            rejected.append(Rejection(config.role, label, capacity.reason, capacity.unloaded_s))
 
     for perf in shapes:
         shape = perf.shape
@@ -122,4 +137,4 @@ def build_problem(inputs: PlanInputs, mode: Mode = "disaggregated", gpu_types: l
         demand=inputs.mix.rate if inputs.objective == "min_cost" else None,
         budget=inputs.budget_per_hour if inputs.objective == "max_goodput" else None,
     )
-    return SearchResult(problem, tuple(perfs), tuple(limits), tuple(rejected))
+    return SearchResult(problem, tuple(perfs), tuple(limits), tuple(rejected), len(shapes))

@@ -125,7 +125,7 @@ class SchedulerService(Service):
         try:
             return await self.bus.request(
                 self.bus.subjects.reserve(decode.instance_id), ask, ReserveReply,
-                timeout=self.settings.reserve_timeout_s,
+                timeout_s=self.settings.reserve_timeout_s,
             )
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError, MessageError) as exc:
             return ReserveReply(ok=False, reason=f"no answer ({type(exc).__name__})")

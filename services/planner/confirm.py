@@ -1,0 +1,206 @@
+"""Check plans in the simulator before they are reported.
+
+Step 1: each configuration a solution uses is simulated alone at the rate the queueing estimate
+claims; if it misses its phase target there, the highest rate it does meet (bisection in
+simulation) replaces the estimate and the problem is solved again. Step 2: the whole deployment
+is simulated; while it misses the SLO, the rates of the phase that falls short are lowered by
+DERATE and the problem is solved again (at most MAX_DERATE_ROUNDS times). Rates are only ever
+lowered: a simulation that sustains more than the estimate leaves the estimate in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from services.planner.inputs import PlanInputs
+from services.planner.perf_model import PerfModel
+from services.planner.problem import Allocation, CapacityProblem, Config, Infeasible, Solution
+from services.planner.simulator import Deployment, Pool, Route, Settings, SimResult, simulate
+
+Solver = Callable[[CapacityProblem], Solution]
+
+BISECTION_SIMULATIONS = 6
+MAX_SOLVE_ROUNDS = 8
+MAX_DERATE_ROUNDS = 4
+DERATE = 0.9
+WAIT_SHARE = 0.25  # memory waits longer than this share of the TTFT target blame decode
+
+
+def settings_of(inputs: PlanInputs, requests: int | None = None) -> Settings:
+    sim, search = inputs.simulation, inputs.search
+    count = requests if requests is not None else sim.requests
+    warmup = max(sim.warmup_fraction, min(0.5, 2 * search.max_batch / count))
+    return Settings(
+        requests=count,
+        seed=sim.seed,
+        warmup_fraction=warmup,
+        max_batch=search.max_batch,
+        max_prefill_tokens=search.max_prefill_tokens,
+        memory_utilisation=search.gpu_memory_utilisation,
+    )
+
+
+def deployment_of(
+    problem: CapacityProblem,
+    perf: tuple[PerfModel, ...],
+    allocation: Allocation,
+    link_gbps: Mapping[tuple[str, str], float],
+) -> Deployment:
+    pools: list[Pool] = []
+    pool_of: dict[int, int] = {}
+    for i, (n, config) in enumerate(zip(allocation.counts, problem.configs, strict=True)):
+        if n:
+            pool_of[i] = len(pools)
+            pools.append(Pool(config.role, perf[i], n))
+    routes = tuple(Route(pool_of[i], b, rate) for (i, b), rate in allocation.flows.items())
+    return Deployment(tuple(pools), routes, link_gbps)
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A solution after both steps, with the simulation of the last one and what changed."""
+
+    solution: Solution
+    problem: CapacityProblem
+    simulation: SimResult | None
+    notes: tuple[str, ...]
+
+
+class Confirmer:
+    """Simulation checks shared by every strategy of one planning run (results are cached)."""
+
+    def __init__(self, inputs: PlanInputs) -> None:
+        self.inputs = inputs
+        self._sustained: dict[tuple[str, str, int, int, float], float] = {}
+
+    # step 1 ----------------------------------------------------------------------------
+    def _phase_ok(self, config: Config, perf: PerfModel, rate: float, destination: str) -> bool:
+        inputs = self.inputs
+        if config.role == "prefill":
+            routes = (Route(0, destination, 1.0),)
+        elif config.role == "decode":
+            routes = (Route(None, config.gpu, 1.0),)
+        else:
+            routes = ()
+        deployment = Deployment((Pool(config.role, perf, 1),), routes, inputs.link_gbps)
+        requests = max(inputs.simulation.requests, 12 * inputs.search.max_batch)
+        result = simulate(deployment, inputs.mix.with_rate(rate), settings_of(inputs, requests))
+        level = 100 * inputs.level
+        ttft_ok = np.percentile(result.ttft, level) <= inputs.slo.ttft_s
+        tpot_ok = np.percentile(result.tpot, level) <= inputs.slo.tpot_s
+        return {"prefill": ttft_ok, "decode": tpot_ok}.get(config.role, ttft_ok and tpot_ok)
+
+    def sustained(self, config: Config, perf: PerfModel, destination: str) -> float:
+        """The highest rate (at most the estimate) at which the simulated instance meets its
+        phase target; prefill is timed with the KV path to `destination`."""
+        claimed = config.rate_to[destination] if config.role == "prefill" else config.rate
+        bandwidth = self.inputs.link_gbps[(config.gpu, destination)] if config.role == "prefill" else 0.0
+        key = (config.role, config.gpu, config.tp, config.pp, bandwidth)
+        if key not in self._sustained:
+            if self._phase_ok(config, perf, claimed, destination):
+                self._sustained[key] = claimed
+            else:
+                low, high = 0.0, claimed
+                for _ in range(BISECTION_SIMULATIONS):
+                    middle = (low + high) / 2
+                    if self._phase_ok(config, perf, middle, destination):
+                        low = middle
+                    else:
+                        high = middle
+                self._sustained[key] = low
+        return self._sustained[key]
+
+    def _confirm_used(self, problem: CapacityProblem, perf: tuple[PerfModel, ...], allocation: Allocation, checked: set[int], notes: list[str]) -> CapacityProblem:
+        configs = list(problem.configs)
+        for i, n in enumerate(allocation.counts):
+            if not n or i in checked:
+                continue
+            checked.add(i)
+            config = configs[i]
+            if config.role == "prefill":
+                used = [b for (j, b) in allocation.flows if j == i] or [config.gpu]
+                destination = min(used, key=lambda b: self.inputs.link_gbps[(config.gpu, b)])
+                claimed = config.rate_to[destination]
+            else:
+                destination, claimed = config.gpu, config.rate
+            sustained = self.sustained(config, perf[i], destination)
+            if sustained < claimed * (1 - 1e-6):
+                notes.append(
+                    f"{config.label()}: simulation sustains {sustained:.3g} req/s per instance; "
+                    f"the queueing estimate said {claimed:.3g}"
+                )
+                configs[i] = _scaled(config, sustained / claimed)
+        return replace(problem, configs=tuple(configs))
+
+    # both steps ------------------------------------------------------------------------
+    def check(self, problem: CapacityProblem, perf: tuple[PerfModel, ...], solver: Solver) -> Checked:
+        notes: list[str] = []
+        checked: set[int] = set()
+        simulation: SimResult | None = None
+        derates = 0
+        for _ in range(MAX_SOLVE_ROUNDS + MAX_DERATE_ROUNDS):
+            solution = solver(problem)
+            if isinstance(solution, Infeasible):
+                return Checked(solution, problem, None, tuple(notes))
+            confirmed = self._confirm_used(problem, perf, solution, checked, notes)
+            if any(a is not b for a, b in zip(confirmed.configs, problem.configs, strict=True)):
+                problem = confirmed
+                continue
+            simulation = self.simulate(problem, perf, solution)
+            short = self.short_phases(simulation)
+            if not short or derates == MAX_DERATE_ROUNDS:
+                return Checked(solution, problem, simulation, tuple(notes))
+            derates += 1
+            notes.append(
+                f"whole-deployment simulation missed the SLO ({', '.join(sorted(short))} short); "
+                f"their rates lowered to {DERATE:.0%} and re-solved"
+            )
+            configs = tuple(
+                _scaled(c, DERATE) if n and c.role in short else c
+                for n, c in zip(solution.counts, problem.configs, strict=True)
+            )
+            problem = replace(problem, configs=configs)
+        return Checked(solution, problem, simulation, tuple(notes))
+
+    def simulate(self, problem: CapacityProblem, perf: tuple[PerfModel, ...], allocation: Allocation) -> SimResult:
+        """The deployment at the demand (or, maximising goodput, at the rate it serves)."""
+        rate = problem.demand if problem.demand is not None else allocation.served
+        inputs = self.inputs.with_rate(rate)
+        deployment = deployment_of(problem, perf, allocation, inputs.link_gbps)
+        return simulate(deployment, inputs.mix, settings_of(inputs))
+
+    def meets_slo(self, result: SimResult) -> bool:
+        slo = self.inputs.slo
+        ttft, tpot = result.quantiles(slo.percentile)
+        return (
+            ttft <= slo.ttft_s
+            and tpot <= slo.tpot_s
+            and result.attainment(slo.ttft_s, slo.tpot_s) >= slo.attainment
+        )
+
+    def short_phases(self, result: SimResult) -> set[str]:
+        """Roles whose rates to lower: none when the deployment meets the SLO."""
+        if self.meets_slo(result):
+            return set()
+        slo, level = self.inputs.slo, self.inputs.level
+        ttft_share = float(np.mean(result.ttft <= slo.ttft_s))
+        tpot_share = float(np.mean(result.tpot <= slo.tpot_s))
+        if "colocated" in result.busy:
+            return {"colocated"}
+        short = set()
+        if ttft_share < level or ttft_share <= tpot_share:
+            short.add("prefill")
+            if np.percentile(result.wait, 100 * level) > WAIT_SHARE * slo.ttft_s:
+                short.add("decode")  # requests wait for decode memory
+        if tpot_share < level or tpot_share < ttft_share:
+            short.add("decode")
+        return short
+
+
+def _scaled(config: Config, factor: float) -> Config:
+    if config.role == "prefill":
+        return replace(config, rate_to={b: r * factor for b, r in config.rate_to.items()})
+    return replace(config, rate=config.rate * factor)

@@ -1,0 +1,359 @@
+"""Discrete-event simulation of a deployment under Poisson arrivals.
+
+What it models: the scheduler reserves a decode instance's KV memory for the whole request
+(prompt + output) before prefill starts, or holds the request until memory frees; prefill
+instances batch queued prompts up to a token budget (with PP a new batch enters when the first
+stage frees); KV crosses each (prefill type, decode type) path as a FIFO link, layer by layer
+from the end of the first layer; decode instances run continuous batching (one token per
+sequence per round); colocated instances run queued prefills before decode rounds.
+TTFT ends when the KV reaches decode (or the prefill ends, colocated); TPOT is the mean time
+per later token. What it does not: preemption, chunked prefill, prefix caching, failures.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from services.planner.perf_model import PerfModel
+from services.planner.problem import Role
+from services.planner.workload import RequestMix
+
+HORIZON_FACTOR = 20.0  # simulate at most this many times the arrival span past the last arrival
+
+
+@dataclass(frozen=True)
+class Pool:
+    role: Role
+    perf: PerfModel
+    instances: int
+
+
+@dataclass(frozen=True)
+class Route:
+    """A share of requests prefilled on `prefill_pool` and decoded on pools of `decode_gpu`.
+
+    To time one phase alone: with no prefill pool, KV arrives with the request; with no
+    decode pool of that type, the request ends when its KV has crossed."""
+
+    prefill_pool: int | None
+    decode_gpu: str
+    share: float
+
+
+@dataclass(frozen=True)
+class Deployment:
+    pools: tuple[Pool, ...]
+    routes: tuple[Route, ...]  # empty when every pool is colocated
+    link_gbps: Mapping[tuple[str, str], float]
+
+
+@dataclass(frozen=True)
+class Settings:
+    requests: int
+    seed: int
+    warmup_fraction: float
+    max_batch: int
+    max_prefill_tokens: int
+    memory_utilisation: float
+
+
+@dataclass(frozen=True)
+class SimResult:
+    ttft: np.ndarray  # per measured request, s (inf if it never got its first token)
+    tpot: np.ndarray  # per measured request, s (inf if it never finished)
+    wait: np.ndarray  # per measured request: arrival to KV memory reserved, s
+    busy: dict[str, float]  # role -> mean busy fraction of its instances
+
+    def quantiles(self, percentile: float) -> tuple[float, float]:
+        return (
+            float(np.percentile(self.ttft, percentile)),
+            float(np.percentile(self.tpot, percentile)),
+        )
+
+    def attainment(self, ttft_s: float, tpot_s: float) -> float:
+        return float(np.mean((self.ttft <= ttft_s) & (self.tpot <= tpot_s)))
+
+
+@dataclass(eq=False)
+class _Request:
+    arrival: float
+    prompt: int
+    output: int
+    admitted: float = float("inf")
+    first_token: float = float("inf")
+    finish: float = float("inf")
+    route: Route | None = None
+    decoder: _Decoder | None = None
+
+
+@dataclass(eq=False)
+class _Prefiller:
+    perf: PerfModel
+    queue: deque[_Request] = field(default_factory=deque)
+    queued_tokens: int = 0
+    free: bool = True
+    busy: float = 0.0
+
+
+@dataclass(eq=False)
+class _Decoder:
+    """A decode or colocated instance: memory, the running batch, requests waiting to join."""
+
+    perf: PerfModel
+    gpu: str
+    colocated: bool
+    kv_free: int
+    base: np.ndarray  # round time by batch size, context aside
+    per_context: float  # round time per context token held by the batch
+    ready: deque[_Request] = field(default_factory=deque)  # KV arrived (or, colocated, queued)
+    finishing: dict[int, list[_Request]] = field(default_factory=dict)
+    running: int = 0
+    context: int = 0
+    rounds: int = 0
+    stepping: bool = False
+    busy: float = 0.0
+
+
+class _Simulation:
+    def __init__(self, deployment: Deployment, mix: RequestMix, settings: Settings) -> None:
+        self.deployment = deployment
+        self.settings = settings
+        self.rng = np.random.default_rng(settings.seed)
+        self.events: list[tuple[float, int, Callable[[], None]]] = []
+        self.order = itertools.count()
+        self.now = 0.0
+        self.prefillers: list[list[_Prefiller]] = []
+        self.decoders: dict[str, list[_Decoder]] = {}
+        self.colocated: list[_Decoder] = []
+        for pool in deployment.pools:
+            self._build(pool)
+        self.pending: dict[str, deque[_Request]] = {r.decode_gpu: deque() for r in deployment.routes}
+        self.link_free: dict[tuple[str, str], float] = {}
+        shares = np.array([route.share for route in deployment.routes])
+        self.route_weights = shares / shares.sum() if len(shares) else shares
+        rate = mix.rate or 1.0
+        gaps = self.rng.exponential(1 / rate, settings.requests)
+        prompts = mix.prompt.sample(self.rng, settings.requests)
+        outputs = mix.output.sample(self.rng, settings.requests)
+        self.requests = [
+            _Request(float(t), int(p), int(o))
+            for t, p, o in zip(np.cumsum(gaps), prompts, outputs, strict=True)
+        ]
+        span = self.requests[-1].arrival
+        self.horizon = span * (1 + HORIZON_FACTOR)
+
+    def _build(self, pool: Pool) -> None:
+        s = self.settings
+        perf = pool.perf
+        if pool.role == "prefill":
+            self.prefillers.append([_Prefiller(perf) for _ in range(pool.instances)])
+            return
+        self.prefillers.append([])
+        sizes = np.arange(s.max_batch + 1, dtype=float)
+        base = np.asarray(perf.decode_round(sizes, 0.0))
+        per_context = float(perf.decode_round(1.0, 1.0)) - float(perf.decode_round(1.0, 0.0))
+        kv = perf.kv_capacity_tokens(s.memory_utilisation, s.max_prefill_tokens)
+        colocated = pool.role == "colocated"
+        made = [
+            _Decoder(perf, perf.shape.gpu.name, colocated, kv, base, per_context)
+            for _ in range(pool.instances)
+        ]
+        if not colocated:
+            self.decoders.setdefault(perf.shape.gpu.name, []).extend(made)
+        else:
+            self.colocated.extend(made)
+
+    def at(self, time: float, action: Callable[[], None]) -> None:
+        heapq.heappush(self.events, (time, next(self.order), action))
+
+    def run(self) -> list[_Request]:
+        for request in self.requests:
+            self.at(request.arrival, lambda r=request: self.arrive(r))
+        while self.events:
+            time, _, action = heapq.heappop(self.events)
+            if time > self.horizon:
+                break
+            self.now = time
+            action()
+        return self.requests
+
+    # routing ---------------------------------------------------------------------------
+    def arrive(self, request: _Request) -> None:
+        if self.colocated:
+            target = min(self.colocated, key=lambda d: (len(d.ready), d.running))
+            target.ready.append(request)
+            self.colocated_step(target)
+            return
+        pick = int(self.rng.choice(len(self.route_weights), p=self.route_weights))
+        request.route = self.deployment.routes[pick]
+        self.pending[request.route.decode_gpu].append(request)
+        self.admit(request.route.decode_gpu)
+
+    def admit(self, gpu: str) -> None:
+        """Reserve decode memory for waiting requests in order, then start their prefill."""
+        waiting = self.pending[gpu]
+        decoders = self.decoders.get(gpu, [])
+        while waiting:
+            request = waiting[0]
+            need = request.prompt + request.output
+            if decoders:
+                decoder = max(decoders, key=lambda d: d.kv_free)
+                if decoder.kv_free < need:
+                    return
+                decoder.kv_free -= need
+                request.decoder = decoder
+            waiting.popleft()
+            request.admitted = self.now
+            assert request.route is not None  # set on arrival
+            if request.route.prefill_pool is None:
+                self.kv_arrived(request)
+                continue
+            pool = self.prefillers[request.route.prefill_pool]
+            prefiller = min(pool, key=lambda p: (p.queued_tokens, not p.free))
+            prefiller.queue.append(request)
+            prefiller.queued_tokens += request.prompt
+            self.prefill(prefiller)
+
+    # prefill ---------------------------------------------------------------------------
+    def prefill(self, p: _Prefiller) -> None:
+        if not p.free or not p.queue:
+            return
+        batch = [p.queue.popleft()]
+        tokens = batch[0].prompt
+        while p.queue and tokens + p.queue[0].prompt <= self.settings.max_prefill_tokens:
+            tokens += p.queue[0].prompt
+            batch.append(p.queue.popleft())
+        p.queued_tokens -= tokens
+        squares = sum(r.prompt**2 for r in batch)
+        stage = float(p.perf.prefill_stage_time(tokens, squares, len(batch)))
+        latency = float(p.perf.prefill_latency(tokens, squares, len(batch)))
+        p.free = False
+        p.busy += stage
+        self.at(self.now + stage, lambda: self._prefill_free(p))
+        layers = p.perf.model.num_layers
+        kv_per_token = p.perf.model.kv_bytes_per_token
+        for request in batch:
+            assert request.route is not None  # set on arrival
+            path = (p.perf.shape.gpu.name, request.route.decode_gpu)
+            transfer = request.prompt * kv_per_token * 8 / (self.deployment.link_gbps[path] * 1e9)
+            start = max(self.now + latency / layers, self.link_free.get(path, 0.0))
+            self.link_free[path] = start + transfer
+            arrived = max(start + transfer, self.now + latency + transfer / layers)
+            self.at(arrived, lambda r=request: self.kv_arrived(r))
+
+    def _prefill_free(self, p: _Prefiller) -> None:
+        p.free = True
+        self.prefill(p)
+
+    # decode ----------------------------------------------------------------------------
+    def kv_arrived(self, request: _Request) -> None:
+        request.first_token = self.now
+        decoder = request.decoder
+        if decoder is None:  # prefill timed alone
+            request.finish = self.now
+            return
+        if request.output <= 1:
+            request.finish = self.now
+            decoder.kv_free += request.prompt + request.output
+            self.admit(decoder.gpu)
+            return
+        decoder.ready.append(request)
+        if not decoder.stepping:
+            self.decode_round(decoder)
+
+    def _join(self, d: _Decoder, request: _Request) -> None:
+        d.running += 1
+        d.context += request.prompt + 1
+        d.finishing.setdefault(d.rounds + request.output - 1, []).append(request)
+
+    def decode_round(self, d: _Decoder) -> None:
+        while d.ready and d.running < self.settings.max_batch:
+            self._join(d, d.ready.popleft())
+        if d.running == 0:
+            d.stepping = False
+            return
+        d.stepping = True
+        duration = float(d.base[d.running]) + d.per_context * d.context
+        d.busy += duration
+        self.at(self.now + duration, lambda: self._round_done(d))
+
+    def _round_done(self, d: _Decoder) -> None:
+        d.context += d.running
+        d.rounds += 1
+        for request in d.finishing.pop(d.rounds, []):
+            request.finish = self.now
+            d.running -= 1
+            d.context -= request.prompt + request.output
+            d.kv_free += request.prompt + request.output
+        if d.colocated:
+            self.colocated_step(d, after_round=True)
+            return
+        self.admit(d.gpu)
+        self.decode_round(d)
+
+    # colocated -------------------------------------------------------------------------
+    def colocated_step(self, d: _Decoder, after_round: bool = False) -> None:
+        """Prefill whatever fits first; otherwise one decode round."""
+        if d.stepping and not after_round:
+            return
+        batch: list[_Request] = []
+        tokens = 0
+        while d.ready and d.running + len(batch) < self.settings.max_batch:
+            request = d.ready[0]
+            need = request.prompt + request.output
+            if need > d.kv_free or (batch and tokens + request.prompt > self.settings.max_prefill_tokens):
+                break
+            d.ready.popleft()
+            d.kv_free -= need
+            request.admitted = self.now
+            batch.append(request)
+            tokens += request.prompt
+        if batch:
+            squares = sum(r.prompt**2 for r in batch)
+            duration = float(d.perf.prefill_latency(tokens, squares, len(batch)))
+            d.stepping = True
+            d.busy += duration
+            self.at(self.now + duration, lambda: self._colocated_prefilled(d, batch))
+        elif d.running:
+            d.stepping = True
+            duration = float(d.base[d.running]) + d.per_context * d.context
+            d.busy += duration
+            self.at(self.now + duration, lambda: self._round_done(d))
+        else:
+            d.stepping = False
+
+    def _colocated_prefilled(self, d: _Decoder, batch: list[_Request]) -> None:
+        for request in batch:
+            request.first_token = self.now
+            if request.output <= 1:
+                request.finish = self.now
+                d.kv_free += request.prompt + request.output
+            else:
+                self._join(d, request)
+        self.colocated_step(d, after_round=True)
+
+
+def simulate(deployment: Deployment, mix: RequestMix, settings: Settings) -> SimResult:
+    sim = _Simulation(deployment, mix, settings)
+    requests = sim.run()
+    measured = requests[int(len(requests) * settings.warmup_fraction) :]
+    ttft = np.array([r.first_token - r.arrival for r in measured])
+    tpot = np.array(
+        [(r.finish - r.first_token) / (r.output - 1) if r.output > 1 else 0.0 for r in measured]
+    )
+    tpot[~np.isfinite(ttft)] = np.inf
+    wait = np.array([r.admitted - r.arrival for r in measured])
+    elapsed = max(sim.now, 1e-12)
+    busy: dict[str, list[float]] = {}
+    for pool, prefillers in zip(deployment.pools, sim.prefillers, strict=True):
+        busy.setdefault(pool.role, []).extend(p.busy / elapsed for p in prefillers)
+    for role, decoders in (("decode", [d for ds in sim.decoders.values() for d in ds]), ("colocated", sim.colocated)):
+        if decoders:
+            busy.setdefault(role, []).extend(d.busy / elapsed for d in decoders)
+    return SimResult(ttft=ttft, tpot=tpot, wait=wait, busy={role: float(np.mean(v)) for role, v in busy.items() if v})

@@ -1,0 +1,36 @@
+"""Session fixtures: a real nats-server, tiny Hugging Face models, an OTLP receiver."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.common.nats_server import NatsServer
+from tests.system import OtlpReceiver, make_model
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NatsServer]:
+    server = NatsServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Differently shaped: q/k/v biases, tied embeddings, 3 layers, 6 heads."""
+    return make_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", arch="qwen2")
+
+
+@pytest.fixture(scope="session")
+def otlp_receiver() -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver().start()
+    yield receiver
+    receiver.stop()

@@ -1,0 +1,193 @@
+"""Helpers for end-to-end tests: build models, run a whole topology, ask instances for stats,
+compute the Hugging Face transformers oracle, receive OTLP traces."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import nats
+import yaml
+
+from proto.messages import InstanceInfo
+from proto.subjects import Subjects
+from services.common.nats_server import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_model(out_dir: Path, arch: str = "llama", **kwargs: object) -> Path:
+    spec = importlib.util.spec_from_file_location("make_tiny_model", ROOT / "scripts/make_tiny_model.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("make_tiny_model", module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.make_tiny_model(out_dir, arch=arch, **kwargs)
+
+
+@cache
+def _hf_model(model_dir: str):  # noqa: ANN202
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """The oracle: transformers' greedy `generate` on the same weights, EOS ignored."""
+    import torch
+
+    model = _hf_model(str(model_dir))
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=0, eos_token_id=None,
+        )
+    return out[0, len(prompt_ids):].tolist()
+
+
+class RunningSystem:
+    def __init__(self, process: subprocess.Popen, port: int, prefix: str, nats_url: str,
+                 model_dir: Path, log_path: Path):
+        self.process = process
+        self.port = port
+        self.prefix = prefix
+        self.nats_url = nats_url
+        self.model_dir = model_dir
+        self.log_path = log_path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def subjects(self) -> Subjects:
+        return Subjects(self.prefix)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def stats(self, instance_id: str) -> InstanceInfo:
+        nc = await nats.connect(self.nats_url)
+        try:
+            msg = await nc.request(self.subjects.stats(instance_id), b"", timeout=5)
+            return InstanceInfo.unpack(msg.data)
+        finally:
+            await nc.close()
+
+
+def wait_healthy(port: int, process: subprocess.Popen, timeout_s: float, log_path: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"hetserve up exited early:\n{log_path.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"system not healthy in {timeout_s}s:\n{log_path.read_text()[-4000:]}")
+
+
+@contextmanager
+def run_system(
+    topology: dict, nats_url: str, workdir: Path, env: dict[str, str] | None = None,
+    timeout_s: float = 180.0,
+) -> Iterator[RunningSystem]:
+    """`hetserve up` on a topology, against the test's NATS server, until the block ends."""
+    port = free_port()
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    topology = {**topology, "gateway": {**topology.get("gateway", {}), "port": port}}
+    path = workdir / f"topology-{prefix}.yaml"
+    path.write_text(yaml.safe_dump(topology))
+    log_path = workdir / f"system-{prefix}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.common.cli", "up", "--topology", str(path),
+             "--nats-url", nats_url, "--prefix", prefix],
+            cwd=ROOT, env={**os.environ, "HETSERVE_LOG_LEVEL": "INFO", **(env or {})},
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_healthy(port, process, timeout_s, log_path)
+        yield RunningSystem(process, port, prefix, nats_url, Path(topology["model"]), log_path)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class OtlpReceiver:
+    """A real OTLP/HTTP trace endpoint in a thread: decodes the protobuf export requests."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+                    ExportTraceServiceRequest,
+                )
+
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                request = ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                receiver._add(request)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def _add(self, request) -> None:  # noqa: ANN001
+        with self._lock:
+            for resource_spans in request.resource_spans:
+                service = next(
+                    (a.value.string_value for a in resource_spans.resource.attributes
+                     if a.key == "service.name"), "",
+                )
+                for scope in resource_spans.scope_spans:
+                    for span in scope.spans:
+                        attrs = {a.key: a.value.string_value or a.value.int_value
+                                 for a in span.attributes}
+                        self.spans.append({"service": service, "name": span.name,
+                                           "trace_id": span.trace_id.hex(), "attributes": attrs})
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self) -> OtlpReceiver:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+    def snapshot(self) -> list[dict]:
+        with self._lock:
+            return list(self.spans)
