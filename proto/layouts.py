@@ -593,7 +593,9 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(width[tensor.dtype.itemsize])
 
 
-def _block_axes(desc: KVDescriptor, name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, list]:
+def _block_axes(
+    desc: KVDescriptor, name: str, tensor: torch.Tensor
+) -> tuple[torch.Tensor, list[str]]:
     """`tensor` (contiguous) with every product dim split, as integer bits; and the symbols."""
     dims = desc.spec.storage[name]
     symbols = [s for dim in dims for s in dim.split("*")]

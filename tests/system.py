@@ -3,6 +3,7 @@ compute the Hugging Face transformers oracle, receive OTLP traces."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import signal
@@ -20,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import nats
+import nats.errors
 import yaml
 
 from proto.messages import InstanceInfo
@@ -125,7 +127,9 @@ def run_system(
         )
     try:
         wait_healthy(port, process, timeout_s, log_path)
-        yield RunningSystem(process, port, prefix, nats_url, Path(topology["model"]), log_path)
+        system = RunningSystem(process, port, prefix, nats_url, Path(topology["model"]), log_path)
+        asyncio.run(wait_all_instances(system, topology, timeout_s))
+        yield system
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -133,6 +137,26 @@ def run_system(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def instance_ids(topology: dict) -> list[str]:
+    """The ids `hetserve up` gives a topology's workers (name-index)."""
+    return [f"{spec['name']}-{i}" for role in ("prefill", "decode")
+            for spec in topology[role] for i in range(spec.get("replicas", 1))]
+
+
+async def wait_all_instances(system: RunningSystem, topology: dict, timeout_s: float) -> None:
+    """/health needs one instance per role; tests that name instances need every one."""
+    deadline = time.monotonic() + timeout_s
+    for instance in instance_ids(topology):
+        while True:
+            try:
+                await system.stats(instance)
+                break
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{instance} never answered") from None
+                await asyncio.sleep(0.3)
 
 
 class OtlpReceiver:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import NamedTuple
 
 import torch
@@ -230,11 +230,20 @@ def _token_run(k: Tensor, v: Tensor, heads: range) -> _Run:
     return _Run(0, k.shape[0], 1, heads, k.unsqueeze(1), v.unsqueeze(1))
 
 
-def _readonly_bytes(data: bytes | memoryview) -> Tensor:
+@cache
+def _silence_readonly_warning() -> None:
+    """torch warns once per process that a read-only buffer makes a read-only tensor; frames
+    are never written through, so spend that one warning here, quietly (once, since
+    catch_warnings is not thread-safe)."""
     with warnings.catch_warnings():
-        # frames are never written through: a view spares a copy of every payload
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        return torch.frombuffer(data, dtype=torch.uint8)
+        warnings.simplefilter("ignore")
+        torch.frombuffer(b"\0", dtype=torch.uint8)
+
+
+def _readonly_bytes(data: bytes | memoryview) -> Tensor:
+    """A view of a frame's bytes: no copy."""
+    _silence_readonly_warning()
+    return torch.frombuffer(data, dtype=torch.uint8)
 
 
 def _runs_of(desc: KVDescriptor, pieces: Sequence[Piece], num_tokens: int) -> list[_Run]:

@@ -22,7 +22,8 @@ from services.planner.simulator import Deployment, Pool, Route, Settings, SimRes
 
 Solver = Callable[[CapacityProblem], Solution]
 
-BISECTION_SIMULATIONS = 6
+BISECTION_SIMULATIONS = 5
+PHASE_REQUESTS = 1500  # per single-instance simulation (at least 8 full batches)
 MAX_SOLVE_ROUNDS = 8
 MAX_DERATE_ROUNDS = 4
 DERATE = 0.9
@@ -86,7 +87,7 @@ class Confirmer:
         else:
             routes = ()
         deployment = Deployment((Pool(config.role, perf, 1),), routes, inputs.link_gbps)
-        requests = max(inputs.simulation.requests, 12 * inputs.search.max_batch)
+        requests = max(PHASE_REQUESTS, 8 * inputs.search.max_batch)
         result = simulate(deployment, inputs.mix.with_rate(rate), settings_of(inputs, requests))
         level = 100 * inputs.level
         ttft_ok = np.percentile(result.ttft, level) <= inputs.slo.ttft_s

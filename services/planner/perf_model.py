@@ -21,6 +21,15 @@ ALLREDUCE_LATENCY_S = 8e-6  # per collective: small-message latency on a scale-u
 HOP_LATENCY_S = 20e-6  # per pipeline-stage hand-off
 ACTIVATION_WIDTHS = 4  # hidden-state-sized buffers alive during a prefill chunk
 
+Number = np.ndarray | float
+
+
+def _max(a: Number, b: Number) -> Number:
+    """Element-wise maximum; the builtin for plain floats (the simulator's hot path)."""
+    if isinstance(a, float | int) and isinstance(b, float | int):
+        return max(a, b)
+    return np.maximum(a, b)
+
 
 @dataclass(frozen=True)
 class InstanceShape:
@@ -65,48 +74,48 @@ class PerfModel:
         )
 
     # operators -------------------------------------------------------------------------
-    def _gemm(self, weights: float, rows: np.ndarray | float) -> np.ndarray | float:
-        return np.maximum(2 * weights * rows / self._flops, weights * self._e / self._mem_bw)
+    def _gemm(self, weights: float, rows: Number) -> Number:
+        return _max(2 * weights * rows / self._flops, weights * self._e / self._mem_bw)
 
-    def _allreduce(self, rows: np.ndarray | float) -> np.ndarray | float:
+    def _allreduce(self, rows: Number) -> Number:
         if self.shape.tp == 1:
             return 0.0 * rows
         tp = self.shape.tp
         volume = 2 * (tp - 1) / tp * rows * self.model.hidden_size * self._e
         return 2 * (volume / self._link_bw + ALLREDUCE_LATENCY_S)
 
-    def _hop(self, rows: np.ndarray | float) -> np.ndarray | float:
+    def _hop(self, rows: Number) -> Number:
         if self.shape.pp == 1:
             return 0.0 * rows
         return rows * self.model.hidden_size * self._e / self._hop_bw + HOP_LATENCY_S
 
-    def _prefill_layer(self, tokens: np.ndarray | float, squares: np.ndarray | float) -> np.ndarray | float:
+    def _prefill_layer(self, tokens: Number, squares: Number) -> Number:
         """One layer over a prefill batch of `tokens` tokens whose lengths' squares sum to
         `squares` (causal attention: 2 s^2 x heads x head size FLOPs per sequence)."""
         hd = self.model.head_dim
         attn_flops = 2 * squares * self._q_heads * hd
         attn_bytes = tokens * hd * self._e * (2 * self._q_heads + 4 * self._kv_heads)
-        attention = np.maximum(attn_flops / self._flops, attn_bytes / self._mem_bw)
+        attention = _max(attn_flops / self._flops, attn_bytes / self._mem_bw)
         return self._gemm(self._layer_weights, tokens) + attention + self._allreduce(tokens) + self._overhead
 
     # prefill ---------------------------------------------------------------------------
     def prefill_stage_time(
-        self, tokens: np.ndarray | float, squares: np.ndarray | float, sequences: np.ndarray | float
-    ) -> np.ndarray | float:
+        self, tokens: Number, squares: Number, sequences: Number
+    ) -> Number:
         """How long the busiest (last) stage is held by one prefill batch."""
         layers = self.layers_per_stage * self._prefill_layer(tokens, squares)
         return layers + self._gemm(self._head_weights, sequences)
 
     def prefill_latency(
-        self, tokens: np.ndarray | float, squares: np.ndarray | float, sequences: np.ndarray | float
-    ) -> np.ndarray | float:
+        self, tokens: Number, squares: Number, sequences: Number
+    ) -> Number:
         """From the batch's start to its last layer's KV and first token."""
         layers = self.model.num_layers * self._prefill_layer(tokens, squares)
         hops = (self.shape.pp - 1) * self._hop(tokens)
         return layers + self._gemm(self._head_weights, sequences) + hops
 
     # decode ----------------------------------------------------------------------------
-    def decode_round(self, batch: np.ndarray | float, context: np.ndarray | float) -> np.ndarray | float:
+    def decode_round(self, batch: Number, context: Number) -> Number:
         """Time per output token for a decode batch of `batch` sequences holding `context`
         tokens in all: PP micro-batches of batch / pp, each one round through every stage."""
         pp = self.shape.pp
@@ -139,8 +148,8 @@ class PerfModel:
         return max(0, int(free // self.kv_bytes_per_token_gpu))
 
 
-def transfer_tail(kv_bytes: np.ndarray | float, latency: np.ndarray | float, layers: int, link_gbps: float) -> np.ndarray | float:
+def transfer_tail(kv_bytes: Number, latency: Number, layers: int, link_gbps: float) -> Number:
     """Time after prefill ends until its KV has crossed to decode: layers are sent as they
     finish, so only the last layer's share is exposed unless the link is the slower side."""
     transfer = kv_bytes * 8 / (link_gbps * 1e9)
-    return np.maximum(transfer / layers, transfer - latency * (layers - 1) / layers)
+    return _max(transfer / layers, transfer - latency * (layers - 1) / layers)

@@ -25,6 +25,7 @@ from services.planner.problem import Role
 from services.planner.workload import RequestMix
 
 HORIZON_FACTOR = 20.0  # simulate at most this many times the arrival span past the last arrival
+BATCH_GAIN = 0.9  # a prompt joins a prefill batch only if that saves 10% over running it after
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,9 @@ class _Decoder:
     context: int = 0
     rounds: int = 0
     stepping: bool = False
+    span_start: float = 0.0  # decode rounds run in spans: see _Simulation._span
+    span_rounds: int = 0
+    version: int = 0  # a span's completion event is stale once this changes
     busy: float = 0.0
 
 
@@ -135,8 +139,6 @@ class _Simulation:
             self._build(pool)
         self.pending: dict[str, deque[_Request]] = {r.decode_gpu: deque() for r in deployment.routes}
         self.link_free: dict[tuple[str, str], float] = {}
-        shares = np.array([route.share for route in deployment.routes])
-        self.route_weights = shares / shares.sum() if len(shares) else shares
         rate = mix.rate or 1.0
         gaps = self.rng.exponential(1 / rate, settings.requests)
         prompts = mix.prompt.sample(self.rng, settings.requests)
@@ -145,6 +147,11 @@ class _Simulation:
             _Request(float(t), int(p), int(o))
             for t, p, o in zip(np.cumsum(gaps), prompts, outputs, strict=True)
         ]
+        if deployment.routes:
+            shares = np.array([route.share for route in deployment.routes])
+            picks = self.rng.choice(len(shares), size=settings.requests, p=shares / shares.sum())
+            for request, pick in zip(self.requests, picks, strict=True):
+                request.route = deployment.routes[pick]
         span = self.requests[-1].arrival
         self.horizon = span * (1 + HORIZON_FACTOR)
 
@@ -187,11 +194,9 @@ class _Simulation:
     def arrive(self, request: _Request) -> None:
         if self.colocated:
             target = min(self.colocated, key=lambda d: (len(d.ready), d.running))
-            target.ready.append(request)
-            self.colocated_step(target)
+            self.colocated_arrive(target, request)
             return
-        pick = int(self.rng.choice(len(self.route_weights), p=self.route_weights))
-        request.route = self.deployment.routes[pick]
+        assert request.route is not None  # drawn for every request when there are routes
         self.pending[request.route.decode_gpu].append(request)
         self.admit(request.route.decode_gpu)
 
@@ -225,12 +230,12 @@ class _Simulation:
         if not p.free or not p.queue:
             return
         batch = [p.queue.popleft()]
-        tokens = batch[0].prompt
-        while p.queue and tokens + p.queue[0].prompt <= self.settings.max_prefill_tokens:
+        tokens, squares = batch[0].prompt, batch[0].prompt ** 2
+        while p.queue and self._joins(p.perf, tokens, squares, len(batch), p.queue[0].prompt):
             tokens += p.queue[0].prompt
+            squares += p.queue[0].prompt ** 2
             batch.append(p.queue.popleft())
         p.queued_tokens -= tokens
-        squares = sum(r.prompt**2 for r in batch)
         stage = float(p.perf.prefill_stage_time(tokens, squares, len(batch)))
         latency = float(p.perf.prefill_latency(tokens, squares, len(batch)))
         p.free = False
@@ -246,6 +251,15 @@ class _Simulation:
             self.link_free[path] = start + transfer
             arrived = max(start + transfer, self.now + latency + transfer / layers)
             self.at(arrived, lambda r=request: self.kv_arrived(r))
+
+    def _joins(self, perf: PerfModel, tokens: int, squares: int, count: int, prompt: int) -> bool:
+        """Whether `prompt` should join a prefill batch: within the token budget, and cheaper
+        together than one after the other (batching pays only while GEMMs are memory-bound)."""
+        if tokens + prompt > self.settings.max_prefill_tokens:
+            return False
+        apart = perf.prefill_stage_time(tokens, squares, count) + perf.prefill_stage_time(prompt, prompt**2, 1)
+        together = perf.prefill_stage_time(tokens + prompt, squares + prompt**2, count + 1)
+        return bool(together < BATCH_GAIN * apart)
 
     def _prefill_free(self, p: _Prefiller) -> None:
         p.free = True
@@ -265,66 +279,110 @@ class _Simulation:
             return
         decoder.ready.append(request)
         if not decoder.stepping:
-            self.decode_round(decoder)
+            self.decode_rounds(decoder)
+        elif decoder.running < self.settings.max_batch:
+            self._cut_short(decoder)
 
     def _join(self, d: _Decoder, request: _Request) -> None:
         d.running += 1
         d.context += request.prompt + 1
         d.finishing.setdefault(d.rounds + request.output - 1, []).append(request)
 
-    def decode_round(self, d: _Decoder) -> None:
+    def decode_rounds(self, d: _Decoder) -> None:
         while d.ready and d.running < self.settings.max_batch:
             self._join(d, d.ready.popleft())
         if d.running == 0:
             d.stepping = False
             return
-        d.stepping = True
-        duration = float(d.base[d.running]) + d.per_context * d.context
-        d.busy += duration
-        self.at(self.now + duration, lambda: self._round_done(d))
+        self._run_rounds(d, min(d.finishing) - d.rounds)
 
-    def _round_done(self, d: _Decoder) -> None:
-        d.context += d.running
-        d.rounds += 1
+    # The batch only changes when a sequence finishes or one joins at a round boundary, so
+    # rounds run in spans: until the next finish, cut short when a request becomes ready.
+    def _span(self, d: _Decoder, rounds: int) -> float:
+        """Time of `rounds` rounds of the current batch (its context grows each round)."""
+        growth = d.running * rounds * (rounds - 1) / 2
+        return rounds * float(d.base[d.running]) + d.per_context * (rounds * d.context + growth)
+
+    def _run_rounds(self, d: _Decoder, rounds: int) -> None:
+        d.stepping = True
+        d.span_start, d.span_rounds = self.now, rounds
+        d.version += 1
+        version = d.version
+        self.at(self.now + self._span(d, rounds), lambda: self._rounds_done(d, version))
+
+    def _cut_short(self, d: _Decoder) -> None:
+        """End the span at the round in progress, so that ready requests join after it."""
+        if d.span_rounds <= 1:
+            return  # one round (or a prefill) in progress: it ends soon enough
+        elapsed = self.now - d.span_start
+        low, high = 1, d.span_rounds  # the first round count whose span reaches `elapsed`
+        while low < high:
+            middle = (low + high) // 2
+            if self._span(d, middle) >= elapsed:
+                high = middle
+            else:
+                low = middle + 1
+        if low < d.span_rounds:
+            self._run_from(d, low)
+
+    def _run_from(self, d: _Decoder, rounds: int) -> None:
+        d.span_rounds = rounds
+        d.version += 1
+        version = d.version
+        self.at(d.span_start + self._span(d, rounds), lambda: self._rounds_done(d, version))
+
+    def _rounds_done(self, d: _Decoder, version: int) -> None:
+        if version != d.version:
+            return  # this span was cut short
+        rounds = d.span_rounds
+        d.busy += self.now - d.span_start
+        d.context += d.running * rounds
+        d.rounds += rounds
         for request in d.finishing.pop(d.rounds, []):
             request.finish = self.now
             d.running -= 1
             d.context -= request.prompt + request.output
             d.kv_free += request.prompt + request.output
+        d.stepping = False
         if d.colocated:
-            self.colocated_step(d, after_round=True)
+            self.colocated_step(d)
             return
-        self.admit(d.gpu)
-        self.decode_round(d)
+        self.admit(d.gpu)  # may restart this instance through kv_arrived
+        if not d.stepping:
+            self.decode_rounds(d)
 
     # colocated -------------------------------------------------------------------------
-    def colocated_step(self, d: _Decoder, after_round: bool = False) -> None:
-        """Prefill whatever fits first; otherwise one decode round."""
-        if d.stepping and not after_round:
-            return
+    def colocated_arrive(self, d: _Decoder, request: _Request) -> None:
+        d.ready.append(request)
+        if not d.stepping:
+            self.colocated_step(d)
+        else:
+            self._cut_short(d)
+
+    def colocated_step(self, d: _Decoder) -> None:
+        """Prefill whatever fits first; otherwise decode rounds until a change."""
         batch: list[_Request] = []
-        tokens = 0
+        tokens = squares = 0
         while d.ready and d.running + len(batch) < self.settings.max_batch:
             request = d.ready[0]
             need = request.prompt + request.output
-            if need > d.kv_free or (batch and tokens + request.prompt > self.settings.max_prefill_tokens):
+            joins = not batch or self._joins(d.perf, tokens, squares, len(batch), request.prompt)
+            if need > d.kv_free or not joins:
                 break
             d.ready.popleft()
             d.kv_free -= need
             request.admitted = self.now
             batch.append(request)
             tokens += request.prompt
+            squares += request.prompt**2
         if batch:
-            squares = sum(r.prompt**2 for r in batch)
             duration = float(d.perf.prefill_latency(tokens, squares, len(batch)))
             d.stepping = True
+            d.span_rounds = 0  # a prefill is not cut short
             d.busy += duration
             self.at(self.now + duration, lambda: self._colocated_prefilled(d, batch))
         elif d.running:
-            d.stepping = True
-            duration = float(d.base[d.running]) + d.per_context * d.context
-            d.busy += duration
-            self.at(self.now + duration, lambda: self._round_done(d))
+            self._run_rounds(d, min(d.finishing) - d.rounds)
         else:
             d.stepping = False
 
@@ -336,7 +394,7 @@ class _Simulation:
                 d.kv_free += request.prompt + request.output
             else:
                 self._join(d, request)
-        self.colocated_step(d, after_round=True)
+        self.colocated_step(d)
 
 
 def simulate(deployment: Deployment, mix: RequestMix, settings: Settings) -> SimResult:
