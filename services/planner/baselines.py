@@ -43,7 +43,9 @@ def _cheapest(problem: CapacityProblem, role: str, demand: float) -> tuple[int, 
         if c.role != role or rate <= 0:
             continue
         n = math.ceil(demand / rate * (1 - 1e-12))
-        if n * c.gpus <= problem.inventory[c.gpu] and (best is None or n * c.price_per_hour < best[0]):
+        if n * c.gpus <= problem.inventory[c.gpu] and (
+            best is None or n * c.price_per_hour < best[0]
+        ):
             best = (n * c.price_per_hour, i, n)
     return None if best is None else (best[1], best[2])
 
@@ -82,13 +84,19 @@ def solve_distserve(problem: CapacityProblem) -> Solution:
         picks = [_cheapest(problem, role, problem.demand) for role in ("prefill", "decode")]
         if picks[0] is None or picks[1] is None:
             phase = "prefill" if picks[0] is None else "decode"
-            return Infeasible(f"no single {phase} configuration serves {problem.demand:g} req/s alone")
+            return Infeasible(
+                f"no single {phase} configuration serves {problem.demand:g} req/s alone"
+            )
         (p, n_p), (d, n_d) = picks
         return _combine(problem, p, n_p, d, n_d, problem.demand)
     budget = problem.budget if problem.budget is not None else math.inf
     per_dollar = {}
     for role in ("prefill", "decode"):
-        ranked = [(_own_rate(c) / c.price_per_hour, i) for i, c in enumerate(problem.configs) if c.role == role and _own_rate(c) > 0]
+        ranked = [
+            (_own_rate(c) / c.price_per_hour, i)
+            for i, c in enumerate(problem.configs)
+            if c.role == role and _own_rate(c) > 0
+        ]
         if not ranked:
             return Infeasible(f"no {role} configuration meets the SLO")
         per_dollar[role] = max(ranked)[1]

@@ -54,7 +54,9 @@ def mape(measurements: list[Measurement], phase: str) -> float:
     return float(np.mean([abs(m.predicted_s - m.seconds) / m.seconds for m in chosen]))  # type: ignore[operator]
 
 
-def fit(measurements: list[Measurement], model: ModelSpec, device: GpuSpec) -> tuple[GpuSpec, list[Measurement]]:
+def fit(
+    measurements: list[Measurement], model: ModelSpec, device: GpuSpec
+) -> tuple[GpuSpec, list[Measurement]]:
     """Least squares on log(predicted / measured) over the points not held out; returns the
     device with fitted efficiency and every measurement with its prediction."""
     train = [m for m in measurements if not m.held_out]
@@ -62,7 +64,12 @@ def fit(measurements: list[Measurement], model: ModelSpec, device: GpuSpec) -> t
         raise PlannerError(f"calibration: {len(train)} training measurements; need at least 3")
 
     def with_efficiency(theta: np.ndarray) -> GpuSpec:
-        eff = Efficiency(compute=theta[0], memory=theta[1], link=device.efficiency.link, layer_overhead_s=theta[2])
+        eff = Efficiency(
+            compute=theta[0],
+            memory=theta[1],
+            link=device.efficiency.link,
+            layer_overhead_s=theta[2],
+        )
         return device.model_copy(update={"efficiency": eff})
 
     def residuals(theta: np.ndarray) -> np.ndarray:
@@ -70,7 +77,9 @@ def fit(measurements: list[Measurement], model: ModelSpec, device: GpuSpec) -> t
         return np.array([np.log(predict(model, gpu, m) / m.seconds) for m in train])
 
     start = np.array([0.5, 0.5, 1e-5])
-    result = least_squares(residuals, start, bounds=([1e-4, 1e-4, 0.0], [1.0, 1.0, 0.1]), x_scale=[0.1, 0.1, 1e-5])
+    result = least_squares(
+        residuals, start, bounds=([1e-4, 1e-4, 0.0], [1.0, 1.0, 0.1]), x_scale=[0.1, 0.1, 1e-5]
+    )
     fitted = with_efficiency(result.x)
     scored = [m.model_copy(update={"predicted_s": predict(model, fitted, m)}) for m in measurements]
     return fitted, scored
@@ -87,6 +96,7 @@ def _grid(quick: bool, max_positions: int) -> tuple[list[int], list[tuple[int, i
 
 def measure(timer: EngineTimer, quick: bool, repeats: int) -> list[Measurement]:
     lengths, pairs = _grid(quick, timer.max_positions)
+    timer.warm_up()
     found = [
         Measurement(phase="prefill", batch=1, length=n, seconds=timer.prefill(n, repeats))
         for n in lengths
@@ -114,7 +124,9 @@ def profile_engine(
 ) -> tuple[Profile, Path]:
     """Measure this device and the native engine on it, fit, score, and save the profile."""
     if not (model_dir / "config.json").exists():
-        raise PlannerError(f"--model: {model_dir} holds no config.json (make one with scripts/make_tiny_model.py)")
+        raise PlannerError(
+            f"--model: {model_dir} holds no config.json (make one with scripts/make_tiny_model.py)"
+        )
     if (hidden is None) != (layers is None):
         raise PlannerError("--hidden and --layers go together")
     if repeats < 1:
@@ -133,7 +145,7 @@ def profile_engine(
         if timed_dir is not model_dir:
             model = model.model_copy(update={"name": f"random-{hidden}x{layers}-{model_dir.name}"})
         dtype = torch.float32 if model.bytes_per_element == 4 else torch.bfloat16
-        peaks = measure_peaks(torch_device, dtype)
+        peaks = measure_peaks(torch_device, dtype, size=1024 if quick else 2048)
         max_tokens = max(DECODE_BATCHES) * (max(DECODE_CONTEXTS) + repeats + 8)
         timer = EngineTimer(timed_dir, device, max_tokens)
         measurements = mark_held_out(measure(timer, quick, repeats))
@@ -147,7 +159,7 @@ def profile_engine(
         memory_gb=peaks.memory_gb,
         link_gbps=1.0,
         gpus_per_node=1,
-        source=f"measured by hetserve profile: {dtype} matmul n=2048 and a 512 MiB sum",
+        source=f"measured by hetserve profile ({'quick' if quick else 'full'}): {dtype} matmul and a streaming sum",
         note=f"{peaks.description}; TFLOP/s are in {str(dtype).removeprefix('torch.')}",
     )
     fitted, scored = fit(measurements, model, base)

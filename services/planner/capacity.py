@@ -44,7 +44,9 @@ class PhaseTargets:
     memory_utilisation: float
 
 
-def _wait_cdf_ok(rate: float, service: np.ndarray, fixed: np.ndarray, slo: float, level: float) -> bool:
+def _wait_cdf_ok(
+    rate: float, service: np.ndarray, fixed: np.ndarray, slo: float, level: float
+) -> bool:
     """Whether P(wait + fixed <= slo) >= level for an M/G/1 queue with these services."""
     rho = rate * service.mean()
     if rho >= 1:
@@ -69,7 +71,9 @@ def _largest_rate(ok: Callable[[float], bool], upper: float) -> float:
     return low
 
 
-def prefill_latencies(perf: PerfModel, mix: RequestMix, link_gbps: float) -> tuple[np.ndarray, np.ndarray]:
+def prefill_latencies(
+    perf: PerfModel, mix: RequestMix, link_gbps: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Per representative prompt: stage service time, and latency through KV arrival."""
     s = mix.prompt.points()
     service = np.asarray(perf.prefill_stage_time(s, s**2, 1))
@@ -79,7 +83,9 @@ def prefill_latencies(perf: PerfModel, mix: RequestMix, link_gbps: float) -> tup
     return service, latency + tail
 
 
-def prefill_capacity(perf: PerfModel, mix: RequestMix, targets: PhaseTargets, link_gbps: float) -> Capacity:
+def prefill_capacity(
+    perf: PerfModel, mix: RequestMix, targets: PhaseTargets, link_gbps: float
+) -> Capacity:
     service, fixed = prefill_latencies(perf, mix, link_gbps)
     if not _wait_cdf_ok(0.0, service, fixed, targets.ttft_s, targets.level):
         unloaded = float(np.quantile(fixed, targets.level))
@@ -96,7 +102,9 @@ def prefill_capacity(perf: PerfModel, mix: RequestMix, targets: PhaseTargets, li
     return Capacity(float(rate), "TTFT queueing")
 
 
-def _decode_limits(perf: PerfModel, mix: RequestMix, targets: PhaseTargets) -> tuple[float, float, str]:
+def _decode_limits(
+    perf: PerfModel, mix: RequestMix, targets: PhaseTargets
+) -> tuple[float, float, str]:
     """(KV tokens per instance, largest request, reason) for the memory checks."""
     kv_tokens = perf.kv_capacity_tokens(targets.memory_utilisation, targets.max_prefill_tokens)
     largest = mix.prompt.largest() + mix.output.largest()
@@ -160,7 +168,10 @@ def colocated_capacity(perf: PerfModel, mix: RequestMix, targets: PhaseTargets) 
             return False
         mean_batch = batch[np.argmax(stable)]
         seen = mean_batch + z * np.sqrt(mean_batch)
-        if seen > targets.max_batch or (mean_batch + z_memory * np.sqrt(mean_batch)) * held > kv_tokens:
+        if (
+            seen > targets.max_batch
+            or (mean_batch + z_memory * np.sqrt(mean_batch)) * held > kv_tokens
+        ):
             return False
         if float(perf.decode_round(seen, seen * context)) / share > targets.tpot_s:
             return False
@@ -188,7 +199,9 @@ def ttft_quantile(service: np.ndarray, fixed: np.ndarray, rate: float, level: fl
     return high
 
 
-def tpot_quantile(perf: PerfModel, mix: RequestMix, rate: float, level: float, max_batch: int) -> float:
+def tpot_quantile(
+    perf: PerfModel, mix: RequestMix, rate: float, level: float, max_batch: int
+) -> float:
     """TPOT at `level` for a decode instance at `rate` (inf when the batch cannot keep up)."""
     context = mix.mean_prompt + mix.mean_output / 2
     batch = _batch_grid(max_batch)

@@ -71,9 +71,13 @@ def run_plan(args: argparse.Namespace) -> int:
             plot_costs(inputs, args.plot)
         if args.topology is not None and report.plan.feasible:
             try:
-                args.topology.write_text(yaml.safe_dump(topology(report.plan, inputs.model.name), sort_keys=False))
+                args.topology.write_text(
+                    yaml.safe_dump(topology(report.plan, inputs.model.name), sort_keys=False)
+                )
             except OSError as exc:
-                raise PlannerError(f"--topology: cannot write {args.topology}: {exc.strerror}") from None
+                raise PlannerError(
+                    f"--topology: cannot write {args.topology}: {exc.strerror}"
+                ) from None
     except PlannerError as exc:
         return _fail(str(exc))
     if args.json:
@@ -82,7 +86,10 @@ def run_plan(args: argparse.Namespace) -> int:
         print(to_table(report))
     if args.compose and report.plan.feasible:
         scale = ", ".join(f"{role}={n}" for role, n in sorted(scale_numbers(report.plan).items()))
-        print(f"scale: {scale}\n{compose_command(report.plan)}", file=sys.stderr if args.json else sys.stdout)
+        print(
+            f"scale: {scale}\n{compose_command(report.plan)}",
+            file=sys.stderr if args.json else sys.stdout,
+        )
     return 0 if report.plan.feasible else 1
 
 
@@ -93,8 +100,16 @@ def run_gpus(args: argparse.Namespace) -> int:
         return 0
     headers = ("name", "vendor", "TFLOP/s bf16", "dense", "HBM GB/s", "GB", "link GB/s", "source")
     rows = [
-        (g.name, g.vendor, f"{g.tflops_bf16:g}", "yes" if g.dense else "no", f"{g.hbm_gbps:g}",
-         f"{g.memory_gb:g}", f"{g.link_gbps:g}", g.source)
+        (
+            g.name,
+            g.vendor,
+            f"{g.tflops_bf16:g}",
+            "yes" if g.dense else "no",
+            f"{g.hbm_gbps:g}",
+            f"{g.memory_gb:g}",
+            f"{g.link_gbps:g}",
+            g.source,
+        )
         for g in catalog.values()
     ]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]

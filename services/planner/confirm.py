@@ -98,7 +98,9 @@ class Confirmer:
         """The highest rate (at most the estimate) at which the simulated instance meets its
         phase target; prefill is timed with the KV path to `destination`."""
         claimed = config.rate_to[destination] if config.role == "prefill" else config.rate
-        bandwidth = self.inputs.link_gbps[(config.gpu, destination)] if config.role == "prefill" else 0.0
+        bandwidth = (
+            self.inputs.link_gbps[(config.gpu, destination)] if config.role == "prefill" else 0.0
+        )
         key = (config.role, config.gpu, config.tp, config.pp, bandwidth)
         if key not in self._sustained:
             if self._phase_ok(config, perf, claimed, destination):
@@ -114,7 +116,14 @@ class Confirmer:
                 self._sustained[key] = low
         return self._sustained[key]
 
-    def _confirm_used(self, problem: CapacityProblem, perf: tuple[PerfModel, ...], allocation: Allocation, checked: set[int], notes: list[str]) -> CapacityProblem:
+    def _confirm_used(
+        self,
+        problem: CapacityProblem,
+        perf: tuple[PerfModel, ...],
+        allocation: Allocation,
+        checked: set[int],
+        notes: list[str],
+    ) -> CapacityProblem:
         configs = list(problem.configs)
         for i, n in enumerate(allocation.counts):
             if not n or i in checked:
@@ -137,7 +146,9 @@ class Confirmer:
         return replace(problem, configs=tuple(configs))
 
     # both steps ------------------------------------------------------------------------
-    def check(self, problem: CapacityProblem, perf: tuple[PerfModel, ...], solver: Solver) -> Checked:
+    def check(
+        self, problem: CapacityProblem, perf: tuple[PerfModel, ...], solver: Solver
+    ) -> Checked:
         notes: list[str] = []
         checked: set[int] = set()
         simulation: SimResult | None = None
@@ -166,7 +177,9 @@ class Confirmer:
             problem = replace(problem, configs=configs)
         return Checked(solution, problem, simulation, tuple(notes))
 
-    def simulate(self, problem: CapacityProblem, perf: tuple[PerfModel, ...], allocation: Allocation) -> SimResult:
+    def simulate(
+        self, problem: CapacityProblem, perf: tuple[PerfModel, ...], allocation: Allocation
+    ) -> SimResult:
         """The deployment at the demand (or, maximising goodput, at the rate it serves)."""
         rate = problem.demand if problem.demand is not None else allocation.served
         inputs = self.inputs.with_rate(rate)

@@ -36,7 +36,9 @@ def explain_infeasible(inputs: PlanInputs, search: SearchResult, colocated: bool
     roles = {c.role for c in search.problem.configs}
     if search.shapes_tried == 0:
         weights = model.weight_bytes / 1e9
-        inventory = ", ".join(f"{n} x {g} ({inputs.gpus[g].memory_gb:g} GB)" for g, n in inputs.counts.items())
+        inventory = ", ".join(
+            f"{n} x {g} ({inputs.gpus[g].memory_gb:g} GB)" for g, n in inputs.counts.items()
+        )
         memory = [r for r in search.rejected if r.role == "memory"]
         detail = f":\n{_quote(memory)}" if memory else " (no tensor/pipeline degree is legal)"
         return (

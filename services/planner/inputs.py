@@ -46,7 +46,9 @@ def unknown_gpu_message(where: str, name: str, known: list[str]) -> str:
     return f"{where}: unknown GPU '{name}'{hint} (known: {', '.join(sorted(known))})"
 
 
-def merge_catalog(overrides: tuple[GpuOverride, ...], base: dict[str, GpuSpec]) -> dict[str, GpuSpec]:
+def merge_catalog(
+    overrides: tuple[GpuOverride, ...], base: dict[str, GpuSpec]
+) -> dict[str, GpuSpec]:
     catalog = dict(base)
     for index, override in enumerate(overrides):
         given = override.model_dump(exclude_none=True)
@@ -74,7 +76,11 @@ def resolve(spec: PlanSpec) -> PlanInputs:
         if item.gpu not in catalog:
             raise PlannerError(unknown_gpu_message(f"inventory[{index}].gpu", item.gpu, known))
     types = [item.gpu for item in spec.inventory]
-    links = {(a, b): spec.network.intra_pool_gbps if a == b else spec.network.inter_pool_gbps for a in types for b in types}
+    links = {
+        (a, b): spec.network.intra_pool_gbps if a == b else spec.network.inter_pool_gbps
+        for a in types
+        for b in types
+    }
     for index, link in enumerate(spec.network.links):
         for end, name in (("from", link.source), ("to", link.destination)):
             if name not in types:

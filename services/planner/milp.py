@@ -95,7 +95,9 @@ def _constraints(problem: CapacityProblem, layout: _Layout) -> LinearConstraint:
     for t, count in problem.inventory.items():
         row([(i, float(c.gpus)) for i, c in enumerate(configs) if c.gpu == t], -np.inf, count)
     for (a, b), rate in problem.link_rate.items():
-        on_path = [(col, 1.0) for (i, d), col in flow_cols.items() if d == b and configs[i].gpu == a]
+        on_path = [
+            (col, 1.0) for (i, d), col in flow_cols.items() if d == b and configs[i].gpu == a
+        ]
         if on_path:
             row(on_path, -np.inf, rate)
     if problem.budget is not None:
@@ -104,7 +106,9 @@ def _constraints(problem: CapacityProblem, layout: _Layout) -> LinearConstraint:
     return LinearConstraint(matrix, lower, upper)
 
 
-def _solve(problem: CapacityProblem, layout: _Layout, objective: np.ndarray, z_low: float) -> np.ndarray | None:
+def _solve(
+    problem: CapacityProblem, layout: _Layout, objective: np.ndarray, z_low: float
+) -> np.ndarray | None:
     configs = problem.configs
     lower = np.zeros(layout.width)
     upper = np.full(layout.width, np.inf)
@@ -132,9 +136,13 @@ def _solve(problem: CapacityProblem, layout: _Layout, objective: np.ndarray, z_l
 def _allocation(problem: CapacityProblem, layout: _Layout, x: np.ndarray) -> Allocation:
     counts = tuple(int(round(v)) for v in x[: layout.n])
     flows = {
-        pair: float(x[layout.n + k]) for k, pair in enumerate(layout.flows) if x[layout.n + k] > _FLOW_EPSILON
+        pair: float(x[layout.n + k])
+        for k, pair in enumerate(layout.flows)
+        if x[layout.n + k] > _FLOW_EPSILON
     }
-    return Allocation(counts=counts, flows=flows, served=float(x[layout.z]), cost=problem.cost(counts))
+    return Allocation(
+        counts=counts, flows=flows, served=float(x[layout.z]), cost=problem.cost(counts)
+    )
 
 
 def solve_milp(problem: CapacityProblem) -> Solution:
@@ -161,4 +169,6 @@ def solve_milp(problem: CapacityProblem) -> Solution:
     for k, i in enumerate(keep):
         counts[i] = local.counts[k]
     flows = {(keep[k], b): rate for (k, b), rate in local.flows.items()}
-    return Allocation(counts=tuple(counts), flows=flows, served=local.served, cost=problem.cost(tuple(counts)))
+    return Allocation(
+        counts=tuple(counts), flows=flows, served=local.served, cost=problem.cost(tuple(counts))
+    )

@@ -50,12 +50,12 @@ class ModelSpec(BaseModel):
     @property
     def kv_bytes_per_token(self) -> int:
         """K and V of every layer for one token: 2 x layers x KV heads x head size x bytes."""
-        return (
-            2 * self.num_layers * self.num_kv_heads * self.head_dim * self.bytes_per_element
-        )
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.bytes_per_element
 
 
-def _spec(name: str, layers: int, hidden: int, heads: int, kv: int, inter: int, vocab: int) -> ModelSpec:
+def _spec(
+    name: str, layers: int, hidden: int, heads: int, kv: int, inter: int, vocab: int
+) -> ModelSpec:
     return ModelSpec(
         name=name,
         num_layers=layers,
@@ -113,7 +113,9 @@ def model_from_hf_config(path: Path) -> ModelSpec:
         raise PlannerError(f"model.config: {file} lacks {', '.join(missing)}")
     dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
     if dtype not in _DTYPE_BYTES:
-        raise PlannerError(f"model.config: {file} has dtype {dtype}; supported: {list(_DTYPE_BYTES)}")
+        raise PlannerError(
+            f"model.config: {file} has dtype {dtype}; supported: {list(_DTYPE_BYTES)}"
+        )
     heads = int(config["num_attention_heads"])
     try:
         return ModelSpec(
@@ -129,4 +131,6 @@ def model_from_hf_config(path: Path) -> ModelSpec:
             bytes_per_element=_DTYPE_BYTES[dtype],
         )
     except (TypeError, ValueError) as exc:
-        raise PlannerError(f"model.config: {file} has a non-numeric or invalid field: {exc}") from None
+        raise PlannerError(
+            f"model.config: {file} has a non-numeric or invalid field: {exc}"
+        ) from None

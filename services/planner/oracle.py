@@ -36,7 +36,9 @@ def _candidates(problem: CapacityProblem) -> list[tuple[int, ...]]:
         if i == len(configs):
             found.append(tuple(counts))
             if len(found) > MAX_CANDIDATES:
-                raise PlannerError(f"oracle: more than {MAX_CANDIDATES} candidates; instance too large")
+                raise PlannerError(
+                    f"oracle: more than {MAX_CANDIDATES} candidates; instance too large"
+                )
             return
         c = configs[i]
         for n in range(min(bounds[i], left[c.gpu] // c.gpus) + 1):
@@ -50,7 +52,9 @@ def _candidates(problem: CapacityProblem) -> list[tuple[int, ...]]:
     return found
 
 
-def _max_flow(problem: CapacityProblem, counts: tuple[int, ...]) -> tuple[float, dict[tuple[int, str], float]]:
+def _max_flow(
+    problem: CapacityProblem, counts: tuple[int, ...]
+) -> tuple[float, dict[tuple[int, str], float]]:
     """Most requests/s these counts serve (capped at the demand when there is one)."""
     configs = problem.configs
     decode_supply = {b: 0.0 for b in problem.decode_types}

@@ -64,9 +64,10 @@ class PerfModel:
         self._q_heads = model.num_heads / tp
         self._kv_heads = math.ceil(model.num_kv_heads / tp)
         m = model
-        self._layer_weights = m.hidden_size * m.head_dim * (
-            2 * self._q_heads + 2 * self._kv_heads
-        ) + 3 * m.hidden_size * m.intermediate_size / tp
+        self._layer_weights = (
+            m.hidden_size * m.head_dim * (2 * self._q_heads + 2 * self._kv_heads)
+            + 3 * m.hidden_size * m.intermediate_size / tp
+        )
         self._head_weights = m.vocab_size * m.hidden_size / tp
         self._e = m.bytes_per_element
         self.kv_bytes_per_token_gpu = (
@@ -96,19 +97,20 @@ class PerfModel:
         attn_flops = 2 * squares * self._q_heads * hd
         attn_bytes = tokens * hd * self._e * (2 * self._q_heads + 4 * self._kv_heads)
         attention = _max(attn_flops / self._flops, attn_bytes / self._mem_bw)
-        return self._gemm(self._layer_weights, tokens) + attention + self._allreduce(tokens) + self._overhead
+        return (
+            self._gemm(self._layer_weights, tokens)
+            + attention
+            + self._allreduce(tokens)
+            + self._overhead
+        )
 
     # prefill ---------------------------------------------------------------------------
-    def prefill_stage_time(
-        self, tokens: Number, squares: Number, sequences: Number
-    ) -> Number:
+    def prefill_stage_time(self, tokens: Number, squares: Number, sequences: Number) -> Number:
         """How long the busiest (last) stage is held by one prefill batch."""
         layers = self.layers_per_stage * self._prefill_layer(tokens, squares)
         return layers + self._gemm(self._head_weights, sequences)
 
-    def prefill_latency(
-        self, tokens: Number, squares: Number, sequences: Number
-    ) -> Number:
+    def prefill_latency(self, tokens: Number, squares: Number, sequences: Number) -> Number:
         """From the batch's start to its last layer's KV and first token."""
         layers = self.model.num_layers * self._prefill_layer(tokens, squares)
         hops = (self.shape.pp - 1) * self._hop(tokens)
@@ -126,7 +128,9 @@ class PerfModel:
             2 * self._kv_heads * hd * self._e / self._mem_bw,
         )
         layer = self._gemm(self._layer_weights, micro) + self._allreduce(micro) + self._overhead
-        stage = self.layers_per_stage * layer + self._gemm(self._head_weights, micro) + self._hop(micro)
+        stage = (
+            self.layers_per_stage * layer + self._gemm(self._head_weights, micro) + self._hop(micro)
+        )
         return pp * stage + self.model.num_layers * per_context_token * context / pp
 
     # memory ----------------------------------------------------------------------------

@@ -73,7 +73,13 @@ class PlanReport:
     seconds: dict[str, float]  # stage -> wall time
 
 
-def _pools(inputs: PlanInputs, problem: CapacityProblem, perf: tuple[PerfModel, ...], limits: tuple[str, ...], allocation: Allocation) -> tuple[PoolSummary, ...]:
+def _pools(
+    inputs: PlanInputs,
+    problem: CapacityProblem,
+    perf: tuple[PerfModel, ...],
+    limits: tuple[str, ...],
+    allocation: Allocation,
+) -> tuple[PoolSummary, ...]:
     level = inputs.level
     pools = []
     for i, (n, config) in enumerate(zip(allocation.counts, problem.configs, strict=True)):
@@ -84,17 +90,27 @@ def _pools(inputs: PlanInputs, problem: CapacityProblem, perf: tuple[PerfModel, 
             load = sum(out.values())
             slowest = min(out, key=lambda b: inputs.link_gbps[(config.gpu, b)], default=config.gpu)
             rate = config.rate_to[slowest]
-            service, fixed = prefill_latencies(perf[i], inputs.mix, inputs.link_gbps[(config.gpu, slowest)])
+            service, fixed = prefill_latencies(
+                perf[i], inputs.mix, inputs.link_gbps[(config.gpu, slowest)]
+            )
             predicted: float | None = ttft_quantile(service, fixed, load / n, level)
         elif config.role == "decode":
             load = sum(r for (_, b), r in allocation.flows.items() if b == config.gpu)
-            supply = sum(m * c.rate for m, c in zip(allocation.counts, problem.configs, strict=True) if c.role == "decode" and c.gpu == config.gpu)
+            supply = sum(
+                m * c.rate
+                for m, c in zip(allocation.counts, problem.configs, strict=True)
+                if c.role == "decode" and c.gpu == config.gpu
+            )
             load *= n * config.rate / supply  # decode load splits in proportion to capacity
             rate = config.rate
             predicted = tpot_quantile(perf[i], inputs.mix, load / n, level, inputs.search.max_batch)
         else:
             rate = config.rate
-            colocated = sum(m * c.rate for m, c in zip(allocation.counts, problem.configs, strict=True) if c.role == "colocated")
+            colocated = sum(
+                m * c.rate
+                for m, c in zip(allocation.counts, problem.configs, strict=True)
+                if c.role == "colocated"
+            )
             load = allocation.served * n * rate / colocated
             predicted = None
         pools.append(
@@ -114,7 +130,15 @@ def _pools(inputs: PlanInputs, problem: CapacityProblem, perf: tuple[PerfModel, 
     return tuple(pools)
 
 
-def _outcome(name: str, inputs: PlanInputs, checked: Checked, perf: tuple[PerfModel, ...], limits: tuple[str, ...], confirmer: Confirmer, why: Callable[[], str] | None = None) -> Outcome:
+def _outcome(
+    name: str,
+    inputs: PlanInputs,
+    checked: Checked,
+    perf: tuple[PerfModel, ...],
+    limits: tuple[str, ...],
+    confirmer: Confirmer,
+    why: Callable[[], str] | None = None,
+) -> Outcome:
     solution = checked.solution
     if isinstance(solution, Infeasible):
         reason = why() if why is not None else solution.reason
@@ -128,7 +152,9 @@ def _outcome(name: str, inputs: PlanInputs, checked: Checked, perf: tuple[PerfMo
         sim = checked.simulation
         slo = inputs.slo
         ttft, tpot = sim.quantiles(slo.percentile)
-        simulated = Simulated(ttft, tpot, sim.attainment(slo.ttft_s, slo.tpot_s), confirmer.meets_slo(sim), sim.busy)
+        simulated = Simulated(
+            ttft, tpot, sim.attainment(slo.ttft_s, slo.tpot_s), confirmer.meets_slo(sim), sim.busy
+        )
     return Outcome(
         name=name,
         feasible=True,
@@ -142,7 +168,13 @@ def _outcome(name: str, inputs: PlanInputs, checked: Checked, perf: tuple[PerfMo
     )
 
 
-def _run(problem: CapacityProblem, perf: tuple[PerfModel, ...], solver: Solver, confirmer: Confirmer, simulate: bool) -> Checked:
+def _run(
+    problem: CapacityProblem,
+    perf: tuple[PerfModel, ...],
+    solver: Solver,
+    confirmer: Confirmer,
+    simulate: bool,
+) -> Checked:
     if simulate:
         return confirmer.check(problem, perf, solver)
     return Checked(solver(problem), problem, None, ())
@@ -158,12 +190,16 @@ def _better(a: Outcome, b: Outcome, goodput: bool) -> bool:
     return (a.cost_per_hour or 0) < (b.cost_per_hour or 0)
 
 
-def _baselines(inputs: PlanInputs, search: SearchResult, confirmer: Confirmer, simulate: bool) -> tuple[Outcome, ...]:
+def _baselines(
+    inputs: PlanInputs, search: SearchResult, confirmer: Confirmer, simulate: bool
+) -> tuple[Outcome, ...]:
     goodput = inputs.objective == "max_goodput"
     singles = []
     for gpu in inputs.gpus:
         problem, perf = single_type(search, gpu)
-        limits = tuple(search.limits[i] for i, c in enumerate(search.problem.configs) if c.gpu == gpu)
+        limits = tuple(
+            search.limits[i] for i, c in enumerate(search.problem.configs) if c.gpu == gpu
+        )
         checked = _run(problem, perf, solve_milp, confirmer, simulate)
         singles.append(_outcome(f"single type ({gpu})", inputs, checked, perf, limits, confirmer))
     best = singles[0]
@@ -205,7 +241,15 @@ def plan(inputs: PlanInputs, simulate: bool = True, baselines: bool = True) -> P
     start = time.perf_counter()
     checked = _run(search.problem, search.perf, solve_milp, confirmer, simulate)
     seconds["solve_and_check" if simulate else "solve"] = time.perf_counter() - start
-    main = _outcome("plan", inputs, checked, search.perf, search.limits, confirmer, lambda: explain_infeasible(inputs, search))
+    main = _outcome(
+        "plan",
+        inputs,
+        checked,
+        search.perf,
+        search.limits,
+        confirmer,
+        lambda: explain_infeasible(inputs, search),
+    )
     others: tuple[Outcome, ...] = ()
     if baselines:
         start = time.perf_counter()

@@ -143,15 +143,42 @@ def to_table(report: PlanReport) -> str:
         metric = "TTFT" if p.role == "prefill" else "TPOT"
         predicted = "-" if p.predicted_s is None else f"{metric} {p.predicted_s:.3g} s"
         rows.append(
-            [p.role, p.gpu, str(p.tp), str(p.pp), str(p.instances), str(p.gpus), _money(p.cost_per_hour),
-             f"{p.rate_per_instance:.3g}", f"{p.load:.3g}", f"{p.utilisation:.0%}", predicted, p.limit]
+            [
+                p.role,
+                p.gpu,
+                str(p.tp),
+                str(p.pp),
+                str(p.instances),
+                str(p.gpus),
+                _money(p.cost_per_hour),
+                f"{p.rate_per_instance:.3g}",
+                f"{p.load:.3g}",
+                f"{p.utilisation:.0%}",
+                predicted,
+                p.limit,
+            ]
         )
-    headers = ["phase", "gpu", "tp", "pp", "inst", "gpus", "$/h", "req/s/inst", "load", "util", "estimate", "limit"]
+    headers = [
+        "phase",
+        "gpu",
+        "tp",
+        "pp",
+        "inst",
+        "gpus",
+        "$/h",
+        "req/s/inst",
+        "load",
+        "util",
+        "estimate",
+        "limit",
+    ]
     out += ["", _table(headers, rows)]
     per_request = kv_bytes_per_request(inputs)
     for a, b, rate in plan.kv_paths:
         used = rate * per_request * 8 / 1e9
-        out.append(f"KV {a} -> {b}: {rate:.3g} req/s, {used:.3g} of {inputs.link_gbps[(a, b)]:g} Gbit/s")
+        out.append(
+            f"KV {a} -> {b}: {rate:.3g} req/s, {used:.3g} of {inputs.link_gbps[(a, b)]:g} Gbit/s"
+        )
     sim = plan.simulated
     if sim is not None:
         verdict = "meets the SLO" if sim.meets_slo else "MISSES the SLO"
@@ -168,11 +195,19 @@ def to_table(report: PlanReport) -> str:
             ratio = _ratio(report, b)
             attained = b.simulated.attainment if b.simulated else None
             rows.append(
-                [b.name, "yes" if b.feasible else "no", _money(b.cost_per_hour),
-                 "-" if ratio is None else f"{ratio:.2f}", "-" if attained is None else f"{attained:.1%}",
-                 b.reason]
+                [
+                    b.name,
+                    "yes" if b.feasible else "no",
+                    _money(b.cost_per_hour),
+                    "-" if ratio is None else f"{ratio:.2f}",
+                    "-" if attained is None else f"{attained:.1%}",
+                    b.reason,
+                ]
             )
-        out += ["", _table(["baseline", "feasible", "$/h", ratio_label, "attainment", "why not"], rows)]
+        out += [
+            "",
+            _table(["baseline", "feasible", "$/h", ratio_label, "attainment", "why not"], rows),
+        ]
     for note in plan.notes:
         out.append(f"note: {note}")
     out.append(f"compose: {compose_command(plan)}")

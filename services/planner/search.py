@@ -81,7 +81,10 @@ def _shapes(inputs: PlanInputs, gpu_types: list[str]) -> tuple[list[PerfModel], 
                     search.gpu_memory_utilisation, search.max_prefill_tokens
                 )
                 if tokens < need:
-                    per_gpu = (perf.weight_bytes_per_gpu() + perf.activation_bytes_per_gpu(search.max_prefill_tokens)) / 1e9
+                    per_gpu = (
+                        perf.weight_bytes_per_gpu()
+                        + perf.activation_bytes_per_gpu(search.max_prefill_tokens)
+                    ) / 1e9
                     usable = gpu.memory_gb * search.gpu_memory_utilisation
                     reason = (
                         f"weights and activations take {per_gpu:.1f} GB of {usable:.1f} GB "
@@ -94,7 +97,9 @@ def _shapes(inputs: PlanInputs, gpu_types: list[str]) -> tuple[list[PerfModel], 
     return fitting, rejected
 
 
-def build_problem(inputs: PlanInputs, mode: Mode = "disaggregated", gpu_types: list[str] | None = None) -> SearchResult:
+def build_problem(
+    inputs: PlanInputs, mode: Mode = "disaggregated", gpu_types: list[str] | None = None
+) -> SearchResult:
     types = gpu_types if gpu_types is not None else list(inputs.gpus)
     targets = targets_of(inputs)
     shapes, rejected = _shapes(inputs, types)
@@ -133,7 +138,11 @@ def build_problem(inputs: PlanInputs, mode: Mode = "disaggregated", gpu_types: l
     problem = CapacityProblem(
         configs=tuple(configs),
         inventory={name: inputs.counts[name] for name in types},
-        link_rate={pair: rate for pair, rate in link_rates(inputs).items() if pair[0] in types and pair[1] in types},
+        link_rate={
+            pair: rate
+            for pair, rate in link_rates(inputs).items()
+            if pair[0] in types and pair[1] in types
+        },
         demand=inputs.mix.rate if inputs.objective == "min_cost" else None,
         budget=inputs.budget_per_hour if inputs.objective == "max_goodput" else None,
     )

@@ -137,7 +137,9 @@ class _Simulation:
         self.colocated: list[_Decoder] = []
         for pool in deployment.pools:
             self._build(pool)
-        self.pending: dict[str, deque[_Request]] = {r.decode_gpu: deque() for r in deployment.routes}
+        self.pending: dict[str, deque[_Request]] = {
+            r.decode_gpu: deque() for r in deployment.routes
+        }
         self.link_free: dict[tuple[str, str], float] = {}
         rate = mix.rate or 1.0
         gaps = self.rng.exponential(1 / rate, settings.requests)
@@ -257,7 +259,9 @@ class _Simulation:
         together than one after the other (batching pays only while GEMMs are memory-bound)."""
         if tokens + prompt > self.settings.max_prefill_tokens:
             return False
-        apart = perf.prefill_stage_time(tokens, squares, count) + perf.prefill_stage_time(prompt, prompt**2, 1)
+        apart = perf.prefill_stage_time(tokens, squares, count) + perf.prefill_stage_time(
+            prompt, prompt**2, 1
+        )
         together = perf.prefill_stage_time(tokens + prompt, squares + prompt**2, count + 1)
         return bool(together < BATCH_GAIN * apart)
 
@@ -411,7 +415,15 @@ def simulate(deployment: Deployment, mix: RequestMix, settings: Settings) -> Sim
     busy: dict[str, list[float]] = {}
     for pool, prefillers in zip(deployment.pools, sim.prefillers, strict=True):
         busy.setdefault(pool.role, []).extend(p.busy / elapsed for p in prefillers)
-    for role, decoders in (("decode", [d for ds in sim.decoders.values() for d in ds]), ("colocated", sim.colocated)):
+    for role, decoders in (
+        ("decode", [d for ds in sim.decoders.values() for d in ds]),
+        ("colocated", sim.colocated),
+    ):
         if decoders:
             busy.setdefault(role, []).extend(d.busy / elapsed for d in decoders)
-    return SimResult(ttft=ttft, tpot=tpot, wait=wait, busy={role: float(np.mean(v)) for role, v in busy.items() if v})
+    return SimResult(
+        ttft=ttft,
+        tpot=tpot,
+        wait=wait,
+        busy={role: float(np.mean(v)) for role, v in busy.items() if v},
+    )

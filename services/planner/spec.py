@@ -156,7 +156,11 @@ class PlanSpec(_Strict):
     def _objective_inputs(self) -> PlanSpec:
         if self.objective == "max_goodput" and self.budget_per_hour is None:
             raise ValueError("objective max_goodput needs budget_per_hour")
-        if self.objective == "min_cost" and self.workload.rate is None and self.workload.trace is None:
+        if (
+            self.objective == "min_cost"
+            and self.workload.rate is None
+            and self.workload.trace is None
+        ):
             raise ValueError("objective min_cost needs workload.rate (requests per second)")
         names = [item.gpu for item in self.inventory]
         duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -172,7 +176,9 @@ def format_validation_error(error: ValidationError, source: str) -> str:
         where = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         got = item.get("input")
-        shown = "" if isinstance(got, dict | list) or item["type"] == "missing" else f" (got {got!r})"
+        shown = (
+            "" if isinstance(got, dict | list) or item["type"] == "missing" else f" (got {got!r})"
+        )
         lines.append(f"{source}: {where}: {message}{shown}")
     return "\n".join(lines)
 
@@ -195,7 +201,9 @@ def load_spec(path: Path) -> PlanSpec:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise PlannerError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
+        raise PlannerError(
+            f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}"
+        ) from None
     spec = parse_spec(data, str(path))
     return _rebase_paths(spec, path.parent)
 
