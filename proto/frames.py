@@ -38,6 +38,7 @@ class Frame:
     token_start: int = 0
     token_stop: int = 0
     payload: bytes | memoryview = b""
+    scales: tuple[float, float] | None = None  # fp8 per-tensor K and V scales of this layer
     # begin frames
     descriptor: KVDescriptor | None = None
     num_tokens: int = 0
@@ -66,6 +67,8 @@ def encode_frame(frame: Frame) -> bytes:
             n=len(payload),
             crc=zlib.crc32(payload),
         )
+        if frame.scales is not None:
+            header["scale"] = [float(frame.scales[0]), float(frame.scales[1])]
     elif frame.kind == "begin":
         if frame.descriptor is None:
             raise FrameError("begin frame needs a descriptor")
@@ -135,6 +138,12 @@ def decode_frame(data: bytes, max_bytes: int) -> Frame:
             raise FrameError("data: checksum mismatch")
         if frame.layer < 0:
             raise FrameError(f"data: negative layer {frame.layer}")
+        scale = header.get("scale")
+        if scale is not None:
+            if (not isinstance(scale, list) or len(scale) != 2
+                    or not all(isinstance(x, float) and x > 0 for x in scale)):
+                raise FrameError(f"data: bad fp8 scales {scale!r}")
+            frame.scales = (scale[0], scale[1])
         frame.payload = payload
     elif kind == "begin":
         try:

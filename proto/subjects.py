@@ -68,7 +68,7 @@ class Subjects:
     def stats(self, instance_id: str) -> str:
         return f"{self.prefix}.stats.{check_token(instance_id, 'instance id')}"
 
-    # Core NATS request/reply with a sender-side window: bulk KV frames into one instance
-    # (a decode worker, or a converter that forwards them).
-    def kv_frames(self, instance_id: str) -> str:
-        return f"{self.prefix}.kv.{check_token(instance_id, 'instance id')}"
+    # Core NATS request/reply with a sender-side window: bulk KV frames into one tensor-
+    # parallel rank of an instance (a decode worker's rank, or a converter).
+    def kv_frames(self, instance_id: str, rank: int = 0) -> str:
+        return f"{self.prefix}.kv.{check_token(instance_id, 'instance id')}.{int(rank)}"

@@ -153,9 +153,10 @@ async def test_client_disconnect_frees_kv_blocks(demo: RunningSystem) -> None:
             async for line in reply.content:
                 seen += line.startswith(b"data:")
                 if seen >= 5:
-                    break  # leave mid-stream: the connection closes with the session
-        busy = await demo.stats(DECODE)
-        assert busy.free_blocks < busy.total_blocks  # the request still held blocks
+                    break
+            busy = await demo.stats(DECODE)
+            assert busy.free_blocks < busy.total_blocks  # the request holds blocks now
+        # leaving the response block closes the connection mid-stream
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         stats = await demo.stats(DECODE)

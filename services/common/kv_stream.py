@@ -36,10 +36,12 @@ async def acknowledge(msg: Msg, ok: bool = True, reason: str = "") -> None:
 
 
 class FrameSender:
-    def __init__(self, bus: Bus, receiver: str, window: int, ack_timeout_s: float):
+    def __init__(
+        self, bus: Bus, receiver: str, window: int, ack_timeout_s: float, rank: int = 0
+    ):
         self.bus = bus
-        self.subject = bus.subjects.kv_frames(receiver)
-        self.receiver = receiver
+        self.subject = bus.subjects.kv_frames(receiver, rank)
+        self.receiver = receiver if rank == 0 else f"{receiver} rank {rank}"
         self.window = window
         self.ack_timeout_s = ack_timeout_s
         self._credits = asyncio.Semaphore(window)

@@ -21,7 +21,7 @@ from services.common.kv_stream import FrameSender, StreamFailed, acknowledge
 from services.common.service import Service
 from services.common.settings import ConverterSettings
 from services.common.telemetry import extract, tracer
-from services.converter.relayout import merge_shards, pieces_for, tokens_from_pieces
+from services.converter.relayout import UNIT_SCALES, ShardLayer, check_convertible, convert_layer
 
 log = logging.getLogger(__name__)
 _tracer = tracer("hetserve.converter")
@@ -39,15 +39,22 @@ class Conversion:
     tokens: dict[tuple[int, int], int] = field(default_factory=dict)  # (layer, shard) -> tokens
     data_frames: dict[int, int] = field(default_factory=dict)
     ends: dict[int, Frame] = field(default_factory=dict)
+    scales: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
-    sender: FrameSender | None = None
-    out_seq: int = 0
-    out_frames: int = 0
+    # one outgoing stream per tensor-parallel rank of the decode instance
+    targets: list[KVDescriptor] = field(default_factory=list)
+    senders: list[FrameSender] = field(default_factory=list)
+    out_seq: list[int] = field(default_factory=list)
+    out_frames: list[int] = field(default_factory=list)
     failed: str = ""
 
     @property
     def shards(self) -> int:
         return next(iter(self.sources.values())).tp_size if self.sources else 0
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(s.bytes_sent for s in self.senders)
 
 
 class ConverterService(Service):
@@ -109,22 +116,17 @@ class ConverterService(Service):
                     src = next(iter(conv.sources.values()))
                     span.set_attribute("kv.layout.source", src.layout)
                     span.set_attribute("kv.layout.dest", conv.dest.layout)
-                if conv.sender is not None:
-                    span.set_attribute("kv.bytes", conv.sender.bytes_sent)
+                span.set_attribute("kv.bytes", conv.bytes_sent)
             finally:
                 self.active.pop(conv.request_id, None)
-                if conv.sender is not None:
-                    await conv.sender.__aexit__(None, None, None)
+                for sender in conv.senders:
+                    await sender.__aexit__(None, None, None)
 
     async def _abandon(self, conv: Conversion) -> None:
         """Tell the decode side the stream is dead so it frees its blocks; keep draining acks."""
-        if conv.sender is not None and conv.dest is not None:
+        for rank, sender in enumerate(conv.senders):
             try:
-                await conv.sender.send(Frame(
-                    kind="end", request_id=conv.request_id, seq=conv.out_seq + 1, shard=0,
-                    layout_id=conv.dest.id, data_frames=conv.out_frames,
-                    extra={"error": conv.failed},
-                ))
+                await sender.send(self._end_frame(conv, rank, None, {"error": conv.failed}))
             except StreamFailed:
                 pass
         # Later frames of this request are refused by `failed`; stop after a quiet period.
@@ -160,17 +162,33 @@ class ConverterService(Service):
             raise FrameError("shards disagree on tp size or prompt length")
         if frame.shard != desc.tp_rank:
             raise FrameError(f"frame shard {frame.shard} but descriptor rank {desc.tp_rank}")
+        check_convertible(desc, frame.dest_descriptor)
         conv.sources[frame.shard] = desc
         conv.dest_instance, conv.dest = frame.dest_instance, frame.dest_descriptor
         conv.num_tokens = frame.num_tokens
-        if len(conv.sources) == conv.shards:
-            conv.sender = FrameSender(self.bus, conv.dest_instance, self.settings.kv_window,
-                                      self.settings.kv_ack_timeout_s)
-            await conv.sender.__aenter__()
-            await conv.sender.send(Frame(
-                kind="begin", request_id=conv.request_id, seq=0, shard=conv.dest.tp_rank,
-                layout_id=conv.dest.id, descriptor=conv.dest, num_tokens=conv.num_tokens,
+        if len(conv.sources) < conv.shards:
+            return
+        dest = conv.dest
+        conv.targets = [dest.model_copy(update={"tp_rank": r}) for r in range(dest.tp_size)]
+        for target in conv.targets:
+            sender = FrameSender(self.bus, conv.dest_instance, self.settings.kv_window,
+                                 self.settings.kv_ack_timeout_s, rank=target.tp_rank)
+            await sender.__aenter__()
+            conv.senders.append(sender)
+            conv.out_seq.append(0)
+            conv.out_frames.append(0)
+            await sender.send(Frame(
+                kind="begin", request_id=conv.request_id, seq=0, shard=target.tp_rank,
+                layout_id=target.id, descriptor=target, num_tokens=conv.num_tokens,
             ))
+
+    def _end_frame(self, conv: Conversion, rank: int, first: int | None, extra: dict) -> Frame:
+        conv.out_seq[rank] += 1
+        return Frame(
+            kind="end", request_id=conv.request_id, seq=conv.out_seq[rank], shard=rank,
+            layout_id=conv.targets[rank].id, data_frames=conv.out_frames[rank],
+            first_token=first, extra=extra,
+        )
 
     async def _data(self, conv: Conversion, frame: Frame, msg: Msg) -> None:
         src = conv.sources.get(frame.shard)
@@ -184,6 +202,8 @@ class ConverterService(Service):
             raise FrameError(f"layer {frame.layer}: tokens [{frame.token_start}, "
                              f"{frame.token_stop}) do not continue [0, {have})")
         conv.tokens[key] = frame.token_stop
+        if frame.scales is not None:
+            conv.scales[key] = frame.scales
         conv.data_frames[frame.shard] = conv.data_frames.get(frame.shard, 0) + 1
         conv.pieces.setdefault(frame.layer, {}).setdefault(frame.shard, []).append(
             (frame.token_start, frame.token_stop, frame.payload)
@@ -199,29 +219,28 @@ class ConverterService(Service):
 
     async def _convert_layer(self, conv: Conversion, layer: int) -> None:
         by_shard = conv.pieces.pop(layer)
-        dest = conv.dest
-        assert dest is not None and conv.sender is not None
+        sources = [
+            ShardLayer(conv.sources[shard], pieces, conv.scales.get((layer, shard), UNIT_SCALES))
+            for shard, pieces in sorted(by_shard.items())
+        ]
         limit = self.settings.max_frame_bytes - 1024  # room for the header
 
-        def convert() -> list[tuple[int, int, bytes]]:
-            shards = []
-            for shard, pieces in sorted(by_shard.items()):
-                desc = conv.sources[shard]
-                k, v = tokens_from_pieces(desc, pieces, conv.num_tokens)
-                shards.append((desc, k, v))
-            k_all, v_all = merge_shards(shards, dest.num_kv_heads)
-            return pieces_for(dest, k_all, v_all, limit)
+        def convert() -> list[list]:
+            return [convert_layer(sources, target, conv.num_tokens, limit, layer=layer)
+                    for target in conv.targets]
 
-        out = await asyncio.to_thread(convert)
-        for start, stop, payload in out:
-            conv.out_seq += 1
-            conv.out_frames += 1
-            self.converted_bytes += len(payload)
-            await conv.sender.send(Frame(
-                kind="data", request_id=conv.request_id, seq=conv.out_seq, shard=dest.tp_rank,
-                layout_id=dest.id, layer=layer, token_start=start, token_stop=stop,
-                payload=payload,
-            ))
+        per_rank = await asyncio.to_thread(convert)
+        for rank, pieces in enumerate(per_rank):
+            target = conv.targets[rank]
+            for start, stop, payload in pieces:
+                conv.out_seq[rank] += 1
+                conv.out_frames[rank] += 1
+                self.converted_bytes += len(payload)
+                await conv.senders[rank].send(Frame(
+                    kind="data", request_id=conv.request_id, seq=conv.out_seq[rank],
+                    shard=rank, layout_id=target.id, layer=layer, token_start=start,
+                    token_stop=stop, payload=payload,
+                ))
 
     async def _end(self, conv: Conversion, frame: Frame) -> None:
         if frame.shard not in conv.sources:
@@ -232,13 +251,11 @@ class ConverterService(Service):
         conv.ends[frame.shard] = frame
         if len(conv.ends) < conv.shards:
             return
-        assert conv.sender is not None and conv.dest is not None
         errors = [f.extra["error"] for f in conv.ends.values() if "error" in f.extra]
         first = conv.ends[min(conv.ends)]
-        await conv.sender.send(Frame(
-            kind="end", request_id=conv.request_id, seq=conv.out_seq + 1, shard=conv.dest.tp_rank,
-            layout_id=conv.dest.id, data_frames=conv.out_frames, first_token=first.first_token,
-            extra={"error": errors[0]} if errors else dict(first.extra),
-        ))
-        await conv.sender.finish()
+        extra = {"error": errors[0]} if errors else dict(first.extra)
+        for rank, sender in enumerate(conv.senders):
+            await sender.send(self._end_frame(conv, rank, first.first_token, extra))
+        for sender in conv.senders:
+            await sender.finish()
         self.active.pop(conv.request_id, None)

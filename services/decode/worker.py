@@ -82,7 +82,7 @@ class DecodeService(Service):
         self.engine = await asyncio.to_thread(build_engine, self.settings)
         s = self.bus.subjects
         await self.subscribe(s.reserve(self.instance_id), self._on_reserve)
-        await self.subscribe(s.kv_frames(self.instance_id), self._on_frame)
+        await self.subscribe(s.kv_frames(self.instance_id, self.engine.kv.tp_rank), self._on_frame)
         await self.subscribe(s.aborts, self._on_abort)
         self.spawn(self._decode_loop(), "decode-loop")
         self.spawn(self._expire_reservations(), "reservation-expiry")

@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from services.planner.catalog import Efficiency
 from services.planner.errors import PlannerError
@@ -135,7 +142,7 @@ class Simulation(_Strict):
 class PlanSpec(_Strict):
     model: ModelRef
     gpus: tuple[GpuOverride, ...] = ()
-    inventory: tuple[InventoryItem, ...] = Field(min_length=1)
+    inventory: tuple[InventoryItem, ...]
     network: Network
     workload: Workload
     slo: Slo
@@ -144,6 +151,13 @@ class PlanSpec(_Strict):
     search: SearchSpace = SearchSpace()
     simulation: Simulation = Simulation()
     profiles: tuple[Path, ...] = ()
+
+    @field_validator("inventory")
+    @classmethod
+    def _some_inventory(cls, inventory: tuple[InventoryItem, ...]) -> tuple[InventoryItem, ...]:
+        if not inventory:
+            raise ValueError("is empty: list at least one GPU type with its count and price")
+        return inventory
 
     @model_validator(mode="before")
     @classmethod

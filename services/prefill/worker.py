@@ -137,8 +137,11 @@ class PrefillService(Service):
             span.set_attribute("request.id", request.request_id)
             span.set_attribute("kv.layout", kv.layout)
             span.set_attribute("kv.receiver", route.send_to)
+            # Direct: rank r of an identical decode instance takes rank r's shard.
+            rank = 0 if route.via_converter else kv.tp_rank
             async with FrameSender(
-                self.bus, route.send_to, self.settings.kv_window, self.settings.kv_ack_timeout_s
+                self.bus, route.send_to, self.settings.kv_window, self.settings.kv_ack_timeout_s,
+                rank=rank,
             ) as sender:
                 seq_no = 0
                 await sender.send(Frame(
