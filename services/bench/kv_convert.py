@@ -20,6 +20,7 @@ from proto.layouts import LAYOUTS, KVDescriptor, LayoutSpec
 from services.converter.relayout import ShardLayer, convert_layer, pieces_for
 
 PREFERRED_BLOCK = 16  # vLLM's default; used wherever a layout accepts it
+FRAME_HEADER_ROOM = 1024  # what services/converter/worker.py keeps free for the header
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class ConvertResult:
     source_bytes: int
     convert_s: float
     copy_s: float
+    frame_bytes: int  # larger than asked when one target block did not fit in a frame
 
     @property
     def convert_gbps(self) -> float:
@@ -73,6 +75,7 @@ class ConvertResult:
             "convert_gbps": self.convert_gbps,
             "copy_gbps": self.copy_gbps,
             "ratio_to_copy": self.ratio,
+            "frame_bytes": self.frame_bytes,
         }
 
 
@@ -144,10 +147,17 @@ def frame_payload_limit(desc: KVDescriptor, max_frame_bytes: int) -> int:
     return max(1, max_frame_bytes // per_block - 1) * per_block
 
 
+def frame_bytes_for(target: KVDescriptor, max_frame_bytes: int) -> int:
+    """`max_frame_bytes`, or enough for one target block and the header: the converter
+    refuses a target block larger than a frame (it cannot cut blocks)."""
+    return max(max_frame_bytes, target.payload_nbytes(1) + FRAME_HEADER_ROOM)
+
+
 def prepare_case(
     case: ConvertCase, heads: int, head_dim: int, max_frame_bytes: int, seed: int = 0
-) -> tuple[Callable[[], object], int]:
-    """A zero-argument conversion of one layer (every target shard), and its source bytes."""
+) -> tuple[Callable[[], object], int, int]:
+    """A zero-argument conversion of one layer (every target shard), its source bytes and
+    the frame size it runs with."""
     gen = torch.Generator().manual_seed(seed)
     k = torch.randn(case.tokens, heads, head_dim, generator=gen)
     v = torch.randn(case.tokens, heads, head_dim, generator=gen)
@@ -163,12 +173,13 @@ def prepare_case(
         for rank in range(case.target_tp)
     ]
     source_bytes = sum(memoryview(p[2]).nbytes for s in sources for p in s.pieces)
-    limit = max_frame_bytes - 1024  # as the converter worker: room for the header
+    frame_bytes = frame_bytes_for(targets[0], max_frame_bytes)
+    limit = frame_bytes - FRAME_HEADER_ROOM
 
     def convert() -> object:
         return [convert_layer(sources, t, case.tokens, limit) for t in targets]
 
-    return convert, source_bytes
+    return convert, source_bytes, frame_bytes
 
 
 def best_of(fns: list[Callable[[], object]], repeats: int) -> list[float]:
@@ -187,7 +198,7 @@ def best_of(fns: list[Callable[[], object]], repeats: int) -> list[float]:
 def measure_case(
     case: ConvertCase, heads: int, head_dim: int, max_frame_bytes: int, repeats: int
 ) -> ConvertResult:
-    convert, nbytes = prepare_case(case, heads, head_dim, max_frame_bytes)
+    convert, nbytes, frame_bytes = prepare_case(case, heads, head_dim, max_frame_bytes)
     flat = torch.empty(nbytes, dtype=torch.uint8).random_()
     convert_s, copy_s = best_of([convert, flat.clone], repeats)
-    return ConvertResult(case, nbytes, convert_s, copy_s)
+    return ConvertResult(case, nbytes, convert_s, copy_s, frame_bytes)

@@ -1,6 +1,10 @@
 """The native engine: a model, a paged cache in some layout, prefill and batched decode.
 
 Blocking torch code: services call it from a worker thread, never on the event loop.
+With tp_size > 1 the engine is one rank of a tensor-parallel instance: it holds that rank's
+shard of the weights and of the KV heads, and every rank must run the same steps in the same
+order (services/engine/tp_driver.py does that); `forward_prefill` / `forward_decode` are the
+steps without sampling, for ranks that only compute.
 """
 
 from __future__ import annotations
@@ -8,11 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from proto.layouts import KVDescriptor
 from proto.messages import GenerateRequest
 from services.engine.kv_cache import BlockAllocator, PagedKVCache
 from services.engine.model import AttentionMetadata, LayerDone
+from services.engine.parallel import checked_tp_group
 from services.engine.sampling import Sampler
 from services.engine.sequence import Sequence
 from services.engine.stopping import StopChecker
@@ -34,9 +40,13 @@ class NativeEngine:
         num_blocks: int,
         device: torch.device | str | None = None,
         max_model_len: int | None = None,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        tp_group: dist.ProcessGroup | None = None,
     ):
         self.device = torch.device(device) if device else default_device()
-        self.model, self.cfg = load_model(model_dir, self.device)
+        self.tp = checked_tp_group(tp_rank, tp_size, tp_group)
+        self.model, self.cfg = load_model(model_dir, self.device, tp=self.tp)
         self.tokenizer = Tokenizer.from_model_dir(model_dir)
         self.max_model_len = min(max_model_len or self.cfg.max_position_embeddings,
                                  self.cfg.max_position_embeddings)
@@ -47,6 +57,8 @@ class NativeEngine:
             num_layers=self.cfg.num_layers,
             num_kv_heads=self.cfg.num_kv_heads,
             head_dim=self.cfg.head_dim,
+            tp_size=tp_size,
+            tp_rank=tp_rank,
         )
         self.cache = PagedKVCache(self.kv, num_blocks, self.device)
         self.allocator = BlockAllocator(num_blocks, self.kv.spec.reserved_blocks)
@@ -67,50 +79,89 @@ class NativeEngine:
             completion_offset=len(request.resumed_token_ids),
         )
 
-    def _slots(self, seq: Sequence, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        table = torch.tensor(seq.block_table, dtype=torch.long)
+    def check_blocks(self, block_table: list[int], num_tokens: int) -> None:
+        """Raise unless `block_table` has room for `num_tokens` tokens."""
+        need = self.blocks_for(num_tokens)
+        if len(block_table) < need:
+            raise ValueError(f"{num_tokens} tokens need {need} KV blocks, the table has {len(block_table)}")
+
+    def _slots(
+        self, block_table: list[int], positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        table = torch.tensor(block_table, dtype=torch.long)
         blocks = table[positions // self.kv.block_size]
         return blocks.to(self.device), (positions % self.kv.block_size).to(self.device)
 
     @torch.inference_mode()
     def prefill(self, seq: Sequence, on_layer_done: LayerDone | None = None) -> int:
         """Run the whole context, leave its KV in seq.block_table, sample the first token."""
-        ids = seq.context_ids
-        positions = torch.arange(len(ids))
-        blocks, offsets = self._slots(seq, positions)
-        meta = AttentionMetadata(
-            is_prefill=True, positions=positions.to(self.device), slot_blocks=blocks,
-            slot_offsets=offsets,
-        )
-        logits = self.model(
-            torch.tensor(ids, device=self.device), meta, self.cache,
-            last_token_index=torch.tensor([len(ids) - 1], device=self.device),
-            on_layer_done=on_layer_done,
-        )
+        logits = self.forward_prefill(seq.context_ids, seq.block_table, on_layer_done)
         token = seq.sampler.sample(logits[0])
         seq.append(token)
         return token
 
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence]) -> list[int]:
-        """One step for a batch: each sequence's last token goes in, one new token comes out.
+    def forward_prefill(
+        self,
+        context_ids: list[int],
+        block_table: list[int],
+        on_layer_done: LayerDone | None = None,
+        want_logits: bool = True,
+    ) -> torch.Tensor:  # [1, vocab] float32, or [0, vocab] without logits
+        self.check_blocks(block_table, len(context_ids))
+        positions = torch.arange(len(context_ids))
+        blocks, offsets = self._slots(block_table, positions)
+        meta = AttentionMetadata(
+            is_prefill=True, positions=positions.to(self.device), slot_blocks=blocks,
+            slot_offsets=offsets,
+        )
+        last = [len(context_ids) - 1] if want_logits else []
+        return self.model(
+            torch.tensor(context_ids, device=self.device), meta, self.cache,
+            last_token_index=torch.tensor(last, dtype=torch.long, device=self.device),
+            on_layer_done=on_layer_done,
+        )
 
-        The last token's KV is not in the cache yet (it was just sampled): it is written at
-        position num_tokens - 1, then attention reads the whole context from the cache.
-        """
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence]) -> list[int]:
+        """One step for a batch: each sequence's last token goes in, one new token comes out."""
+        logits = self.forward_decode(
+            [s.all_ids[-1] for s in seqs], [s.num_tokens for s in seqs],
+            [s.block_table for s in seqs],
+        )
+        out = []
+        for seq, row in zip(seqs, logits, strict=True):
+            token = seq.sampler.sample(row)
+            seq.append(token)
+            out.append(token)
+        return out
+
+    @torch.inference_mode()
+    def forward_decode(
+        self,
+        last_tokens: list[int],
+        num_tokens: list[int],
+        block_tables: list[list[int]],
+        want_logits: bool = True,
+    ) -> torch.Tensor:  # [S, vocab] float32, or [0, vocab] without logits
+        """Sequence i has num_tokens[i] tokens, the last of them last_tokens[i], whose KV is not
+        in the cache yet (it was just sampled): it is written at position num_tokens[i] - 1,
+        then attention reads the whole context from the cache."""
+        for table, count in zip(block_tables, num_tokens, strict=True):
+            self.check_blocks(table, count)
         bs = self.kv.block_size
-        lengths = torch.tensor([s.num_tokens for s in seqs])
+        lengths = torch.tensor(num_tokens)
         positions = lengths - 1
         max_len = int(lengths.max())
         width = -(-max_len // bs)
-        tables = torch.zeros(len(seqs), width, dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            tables[row, : len(seq.block_table[:width])] = torch.tensor(seq.block_table[:width])
+        tables = torch.zeros(len(block_tables), width, dtype=torch.long)
+        for row, table in enumerate(block_tables):
+            tables[row, : len(table[:width])] = torch.tensor(table[:width])
         ctx = torch.arange(max_len)
         ctx_blocks = tables[:, ctx // bs]  # [S, Tmax]
-        ctx_offsets = (ctx % bs).expand(len(seqs), -1)
+        ctx_offsets = (ctx % bs).expand(len(block_tables), -1)
         mask = ctx[None, :] < lengths[:, None]
-        rows = torch.arange(len(seqs))
+        rows = torch.arange(len(block_tables))
         meta = AttentionMetadata(
             is_prefill=False,
             positions=positions.to(self.device),
@@ -120,11 +171,6 @@ class NativeEngine:
             context_offsets=ctx_offsets.to(self.device),
             context_mask=mask[:, None, None, :].to(self.device),
         )
-        tokens = torch.tensor([s.all_ids[-1] for s in seqs], device=self.device)
-        logits = self.model(tokens, meta, self.cache, last_token_index=rows.to(self.device))
-        out = []
-        for seq, row in zip(seqs, logits, strict=True):
-            token = seq.sampler.sample(row)
-            seq.append(token)
-            out.append(token)
-        return out
+        tokens = torch.tensor(last_tokens, device=self.device)
+        logits_rows = rows if want_logits else rows[:0]
+        return self.model(tokens, meta, self.cache, last_token_index=logits_rows.to(self.device))

@@ -44,7 +44,9 @@ def register(subparsers: Any) -> None:
     profile.add_argument("--device", default="cpu", help="torch device to time (cpu, cuda)")
     profile.add_argument("--hidden", type=int, help="time a random model this wide instead")
     profile.add_argument("--layers", type=int, help="... with this many layers")
-    profile.add_argument("--repeats", type=int, default=5, help="timings per grid point")
+    profile.add_argument("--repeats", type=int, default=3, help="timings per grid point and pass")
+    profile.add_argument("--passes", type=int, default=3, help="times the whole grid is timed")
+    profile.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     profile.add_argument("--quick", action="store_true", help="a small grid (for tests)")
     profile.set_defaults(func=run_profile)
 
@@ -130,6 +132,8 @@ def run_profile(args: argparse.Namespace) -> int:
             hidden=args.hidden,
             layers=args.layers,
             repeats=args.repeats,
+            passes=args.passes,
+            threads=args.threads,
             quick=args.quick,
         )
     except PlannerError as exc:

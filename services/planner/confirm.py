@@ -18,7 +18,15 @@ import numpy as np
 from services.planner.inputs import PlanInputs
 from services.planner.perf_model import PerfModel
 from services.planner.problem import Allocation, CapacityProblem, Config, Infeasible, Solution
-from services.planner.simulator import Deployment, Pool, Route, Settings, SimResult, simulate
+from services.planner.simulator import (
+    Deployment,
+    Pool,
+    Route,
+    Settings,
+    SimResult,
+    sample_percentile,
+    simulate,
+)
 
 Solver = Callable[[CapacityProblem], Solution]
 
@@ -90,8 +98,8 @@ class Confirmer:
         requests = max(PHASE_REQUESTS, 8 * inputs.search.max_batch)
         result = simulate(deployment, inputs.mix.with_rate(rate), settings_of(inputs, requests))
         level = 100 * inputs.level
-        ttft_ok = np.percentile(result.ttft, level) <= inputs.slo.ttft_s
-        tpot_ok = np.percentile(result.tpot, level) <= inputs.slo.tpot_s
+        ttft_ok = sample_percentile(result.ttft, level) <= inputs.slo.ttft_s
+        tpot_ok = sample_percentile(result.tpot, level) <= inputs.slo.tpot_s
         return {"prefill": ttft_ok, "decode": tpot_ok}.get(config.role, ttft_ok and tpot_ok)
 
     def sustained(self, config: Config, perf: PerfModel, destination: str) -> float:
@@ -207,7 +215,7 @@ class Confirmer:
         short = set()
         if ttft_share < level or ttft_share <= tpot_share:
             short.add("prefill")
-            if np.percentile(result.wait, 100 * level) > WAIT_SHARE * slo.ttft_s:
+            if sample_percentile(result.wait, 100 * level) > WAIT_SHARE * slo.ttft_s:
                 short.add("decode")  # requests wait for decode memory
         if tpot_share < level or tpot_share < ttft_share:
             short.add("decode")

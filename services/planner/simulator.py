@@ -64,6 +64,11 @@ class Settings:
     memory_utilisation: float
 
 
+def sample_percentile(values: np.ndarray, percentile: float) -> float:
+    """A value of the sample (no interpolation, so unfinished requests' inf stays inf)."""
+    return float(np.percentile(values, percentile, method="inverted_cdf"))
+
+
 @dataclass(frozen=True)
 class SimResult:
     ttft: np.ndarray  # per measured request, s (inf if it never got its first token)
@@ -72,10 +77,7 @@ class SimResult:
     busy: dict[str, float]  # role -> mean busy fraction of its instances
 
     def quantiles(self, percentile: float) -> tuple[float, float]:
-        return (
-            float(np.percentile(self.ttft, percentile)),
-            float(np.percentile(self.tpot, percentile)),
-        )
+        return sample_percentile(self.ttft, percentile), sample_percentile(self.tpot, percentile)
 
     def attainment(self, ttft_s: float, tpot_s: float) -> float:
         return float(np.mean((self.ttft <= ttft_s) & (self.tpot <= tpot_s)))
@@ -110,6 +112,7 @@ class _Decoder:
     gpu: str
     colocated: bool
     kv_free: int
+    kv_total: int
     base: np.ndarray  # round time by batch size, context aside
     per_context: float  # round time per context token held by the batch
     ready: deque[_Request] = field(default_factory=deque)  # KV arrived (or, colocated, queued)
@@ -170,7 +173,7 @@ class _Simulation:
         kv = perf.kv_capacity_tokens(s.memory_utilisation, s.max_prefill_tokens)
         colocated = pool.role == "colocated"
         made = [
-            _Decoder(perf, perf.shape.gpu.name, colocated, kv, base, per_context)
+            _Decoder(perf, perf.shape.gpu.name, colocated, kv, kv, base, per_context)
             for _ in range(pool.instances)
         ]
         if not colocated:
@@ -210,6 +213,9 @@ class _Simulation:
             request = waiting[0]
             need = request.prompt + request.output
             if decoders:
+                if need > max(d.kv_total for d in decoders):
+                    waiting.popleft()  # it can never fit: refused, it counts as a miss
+                    continue
                 decoder = max(decoders, key=lambda d: d.kv_free)
                 if decoder.kv_free < need:
                     return
@@ -370,6 +376,9 @@ class _Simulation:
         while d.ready and d.running + len(batch) < self.settings.max_batch:
             request = d.ready[0]
             need = request.prompt + request.output
+            if need > d.kv_total:
+                d.ready.popleft()  # it can never fit: refused, it counts as a miss
+                continue
             joins = not batch or self._joins(d.perf, tokens, squares, len(batch), request.prompt)
             if need > d.kv_free or not joins:
                 break

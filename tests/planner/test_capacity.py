@@ -15,9 +15,20 @@ from services.planner.model_spec import builtin_model
 from services.planner.perf_model import InstanceShape, PerfModel
 from services.planner.workload import Lengths, RequestMix
 
-MIX = RequestMix(rate=None, prompt=Lengths("exponential", 1024, maximum=8192), output=Lengths("fixed", 200))
-TARGETS = PhaseTargets(ttft_s=1.0, tpot_s=0.05, level=0.9, max_batch=256, max_prefill_tokens=8192, memory_utilisation=0.9)
-PERF = PerfModel(builtin_model("llama-3-8b"), InstanceShape(builtin_catalog()["a100-80gb"], 1, 1), 400)
+MIX = RequestMix(
+    rate=None, prompt=Lengths("exponential", 1024, maximum=8192), output=Lengths("fixed", 200)
+)
+TARGETS = PhaseTargets(
+    ttft_s=1.0,
+    tpot_s=0.05,
+    level=0.9,
+    max_batch=256,
+    max_prefill_tokens=8192,
+    memory_utilisation=0.9,
+)
+PERF = PerfModel(
+    builtin_model("llama-3-8b"), InstanceShape(builtin_catalog()["a100-80gb"], 1, 1), 400
+)
 
 
 def test_prefill_capacity_sits_where_the_ttft_quantile_meets_the_target() -> None:
@@ -32,7 +43,10 @@ def test_looser_slos_allow_more_load() -> None:
     tight = prefill_capacity(PERF, MIX, replace(TARGETS, ttft_s=0.5), 400).rate
     loose = prefill_capacity(PERF, MIX, replace(TARGETS, ttft_s=2.0), 400).rate
     assert 0 < tight < loose
-    assert decode_capacity(PERF, MIX, replace(TARGETS, tpot_s=0.03)).rate < decode_capacity(PERF, MIX, TARGETS).rate
+    assert (
+        decode_capacity(PERF, MIX, replace(TARGETS, tpot_s=0.03)).rate
+        < decode_capacity(PERF, MIX, TARGETS).rate
+    )
 
 
 def test_decode_capacity_meets_the_tpot_target_at_its_rate() -> None:

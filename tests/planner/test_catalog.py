@@ -33,7 +33,9 @@ def test_gpus_json_lists_required_fields(run_cli) -> None:
     entries = json.loads(out)
     assert len(entries) >= 10
     for entry in entries:
-        assert {"name", "vendor", "tflops_bf16", "hbm_gbps", "memory_gb", "source", "dense"} <= set(entry)
+        assert {"name", "vendor", "tflops_bf16", "hbm_gbps", "memory_gb", "source", "dense"} <= set(
+            entry
+        )
         GpuSpec.model_validate(entry)
 
 

@@ -31,9 +31,14 @@ def _write(tmp_path: Path, config: dict) -> Path:
 
 def test_reads_a_hugging_face_config(tmp_path: Path) -> None:
     config = {
-        "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 352, "vocab_size": 1028,
-        "torch_dtype": "float32", "head_dim": 32,
+        "hidden_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 352,
+        "vocab_size": 1028,
+        "torch_dtype": "float32",
+        "head_dim": 32,
     }
     model = model_from_hf_config(_write(tmp_path, config).parent)
     assert (model.num_layers, model.num_kv_heads, model.bytes_per_element) == (4, 2, 4)

@@ -19,7 +19,9 @@ def test_single_sequence_decode_reads_the_weights_once() -> None:
     weights_s = LLAMA_8B.weight_bytes / (H100.hbm_gbps * 1e9 * eff.memory)
     overhead = LLAMA_8B.num_layers * eff.layer_overhead_s
     # embeddings are not read by a decode step except one row: lm_head and layers only
-    layer_and_head = (LLAMA_8B.weight_bytes - LLAMA_8B.embedding_params * 2) / (H100.hbm_gbps * 1e9 * eff.memory)
+    layer_and_head = (LLAMA_8B.weight_bytes - LLAMA_8B.embedding_params * 2) / (
+        H100.hbm_gbps * 1e9 * eff.memory
+    )
     step = float(perf.decode_round(1, 1))
     assert layer_and_head + overhead <= step <= weights_s + overhead + 1e-4
 
@@ -36,7 +38,9 @@ def test_long_prefill_is_compute_bound() -> None:
 def test_tensor_parallelism_shortens_steps_but_costs_all_reduces() -> None:
     one, four = _perf(model=LLAMA_70B, tp=2), _perf(model=LLAMA_70B, tp=8)
     assert float(four.decode_round(32, 32 * 2048)) < float(one.decode_round(32, 32 * 2048))
-    assert float(four.prefill_latency(2048, 2048**2, 1)) < float(one.prefill_latency(2048, 2048**2, 1))
+    assert float(four.prefill_latency(2048, 2048**2, 1)) < float(
+        one.prefill_latency(2048, 2048**2, 1)
+    )
     assert float(four._allreduce(2048.0)) > 0 == float(_perf()._allreduce(2048.0))
 
 

@@ -74,10 +74,18 @@ def test_overrides_and_links_apply(base_spec: dict[str, Any]) -> None:
 
 def test_yaml_file_with_a_relative_config_path(tmp_path: Path, base_spec: dict[str, Any]) -> None:
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text(json.dumps({
-        "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
-    }))
+    (tmp_path / "m" / "config.json").write_text(
+        json.dumps(
+            {
+                "hidden_size": 4096,
+                "num_hidden_layers": 32,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 8,
+                "intermediate_size": 14336,
+                "vocab_size": 128256,
+            }
+        )
+    )
     base_spec["model"] = {"config": "m"}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(base_spec))
@@ -86,14 +94,19 @@ def test_yaml_file_with_a_relative_config_path(tmp_path: Path, base_spec: dict[s
 
 
 def test_trace_workload(tmp_path: Path, base_spec: dict[str, Any]) -> None:
-    lines = [json.dumps({"prompt_tokens": 100 * (i + 1), "output_tokens": 50, "arrival_s": i * 0.5}) for i in range(5)]
+    lines = [
+        json.dumps({"prompt_tokens": 100 * (i + 1), "output_tokens": 50, "arrival_s": i * 0.5})
+        for i in range(5)
+    ]
     (tmp_path / "trace.jsonl").write_text("\n".join(lines))
     base_spec["workload"] = {"trace": str(tmp_path / "trace.jsonl")}
     inputs = resolve(parse_spec(base_spec))
     assert inputs.mix.rate == pytest.approx(2.0)
     assert inputs.mix.mean_prompt == pytest.approx(300, rel=0.05)
     (tmp_path / "trace.jsonl").write_text('{"prompt_tokens": 5}\n')
-    assert "line 1: expected a JSON object with integer prompt_tokens and output_tokens" in _error(base_spec)
+    assert "line 1: expected a JSON object with integer prompt_tokens and output_tokens" in _error(
+        base_spec
+    )
 
 
 @settings(max_examples=40, deadline=None)

@@ -1,0 +1,125 @@
+"""`bench kv` part (b): KV goodput prefill -> decode, direct and via the converter, against
+the raw NATS ceiling, all measured in the same run with the same frames and window.
+
+Routes, all fed by the synthetic prefill side (kv_stream_gen) from this process:
+    ceiling    frames -> echo (acknowledges, nothing else): core NATS request/reply
+    direct     frames -> the real DecodeService, which checks and stores them in its cache
+    converter  frames -> the real ConverterService -> the real DecodeService (two bus legs)
+Blocks are reserved at decode before each request (untimed, as the scheduler does). Routes
+take turns in rounds, so a change in the machine's load spreads over all three.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from proto.layouts import KVDescriptor
+from services.bench.kv_convert import frame_payload_limit
+from services.bench.kv_services import BenchTopology
+from services.bench.kv_stream_gen import (
+    SyntheticKV,
+    bench_request,
+    new_request_id,
+    reserve,
+    send_stream,
+)
+
+ROUTES = ("ceiling", "direct", "converter")
+
+
+@dataclass
+class RouteGoodput:
+    route: str
+    payload_bytes: int = 0
+    seconds: float = 0.0
+    requests: int = 0
+
+    @property
+    def gbps(self) -> float:
+        return self.payload_bytes / self.seconds / 1e9 if self.seconds else 0.0
+
+
+@dataclass
+class TransferResult:
+    num_tokens: int
+    source: KVDescriptor
+    target: KVDescriptor
+    frame_payload_bytes: int
+    data_frames_per_request: int
+    routes: dict[str, RouteGoodput] = field(default_factory=dict)
+
+    def ratio(self, route: str) -> float:
+        ceiling = self.routes["ceiling"].gbps
+        return self.routes[route].gbps / ceiling if ceiling else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_tokens": self.num_tokens,
+            "source_layout": self.source.layout, "source_block": self.source.block_size,
+            "target_layout": self.target.layout, "target_block": self.target.block_size,
+            "dtype": self.source.dtype,
+            "kv_geometry": {"layers": self.source.num_layers, "kv_heads": self.source.num_kv_heads,
+                            "head_dim": self.source.head_dim},
+            "frame_payload_bytes": self.frame_payload_bytes,
+            "data_frames_per_request": self.data_frames_per_request,
+            "routes": {
+                name: {"payload_bytes": r.payload_bytes, "seconds": r.seconds,
+                       "requests": r.requests, "gbps": r.gbps, "ratio_to_ceiling": self.ratio(name)}
+                for name, r in self.routes.items()
+            },
+        }
+
+
+def auto_tokens(desc: KVDescriptor, max_frame_bytes: int, max_model_len: int) -> int:
+    """The longest prompt decode can hold (one token to generate) that fills whole frames."""
+    per_frame = frame_payload_limit(desc, max_frame_bytes) // desc.payload_nbytes(1)
+    step = per_frame * desc.block_size
+    limit = max_model_len - 1
+    tokens = limit // step * step
+    return tokens or limit // desc.block_size * desc.block_size or limit
+
+
+async def send_kv_request(topo: BenchTopology, route: str, kv: SyntheticKV,
+                       timeout_s: float = 30.0) -> float:
+    """Reserve (untimed) and send one request's frames over `route`; seconds taken."""
+    ids, bus, window = topo.ids, topo.bus, topo.config.kv_window
+    rid = new_request_id(route)
+    if route == "ceiling":
+        return await send_stream(bus, ids["echo"], kv.frames(rid), window, timeout_s)
+    decode = ids["direct"] if route == "direct" else ids["conv_decode"]
+    await reserve(bus, decode, bench_request(rid, kv.num_tokens, max_tokens=1))
+    if route == "direct":
+        return await send_stream(bus, decode, kv.frames(rid), window, timeout_s)
+    frames = kv.frames(rid, dest_instance=decode, dest_desc=topo.kv("conv_decode"))
+    return await send_stream(bus, ids["converter"], frames, window, timeout_s)
+
+
+async def measure_transfer(
+    topo: BenchTopology,
+    num_tokens: int | None = None,
+    requests: int = 16,
+    rounds: int = 4,
+    ack_timeout_s: float = 30.0,
+) -> TransferResult:
+    """Goodput (KV payload bytes / seconds from first frame sent to last acknowledged) per
+    route, one request in flight at a time as one prefill worker sends them."""
+    source, target = topo.kv("prefill"), topo.kv("conv_decode")
+    frame_bytes = topo.config.max_frame_bytes
+    if num_tokens is None:
+        max_len = min(topo.info[n].max_model_len for n in ("direct", "conv_decode"))
+        num_tokens = auto_tokens(source, frame_bytes, max_len)
+    kv = SyntheticKV.build(source, num_tokens, frame_bytes)
+    result = TransferResult(num_tokens, source, target, len(kv.pieces[0][2]), kv.data_frames,
+                            {r: RouteGoodput(r) for r in ROUTES})
+    for route in ROUTES:  # warm-up: connections, code paths, the decode's allocator
+        await send_kv_request(topo, route, kv, ack_timeout_s)
+    per_round = max(1, -(-requests // rounds))
+    for _ in range(rounds):
+        for route in ROUTES:
+            stats = result.routes[route]
+            for _ in range(per_round):
+                stats.seconds += await send_kv_request(topo, route, kv, ack_timeout_s)
+                stats.payload_bytes += kv.payload_bytes
+                stats.requests += 1
+    return result
