@@ -23,7 +23,12 @@ _KINDS = ("begin", "data", "end")
 
 
 class FrameError(ValueError):
-    """A frame that must be rejected; the message says why."""
+    """A frame that must be rejected; the message says why. `request_id` is set when the
+    header could be read far enough to know whose frame it was."""
+
+    def __init__(self, message: str, request_id: str | None = None):
+        super().__init__(message)
+        self.request_id = request_id
 
 
 @dataclass
@@ -109,6 +114,15 @@ def decode_frame(data: bytes, max_bytes: int) -> Frame:
     header, payload = outer
     if not isinstance(header, dict) or not isinstance(payload, bytes):
         raise FrameError("frame is not a [header map, payload bytes] pair")
+    rid = header.get("rid")
+    try:
+        return _decode_checked(header, payload)
+    except FrameError as exc:
+        exc.request_id = rid if isinstance(rid, str) else None
+        raise
+
+
+def _decode_checked(header: dict, payload: bytes) -> Frame:
     version = header.get("v")
     if version != FRAME_VERSION:
         raise FrameError(f"unsupported frame version {version!r} (this build speaks {FRAME_VERSION})")

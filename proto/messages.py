@@ -62,6 +62,9 @@ class GenerateRequest(Message):
     attempt: int = 0
     excluded_instances: list[str] = []
     submitted_at: float = 0.0
+    # Serve on these instances only (hetserve_route extension); "" lets the scheduler choose.
+    pin_prefill: str = ""
+    pin_decode: str = ""
 
     @property
     def context_token_ids(self) -> list[int]:

@@ -1,4 +1,5 @@
-"""`hetserve bench serve` arguments; services.common.cli calls register() on `bench`'s subparsers.
+"""`hetserve bench serve` arguments; services.common.cli calls register() on `bench`'s subparsers
+(`bench kv` is in kv_cli.py).
 
 Exit codes: 0 every request succeeded, 1 some failed, 2 bad arguments or dataset,
 3 the endpoint could not be reached to find a model.
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from services.bench.distributions import DISTRIBUTIONS
+from services.bench.kv_cli import register as register_kv
 from services.bench.report import format_table, to_json
 from services.bench.serve import BenchConfig, EndpointError, run_benchmark
 
@@ -22,7 +24,7 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 
 
 def register(subparsers: Any) -> None:
-    """Add `serve` to the `bench` command's subparsers."""
+    """Add `serve` and `kv` to the `bench` command's subparsers."""
     p = subparsers.add_parser(
         "serve",
         help="load-test an OpenAI-compatible endpoint",
@@ -66,6 +68,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--output", help="also write the JSON report to this file")
     p.set_defaults(func=run_serve_command)
+    register_kv(subparsers)
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:

@@ -76,6 +76,7 @@ class ConvertResult:
             "copy_gbps": self.copy_gbps,
             "ratio_to_copy": self.ratio,
             "frame_bytes": self.frame_bytes,
+
         }
 
 
@@ -153,11 +154,17 @@ def frame_bytes_for(target: KVDescriptor, max_frame_bytes: int) -> int:
     return max(max_frame_bytes, target.payload_nbytes(1) + FRAME_HEADER_ROOM)
 
 
+@dataclass(frozen=True)
+class PreparedCase:
+    convert: Callable[[], object]  # convert_layer for every target shard, as the converter
+    source_bytes: int
+    frame_bytes: int
+
+
 def prepare_case(
     case: ConvertCase, heads: int, head_dim: int, max_frame_bytes: int, seed: int = 0
-) -> tuple[Callable[[], object], int, int]:
-    """A zero-argument conversion of one layer (every target shard), its source bytes and
-    the frame size it runs with."""
+) -> PreparedCase:
+    """One layer's source pieces, as a prefill would send them, and its conversions."""
     gen = torch.Generator().manual_seed(seed)
     k = torch.randn(case.tokens, heads, head_dim, generator=gen)
     v = torch.randn(case.tokens, heads, head_dim, generator=gen)
@@ -179,7 +186,7 @@ def prepare_case(
     def convert() -> object:
         return [convert_layer(sources, t, case.tokens, limit) for t in targets]
 
-    return convert, source_bytes, frame_bytes
+    return PreparedCase(convert, source_bytes, frame_bytes)
 
 
 def best_of(fns: list[Callable[[], object]], repeats: int) -> list[float]:
@@ -198,7 +205,7 @@ def best_of(fns: list[Callable[[], object]], repeats: int) -> list[float]:
 def measure_case(
     case: ConvertCase, heads: int, head_dim: int, max_frame_bytes: int, repeats: int
 ) -> ConvertResult:
-    convert, nbytes, frame_bytes = prepare_case(case, heads, head_dim, max_frame_bytes)
-    flat = torch.empty(nbytes, dtype=torch.uint8).random_()
-    convert_s, copy_s = best_of([convert, flat.clone], repeats)
-    return ConvertResult(case, nbytes, convert_s, copy_s, frame_bytes)
+    prepared = prepare_case(case, heads, head_dim, max_frame_bytes)
+    flat = torch.empty(prepared.source_bytes, dtype=torch.uint8).random_()
+    convert_s, copy_s = best_of([prepared.convert, flat.clone], repeats)
+    return ConvertResult(case, prepared.source_bytes, convert_s, copy_s, prepared.frame_bytes)

@@ -117,8 +117,9 @@ async def _one_prompt(topo: BenchTopology, route: str, tap: AckTap, num_tokens: 
 
     subject = bus.subjects.request_events(rid)
     event_sub = await bus.nc.subscribe(subject, cb=on_event)
-    # begin + the first data frame; the server drops the tap after those two
-    await bus.nc.subscribe(bus.subjects.kv_frames(first_hop), cb=on_frame, max_msgs=2)
+    # begin + the first data frame: UNSUB with a limit makes the server drop the tap after two
+    frame_tap = await bus.nc.subscribe(bus.subjects.kv_frames(first_hop), cb=on_frame)
+    await frame_tap.unsubscribe(limit=2)
     await bus.nc.flush()
     try:
         await reserve(bus, decode, request)

@@ -32,6 +32,10 @@ ROLES = {"prefill": "prefill", "direct": "decode", "conv_decode": "decode",
          "converter": "converter"}
 
 
+class ServicesFailed(RuntimeError):
+    """A service (or the echo) exited or never answered."""
+
+
 @dataclass(frozen=True)
 class TopologyConfig:
     nats_url: str
@@ -139,7 +143,7 @@ class BenchTopology:
             for name, subject in list(pending.items()):
                 proc = self._procs[name]
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with code {proc.returncode}:\n"
+                    raise ServicesFailed(f"{name} exited with code {proc.returncode}:\n"
                                        f"{self.log_tail(name)}")
                 try:
                     reply = await self.bus.nc.request(subject, b"probe", timeout=0.5)
@@ -149,7 +153,7 @@ class BenchTopology:
                     self.info[name] = InstanceInfo.unpack(reply.data)
                 del pending[name]
             if pending and time.monotonic() > deadline:
-                raise TimeoutError(f"{', '.join(pending)} not ready in {timeout_s:.0f}s")
+                raise ServicesFailed(f"{', '.join(pending)} not ready in {timeout_s:.0f}s")
             if pending:
                 await asyncio.sleep(0.3)
 

@@ -16,6 +16,7 @@ import msgpack
 from nats.aio.msg import Msg
 
 from proto.frames import Frame, encode_frame
+from services.common import metrics
 from services.common.bus import Bus
 from services.common.telemetry import inject
 
@@ -31,6 +32,7 @@ def ack_payload(ok: bool, reason: str = "") -> bytes:
 
 
 async def acknowledge(msg: Msg, ok: bool = True, reason: str = "") -> None:
+    metrics.frame_received(len(msg.data), ok)
     if msg.reply:
         await msg.respond(ack_payload(ok, reason))
 
@@ -94,6 +96,8 @@ class FrameSender:
         await self.bus.nc.publish(self.subject, data, reply=self._inbox, headers=inject())
         self.bytes_sent += len(data)
         self.frames_sent += 1
+        metrics.KV_SENT_BYTES.inc(len(data))
+        metrics.KV_SENT_FRAMES.inc()
 
     async def finish(self) -> None:
         """Wait until every frame is acknowledged; raise if any was rejected."""

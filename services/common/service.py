@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 
 from proto.messages import InstanceInfo, Role
 from services.common.bus import Bus
+from services.common.metrics import record_status, serve_metrics
 from services.common.registry import Registry
 from services.common.settings import CommonSettings, default_instance_id
 from services.common.telemetry import setup_tracing, shutdown_tracing
@@ -81,7 +82,9 @@ class Service(ABC):
     async def _heartbeat(self) -> None:
         while not self.stopping.is_set():
             try:
-                await self.registry.announce(self.status())
+                info = self.status()
+                record_status(info)
+                await self.registry.announce(info)
             except Exception as exc:  # noqa: BLE001 - NATS reconnecting: try again next beat
                 log.warning("heartbeat failed: %s", exc)
             try:
@@ -95,6 +98,7 @@ class Service(ABC):
     async def run(self) -> None:
         """Run until SIGINT/SIGTERM (or `stopping` is set), then shut down in order."""
         setup_tracing(self.role, self.instance_id)
+        stop_metrics = serve_metrics(self.settings.metrics_port)
         self.bus = await Bus.connect(self.settings, name=self.instance_id)
         await self.bus.ensure_streams()
         self.registry = Registry(self.bus, self.settings.instance_ttl_s)
@@ -117,6 +121,8 @@ class Service(ABC):
         await self.registry.stop()
         await self.bus.close()
         shutdown_tracing()
+        if stop_metrics is not None:
+            stop_metrics()
 
 
 def configure_logging(level: str) -> None:

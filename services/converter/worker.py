@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 
 from proto.frames import Frame, FrameError, decode_frame
 from proto.layouts import KVDescriptor
+from services.common import metrics
 from services.common.kv_stream import FrameSender, StreamFailed, acknowledge
 from services.common.service import Service
 from services.common.settings import ConverterSettings
@@ -78,8 +79,13 @@ class ConverterService(Service):
         try:
             frame = decode_frame(msg.data, self.settings.max_frame_bytes * 2)
         except FrameError as exc:
-            log.warning("%s rejected a KV frame: %s", self.instance_id, exc)
+            log.warning("%s rejected a KV frame of %s: %s", self.instance_id,
+                        exc.request_id or "an unknown request", exc)
             await acknowledge(msg, False, str(exc))
+            broken = self.active.get(exc.request_id or "")
+            if broken is not None and not broken.failed:
+                broken.failed = str(exc)
+                await self._abandon(broken)
             return
         conv = self.active.get(frame.request_id)
         if conv is None:
@@ -110,6 +116,7 @@ class ConverterService(Service):
                         log.warning("%s: conversion of %s failed: %s", self.instance_id,
                                     conv.request_id, exc)
                         conv.failed = str(exc)
+                        metrics.error("converter", "conversion_failed")
                         await acknowledge(msg, False, str(exc))
                         await self._abandon(conv)
                 if conv.sources and conv.dest is not None:
@@ -229,13 +236,16 @@ class ConverterService(Service):
             return [convert_layer(sources, target, conv.num_tokens, limit, layer=layer)
                     for target in conv.targets]
 
-        per_rank = await asyncio.to_thread(convert)
+        with metrics.CONVERSION_SECONDS.time():
+            per_rank = await asyncio.to_thread(convert)
         for rank, pieces in enumerate(per_rank):
             target = conv.targets[rank]
             for start, stop, payload in pieces:
                 conv.out_seq[rank] += 1
                 conv.out_frames[rank] += 1
                 self.converted_bytes += len(payload)
+                metrics.KV_CONVERTED_BYTES.inc(len(payload))
+                metrics.KV_CONVERTED_FRAMES.inc()
                 await conv.senders[rank].send(Frame(
                     kind="data", request_id=conv.request_id, seq=conv.out_seq[rank],
                     shard=rank, layout_id=target.id, layer=layer, token_start=start,
@@ -259,3 +269,4 @@ class ConverterService(Service):
         for sender in conv.senders:
             await sender.finish()
         self.active.pop(conv.request_id, None)
+        metrics.CONVERSIONS.inc()

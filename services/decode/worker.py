@@ -28,6 +28,7 @@ from proto.messages import (
     ReserveRequest,
     TokenEvent,
 )
+from services.common import metrics
 from services.common.kv_stream import acknowledge
 from services.common.service import Service
 from services.common.settings import WorkerSettings
@@ -114,11 +115,13 @@ class DecodeService(Service):
             return
         if req.num_tokens > self.engine.max_model_len:
             reason = f"{req.num_tokens} tokens exceed max_model_len {self.engine.max_model_len}"
+            metrics.RESERVATIONS.labels("refused").inc()
             await msg.respond(ReserveReply(ok=False, reason=reason).pack())
             return
         try:
             blocks = self.engine.allocator.allocate(self.engine.blocks_for(req.num_tokens))
         except OutOfBlocks as exc:
+            metrics.RESERVATIONS.labels("refused").inc()
             await msg.respond(ReserveReply(ok=False, reason=str(exc)).pack())
             return
         self.inbound[rid] = Inbound(
@@ -126,6 +129,7 @@ class DecodeService(Service):
             span=_tracer.start_span("decode.admit", context=extract(msg.headers),
                                     attributes={"request.id": rid, "instance.id": self.instance_id}),
         )
+        metrics.RESERVATIONS.labels("ok").inc()
         await msg.respond(
             ReserveReply(ok=True, free_blocks=self.engine.allocator.num_free).pack()
         )
@@ -153,6 +157,7 @@ class DecodeService(Service):
             for rid in [r for r, i in self.inbound.items() if i.deadline < now]:
                 log.warning("%s: KV for %s never completed; releasing its blocks",
                             self.instance_id, rid)
+                metrics.error("decode", "kv_timeout")
                 await self._fail(rid, f"{self.instance_id}: KV transfer did not complete in time")
 
     # -- KV frames ----------------------------------------------------------------------
@@ -161,8 +166,11 @@ class DecodeService(Service):
         try:
             frame = decode_frame(msg.data, self.settings.max_frame_bytes * 2)
         except FrameError as exc:
-            log.warning("%s rejected a KV frame: %s", self.instance_id, exc)
+            log.warning("%s rejected a KV frame of %s: %s", self.instance_id,
+                        exc.request_id or "an unknown request", exc)
             await acknowledge(msg, False, str(exc))
+            if exc.request_id in self.inbound:
+                await self._fail(exc.request_id, f"bad KV frame: {exc}")
             return
         inbound = self.inbound.get(frame.request_id)
         if inbound is None:
@@ -273,6 +281,7 @@ class DecodeService(Service):
         entry.span.set_attribute("completion.tokens", len(entry.seq.output_ids))
         entry.span.end()
         if entry.seq.finished:
+            metrics.DECODE_REQUESTS.inc()
             record = CompletionRecord(
                 request_id=entry.seq.request_id, prefill_instance=entry.prefill_instance,
                 decode_instance=self.instance_id, prompt_tokens=len(entry.request.prompt_token_ids),
@@ -298,7 +307,9 @@ class DecodeService(Service):
                 continue
             self.peak_running = max(self.peak_running, len(self.running))
             batch = [e.seq for e in self.running]
-            await asyncio.to_thread(self.engine.decode, batch)
+            with metrics.DECODE_STEP_SECONDS.time():
+                await asyncio.to_thread(self.engine.decode, batch)
+            metrics.DECODE_TOKENS.inc(len(batch))
             still = []
             for entry in self.running:
                 seq = entry.seq

@@ -19,6 +19,7 @@ from proto.messages import (
     TokenEvent,
     unpack_request_event,
 )
+from services.common import metrics
 from services.common.bus import Bus
 from services.common.registry import Registry
 from services.common.settings import GatewaySettings
@@ -60,7 +61,10 @@ class NatsBackend:
         return counts
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
-        with _tracer.start_as_current_span("gateway.request") as span:
+        with (
+            _tracer.start_as_current_span("gateway.request") as span,
+            metrics.track_request(len(request.prompt_token_ids)) as tracked,
+        ):
             span.set_attribute("request.id", request.request_id)
             span.set_attribute("prompt.tokens", len(request.prompt_token_ids))
             produced: list[int] = []
@@ -83,12 +87,14 @@ class NatsBackend:
                     async with contextlib.aclosing(self._attempt(attempt_request)) as events:
                         async for event in events:
                             produced.extend(event.token_ids)
+                            tracked.delivered(event)
                             yield event
                     span.set_attribute("completion.tokens", len(produced))
                     return
                 except _Retry as retry:
                     attempt += 1
                     excluded.extend(retry.dead)
+                    metrics.RETRIES.inc()
                     if attempt >= self.settings.max_attempts:
                         raise GenerationError(
                             f"request failed after {attempt} attempts: {retry}"

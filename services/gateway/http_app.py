@@ -129,6 +129,8 @@ class _OpenAIHandlers:
             prompt_token_ids=prepared.prompt_token_ids,
             sampling=prepared.sampling,
             submitted_at=time.time(),
+            pin_prefill=prepared.route.prefill_instance if prepared.route else "",
+            pin_decode=prepared.route.decode_instance if prepared.route else "",
         )
         events = self.backend.generate(generate)
         # Closing `events` aborts the request in the system. It must happen however this

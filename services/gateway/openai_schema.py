@@ -81,6 +81,14 @@ class StreamOptions(_Strict):
     include_usage: bool | None = None
 
 
+class RoutePin(_Strict):
+    """hetserve extension: serve on these instances (ids as in the registry), e.g. to test
+    or debug one prefill/decode pair."""
+
+    prefill_instance: str = ""
+    decode_instance: str = ""
+
+
 class _GenerationRequest(_Strict):
     """Fields both endpoints share. None stands for "not given" (clients send explicit nulls)."""
 
@@ -97,6 +105,7 @@ class _GenerationRequest(_Strict):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     return_token_ids: bool | None = None  # vLLM extension
+    hetserve_route: RoutePin | None = None  # hetserve extension
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -203,6 +212,7 @@ class Prepared:
     stream: bool
     include_usage: bool
     return_token_ids: bool
+    route: RoutePin | None = None
 
 
 def prepare_completion(
@@ -311,4 +321,5 @@ def _prepared(request: _GenerationRequest, prompt_ids: list[int], max_tokens: in
         stream=bool(request.stream),
         include_usage=bool(options and options.include_usage),
         return_token_ids=bool(request.return_token_ids),
+        route=request.hetserve_route,
     )

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from scipy.optimize import least_squares
 
-from services.planner.catalog import Efficiency, GpuSpec
+from services.planner.catalog import GpuSpec
 from services.planner.engine_probe import EngineTimer, measure_peaks, random_model
 from services.planner.errors import PlannerError
 from services.planner.model_spec import ModelSpec, model_from_hf_config
@@ -48,10 +48,14 @@ def mark_held_out(measurements: list[Measurement]) -> list[Measurement]:
 
 
 def mape(measurements: list[Measurement], phase: str) -> float:
-    chosen = [m for m in measurements if m.phase == phase and m.held_out]
-    if not chosen or any(m.predicted_s is None for m in chosen):
-        raise PlannerError(f"calibration: no held-out {phase} measurement to score")
-    return float(np.mean([abs(m.predicted_s - m.seconds) / m.seconds for m in chosen]))  # type: ignore[operator]
+    errors = [
+        abs(m.predicted_s - m.seconds) / m.seconds
+        for m in measurements
+        if m.phase == phase and m.held_out and m.predicted_s is not None
+    ]
+    if not errors:
+        raise PlannerError(f"calibration: no scored held-out {phase} measurement")
+    return float(np.mean(errors))
 
 
 def fit(
@@ -64,11 +68,14 @@ def fit(
         raise PlannerError(f"calibration: {len(train)} training measurements; need at least 3")
 
     def with_efficiency(theta: np.ndarray) -> GpuSpec:
-        eff = Efficiency(
-            compute=theta[0],
-            memory=theta[1],
-            link=device.efficiency.link,
-            layer_overhead_s=theta[2],
+        compute, memory, attention, overhead = theta
+        eff = device.efficiency.model_copy(
+            update={
+                "compute": float(compute),
+                "memory": float(memory),
+                "attention": float(attention),
+                "layer_overhead_s": float(overhead),
+            }
         )
         return device.model_copy(update={"efficiency": eff})
 
@@ -76,9 +83,11 @@ def fit(
         gpu = with_efficiency(theta)
         return np.array([np.log(predict(model, gpu, m) / m.seconds) for m in train])
 
-    start = np.array([0.5, 0.5, 1e-5])
     result = least_squares(
-        residuals, start, bounds=([1e-4, 1e-4, 0.0], [1.0, 1.0, 0.1]), x_scale=[0.1, 0.1, 1e-5]
+        residuals,
+        x0=np.array([0.5, 0.5, 0.5, 1e-5]),
+        bounds=([1e-4, 1e-4, 1e-4, 0.0], [1.0, 1.0, 1.0, 0.1]),
+        x_scale=[0.1, 0.1, 0.1, 1e-5],
     )
     fitted = with_efficiency(result.x)
     scored = [m.model_copy(update={"predicted_s": predict(model, fitted, m)}) for m in measurements]
@@ -99,18 +108,21 @@ def measure(timer: EngineTimer, quick: bool, repeats: int, passes: int) -> list[
     of other work on a shared machine spoils at most one pass of a point."""
     lengths, pairs = _grid(quick, timer.max_positions)
     timer.warm_up()
-    best: dict[tuple[str, int, int], float] = {}
+    best: dict[tuple[str, int, int], Measurement] = {}
+
+    def keep(m: Measurement) -> None:
+        key = (m.phase, m.batch, m.length)
+        if key not in best or m.seconds < best[key].seconds:
+            best[key] = m
+
     for _ in range(passes):
         for n in lengths:
-            seconds = timer.prefill(n, repeats)
-            best[("prefill", 1, n)] = min(seconds, best.get(("prefill", 1, n), seconds))
+            keep(Measurement(phase="prefill", batch=1, length=n, seconds=timer.prefill(n, repeats)))
         for b, c in pairs:
-            seconds = timer.decode(b, c, repeats)
-            best[("decode", b, c)] = min(seconds, best.get(("decode", b, c), seconds))
-    return [
-        Measurement(phase=phase, batch=batch, length=length, seconds=seconds)  # type: ignore[arg-type]
-        for (phase, batch, length), seconds in best.items()
-    ]
+            keep(
+                Measurement(phase="decode", batch=b, length=c, seconds=timer.decode(b, c, repeats))
+            )
+    return list(best.values())
 
 
 def _slug(text: str) -> str:

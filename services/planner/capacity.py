@@ -75,7 +75,7 @@ def prefill_latencies(
     perf: PerfModel, mix: RequestMix, link_gbps: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per representative prompt: stage service time, and latency through KV arrival."""
-    s = mix.prompt.points()
+    s = mix.prompt.points
     service = np.asarray(perf.prefill_stage_time(s, s**2, 1))
     latency = np.asarray(perf.prefill_latency(s, s**2, 1))
     kv = s * perf.model.kv_bytes_per_token
@@ -107,7 +107,7 @@ def _decode_limits(
 ) -> tuple[float, float, str]:
     """(KV tokens per instance, largest request, reason) for the memory checks."""
     kv_tokens = perf.kv_capacity_tokens(targets.memory_utilisation, targets.max_prefill_tokens)
-    largest = mix.prompt.largest() + mix.output.largest()
+    largest = mix.prompt.largest + mix.output.largest
     reason = f"KV memory holds {kv_tokens} tokens; the largest request needs {largest}"
     return kv_tokens, largest, reason
 
@@ -150,7 +150,7 @@ def colocated_capacity(perf: PerfModel, mix: RequestMix, targets: PhaseTargets) 
     kv_tokens, largest, memory_reason = _decode_limits(perf, mix, targets)
     if kv_tokens < largest:
         return Capacity(0.0, memory_reason)
-    s = mix.prompt.points()
+    s = mix.prompt.points
     service = np.asarray(perf.prefill_latency(s, s**2, 1))
     context = mix.mean_prompt + mix.mean_output / 2
     held = mix.mean_prompt + mix.mean_output

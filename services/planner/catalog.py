@@ -18,7 +18,10 @@ class Efficiency(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     compute: float = Field(0.6, gt=0, le=1, description="fraction of dense peak FLOP/s")
-    memory: float = Field(0.8, gt=0, le=1, description="fraction of memory bandwidth")
+    memory: float = Field(0.8, gt=0, le=1, description="fraction of memory bandwidth (weights)")
+    attention: float = Field(
+        0.8, gt=0, le=1, description="fraction of memory bandwidth attention gets reading KV"
+    )
     link: float = Field(0.7, gt=0, le=1, description="fraction of scale-up link bandwidth")
     layer_overhead_s: float = Field(
         20e-6, ge=0, description="fixed time per layer per step (launches, norms, rotary)"

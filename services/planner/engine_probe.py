@@ -11,8 +11,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from services.engine.sequence import Sequence
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -129,7 +133,7 @@ class EngineTimer:
         self.vocab = self.engine.cfg.vocab_size
         self.max_positions = self.engine.max_model_len
 
-    def _sequence(self, length: int, room: int):  # noqa: ANN202 - services.engine's Sequence
+    def _sequence(self, length: int, room: int) -> Sequence:
         from proto.messages import GenerateRequest, SamplingParams
 
         ids = torch.randint(0, self.vocab, (length,)).tolist()

@@ -56,6 +56,7 @@ class PerfModel:
         eff = gpu.efficiency
         self._flops = gpu.dense_flops * eff.compute
         self._mem_bw = gpu.hbm_gbps * 1e9 * eff.memory
+        self._kv_bw = gpu.hbm_gbps * 1e9 * eff.attention
         self._link_bw = gpu.link_gbps * 1e9 / 2 * eff.link  # one direction
         self._overhead = eff.layer_overhead_s
         in_node = shape.gpus <= gpu.gpus_per_node
@@ -96,7 +97,7 @@ class PerfModel:
         hd = self.model.head_dim
         attn_flops = 2 * squares * self._q_heads * hd
         attn_bytes = tokens * hd * self._e * (2 * self._q_heads + 4 * self._kv_heads)
-        attention = _max(attn_flops / self._flops, attn_bytes / self._mem_bw)
+        attention = _max(attn_flops / self._flops, attn_bytes / self._kv_bw)
         return (
             self._gemm(self._layer_weights, tokens)
             + attention
@@ -125,7 +126,7 @@ class PerfModel:
         hd = self.model.head_dim
         per_context_token = max(
             4 * self._q_heads * hd / self._flops,
-            2 * self._kv_heads * hd * self._e / self._mem_bw,
+            2 * self._kv_heads * hd * self._e / self._kv_bw,
         )
         layer = self._gemm(self._layer_weights, micro) + self._allreduce(micro) + self._overhead
         stage = (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from services.planner.baselines import single_type, solve_distserve
 from services.planner.capacity import prefill_latencies, tpot_quantile, ttft_quantile
@@ -191,9 +191,10 @@ def _better(a: Outcome, b: Outcome, goodput: bool) -> bool:
 
 
 def _baselines(
-    inputs: PlanInputs, search: SearchResult, confirmer: Confirmer, simulate: bool
+    inputs: PlanInputs, searches: Searches, confirmer: Confirmer, simulate: bool
 ) -> tuple[Outcome, ...]:
     goodput = inputs.objective == "max_goodput"
+    search = searches.disaggregated
     singles = []
     for gpu in inputs.gpus:
         problem, perf = single_type(search, gpu)
@@ -209,7 +210,8 @@ def _baselines(
     if not best.feasible:
         reasons = "; ".join(f"{o.name}: {o.reason}" for o in singles)
         best = Outcome("single type", False, reasons, None, 0.0, (), (), None, ())
-    colocated = build_problem(inputs, "colocated")
+    colocated = searches.colocated
+    assert colocated is not None  # searched whenever baselines are asked for
     together = _outcome(
         "colocated (no P/D)",
         inputs,
@@ -230,12 +232,49 @@ def _baselines(
     return best, together, distserve
 
 
-def plan(inputs: PlanInputs, simulate: bool = True, baselines: bool = True) -> PlanReport:
+@dataclass(frozen=True)
+class Searches:
+    """What each configuration sustains does not depend on the demand: one search serves a
+    sweep of arrival rates (`for_inputs` sets the demand)."""
+
+    disaggregated: SearchResult
+    colocated: SearchResult | None
+
+    def for_inputs(self, inputs: PlanInputs) -> Searches:
+        colocated = None if self.colocated is None else _with_demand(self.colocated, inputs)
+        return Searches(_with_demand(self.disaggregated, inputs), colocated)
+
+
+def _with_demand(search: SearchResult, inputs: PlanInputs) -> SearchResult:
+    problem = replace(
+        search.problem,
+        demand=inputs.mix.rate if inputs.objective == "min_cost" else None,
+        budget=inputs.budget_per_hour if inputs.objective == "max_goodput" else None,
+    )
+    return replace(search, problem=problem)
+
+
+def search_all(inputs: PlanInputs, baselines: bool = True) -> Searches:
+    colocated = build_problem(inputs, "colocated") if baselines else None
+    return Searches(build_problem(inputs), colocated)
+
+
+def plan(
+    inputs: PlanInputs,
+    simulate: bool = True,
+    baselines: bool = True,
+    searches: Searches | None = None,
+) -> PlanReport:
     """The cheapest plan (or the most goodput within the budget), checked in simulation when
-    `simulate`, with the baselines when `baselines`."""
+    `simulate`, with the baselines when `baselines`; `searches` from an earlier call with
+    the same inputs but another rate saves the search."""
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    search = build_problem(inputs)
+    if searches is None:
+        searches = search_all(inputs, baselines)
+    else:
+        searches = searches.for_inputs(inputs)
+    search = searches.disaggregated
     seconds["search"] = time.perf_counter() - start
     confirmer = Confirmer(inputs)
     start = time.perf_counter()
@@ -253,7 +292,7 @@ def plan(inputs: PlanInputs, simulate: bool = True, baselines: bool = True) -> P
     others: tuple[Outcome, ...] = ()
     if baselines:
         start = time.perf_counter()
-        others = _baselines(inputs, search, confirmer, simulate)
+        others = _baselines(inputs, searches, confirmer, simulate)
         seconds["baselines"] = time.perf_counter() - start
     return PlanReport(inputs, main, others, search.rejected, seconds)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from services.planner.errors import PlannerError
 from services.planner.inputs import PlanInputs
-from services.planner.planner import plan
+from services.planner.planner import plan, search_all
 
 RATE_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
 
@@ -15,8 +15,9 @@ def cost_curves(inputs: PlanInputs, rates: list[float]) -> dict[str, list[float 
     """Cost per hour by strategy at each rate (None where infeasible), from the queueing
     estimates alone: no simulation, so that a sweep stays quick."""
     curves: dict[str, list[float | None]] = {}
+    searches = search_all(inputs)
     for rate in rates:
-        report = plan(inputs.with_rate(rate), simulate=False)
+        report = plan(inputs.with_rate(rate), simulate=False, searches=searches)
         for outcome in (report.plan, *report.baselines):
             name = "single type (best)" if outcome.name.startswith("single type") else outcome.name
             curves.setdefault(name, []).append(outcome.cost_per_hour)

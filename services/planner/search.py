@@ -66,7 +66,7 @@ def _shapes(inputs: PlanInputs, gpu_types: list[str]) -> tuple[list[PerfModel], 
     model, search = inputs.model, inputs.search
     fitting: list[PerfModel] = []
     rejected: list[Rejection] = []
-    need = inputs.mix.prompt.largest()
+    need = inputs.mix.prompt.largest
     for name in gpu_types:
         gpu = inputs.gpus[name]
         for tp in sorted(set(search.tp)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ QUANTILE_POINTS = 64  # points that stand for a length distribution in the analy
 LARGEST_QUANTILE = 0.999  # the length a request must be able to reach (memory fit)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Lengths:
     """A token-count distribution: `quantile(u)` for u in (0, 1), clipped to [1, max]."""
 
@@ -41,11 +42,14 @@ class Lengths:
         upper = self.maximum if self.maximum is not None else np.inf
         return np.clip(np.rint(raw), 1, upper)
 
+    @cached_property
     def points(self) -> np.ndarray:
         """Equally likely representative lengths (mid-quantiles)."""
         return self.quantile((np.arange(QUANTILE_POINTS) + 0.5) / QUANTILE_POINTS)
 
+    @cached_property
     def largest(self) -> int:
+        """The length a request must be able to reach (the LARGEST_QUANTILE)."""
         return int(self.quantile(np.array([LARGEST_QUANTILE]))[0])
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -62,11 +66,11 @@ class RequestMix:
 
     @property
     def mean_prompt(self) -> float:
-        return float(self.prompt.points().mean())
+        return float(self.prompt.points.mean())
 
     @property
     def mean_output(self) -> float:
-        return float(self.output.points().mean())
+        return float(self.output.points.mean())
 
     def with_rate(self, rate: float) -> RequestMix:
         return RequestMix(rate=rate, prompt=self.prompt, output=self.output)

@@ -14,6 +14,7 @@ from nats.aio.msg import Msg
 from proto.frames import Frame
 from proto.layouts import payload_to_bytes
 from proto.messages import ErrorEvent, MessageError, PrefillJob, TokenEvent
+from services.common import metrics
 from services.common.kv_stream import FrameSender
 from services.common.service import Service
 from services.common.settings import WorkerSettings
@@ -60,6 +61,7 @@ class PrefillService(Service):
             job = PrefillJob.unpack(msg.data)
         except MessageError as exc:
             log.warning("rejected prefill job: %s", exc)
+            metrics.error("prefill", "malformed_job")
             await msg.respond(b"rejected: " + str(exc).encode())
             return
         await self.jobs.put((job, extract(msg.headers)))
@@ -77,6 +79,7 @@ class PrefillService(Service):
                     await self._run(job)
             except Exception as exc:
                 log.exception("prefill of %s failed", job.request.request_id)
+                metrics.error("prefill", "prefill_failed")
                 await self.bus.publish(
                     job.events_subject,
                     ErrorEvent(request_id=job.request.request_id, message=f"prefill failed: {exc}",
@@ -99,7 +102,10 @@ class PrefillService(Service):
 
     async def _compute_and_announce(self, job: PrefillJob, seq, run) -> int:  # noqa: ANN001
         """Run the model in a thread; send the first token to the gateway the moment it exists."""
-        token = await asyncio.to_thread(run)
+        with metrics.PREFILL_SECONDS.time():
+            token = await asyncio.to_thread(run)
+        metrics.PREFILL_REQUESTS.inc()
+        metrics.PREFILL_TOKENS.inc(len(seq.context_ids))
         await self.bus.publish(job.events_subject, TokenEvent(
             request_id=job.request.request_id, index=len(job.request.resumed_token_ids),
             token_ids=[token], finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,

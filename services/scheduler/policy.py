@@ -17,10 +17,19 @@ def pairable(prefill: InstanceInfo, decode: InstanceInfo) -> bool:
     return (p.num_layers, p.num_kv_heads, p.head_dim) == (d.num_layers, d.num_kv_heads, d.head_dim)
 
 
+def _pinned(instances: list[InstanceInfo], pin: str, role: str) -> list[InstanceInfo]:
+    if not pin:
+        return instances
+    chosen = [i for i in instances if i.instance_id == pin]
+    if not chosen:
+        raise RoutingError(f"the requested {role} instance {pin!r} is not live")
+    return chosen
+
+
 def rank_prefill(instances: list[InstanceInfo], request: GenerateRequest) -> list[InstanceInfo]:
     need = len(request.context_token_ids)
     usable = [
-        i for i in instances
+        i for i in _pinned(instances, request.pin_prefill, "prefill")
         if i.instance_id not in request.excluded_instances and i.kv is not None
         and (i.max_model_len == 0 or need <= i.max_model_len)
     ]
@@ -29,7 +38,7 @@ def rank_prefill(instances: list[InstanceInfo], request: GenerateRequest) -> lis
 
 def rank_decode(instances: list[InstanceInfo], request: GenerateRequest) -> list[InstanceInfo]:
     usable = [
-        i for i in instances
+        i for i in _pinned(instances, request.pin_decode, "decode")
         if i.instance_id not in request.excluded_instances and i.kv is not None
     ]
     # Most free KV first, then the shortest queue: spreads load and avoids refusals.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -26,6 +27,7 @@ from proto.messages import (
     ReserveRequest,
     RouteEvent,
 )
+from services.common import metrics
 from services.common.service import Service
 from services.common.settings import SchedulerSettings
 from services.common.telemetry import extract, inject, tracer
@@ -59,7 +61,9 @@ class SchedulerService(Service):
                 msgs = await self.queue.fetch(1, timeout=1.0)
             except (nats.errors.TimeoutError, TimeoutError):
                 self.in_flight.release()
+                metrics.QUEUE_DEPTH.labels("requests").set(0)
                 continue
+            metrics.QUEUE_DEPTH.labels("requests").set(msgs[0].metadata.num_pending)
             self.spawn(self._handle(msgs[0]), "route")
 
     async def _handle(self, msg: Msg) -> None:
@@ -68,19 +72,23 @@ class SchedulerService(Service):
                 request = GenerateRequest.unpack(msg.data)
             except MessageError as exc:
                 log.warning("dropping a malformed request: %s", exc)
+                metrics.error("scheduler", "malformed_request")
                 await msg.term()
                 return
             with _tracer.start_as_current_span("scheduler.route", context=extract(msg.headers)) as span:
                 span.set_attribute("request.id", request.request_id)
                 span.set_attribute("prompt.tokens", len(request.context_token_ids))
+                started = time.monotonic()
                 try:
                     route = await self._route(request)
                     span.set_attribute("prefill.instance", route.prefill_instance)
                     span.set_attribute("decode.instance", route.decode_instance)
                     span.set_attribute("converter.instance", route.converter_instance or "")
                     self.routed += 1
+                    metrics.routed(time.monotonic() - started, bool(route.converter_instance))
                 except RoutingError as exc:
                     span.set_attribute("error", str(exc))
+                    metrics.error("scheduler", "unroutable")
                     await self.bus.publish(
                         self.bus.subjects.request_events(request.request_id),
                         ErrorEvent(request_id=request.request_id, message=str(exc),

@@ -7,7 +7,7 @@ import pytest
 from services.planner.inputs import resolve
 from services.planner.milp import solve_milp, undominated
 from services.planner.oracle import solve_exhaustive
-from services.planner.problem import Allocation, CapacityProblem, Config, Infeasible
+from services.planner.problem import Allocation, CapacityProblem, Config, Infeasible, Role
 from services.planner.search import build_problem
 from services.planner.spec import parse_spec
 from tests.planner.instances import random_spec
@@ -58,11 +58,11 @@ def test_max_goodput_matches_the_oracle() -> None:
 
 
 def _config(
-    role: str, gpu: str, rate: float, gpus: int = 1, price: float = 1.0, **rate_to: float
+    role: Role, gpu: str, rate: float, gpus: int = 1, price: float = 1.0, **rate_to: float
 ) -> Config:
     return Config(
         role=role, gpu=gpu, tp=gpus, pp=1, price_per_hour=price * gpus, rate=rate, rate_to=rate_to
-    )  # type: ignore[arg-type]
+    )
 
 
 def test_the_kv_link_forces_same_type_pairs() -> None:

@@ -1,0 +1,228 @@
+"""Every Prometheus metric hetserve exports, defined in this one place.
+
+Each service process serves them on `HETSERVE_METRICS_PORT` (0: off). Counters and histograms
+count what this process did; gauges that mirror an instance's state (running, waiting, free
+and used KV blocks) are labelled with `role` and `instance_id` and set from the heartbeat.
+Names follow Prometheus conventions: base units (`_seconds`, `_bytes`), `_total` for counters.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from proto.messages import InstanceInfo, TokenEvent
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+# -- gateway: requests as clients see them ----------------------------------------------
+REQUESTS = Counter(
+    "hetserve_requests_total",
+    "Requests the gateway handled, by outcome: finished (the model finished), cancelled "
+    "(the gateway stopped early: stop string or client gone), error.",
+    ["outcome"],
+)
+TTFT = Histogram(
+    "hetserve_time_to_first_token_seconds",
+    "From the gateway submitting a request to its first token.",
+    buckets=_LATENCY_BUCKETS,
+)
+TPOT = Histogram(
+    "hetserve_time_per_output_token_seconds",
+    "Per request: time after the first token divided by the tokens after it.",
+    buckets=_STEP_BUCKETS,
+)
+E2E_LATENCY = Histogram(
+    "hetserve_e2e_request_latency_seconds",
+    "From the gateway submitting a request to its last token.",
+    buckets=_LATENCY_BUCKETS,
+)
+PROMPT_TOKENS = Counter("hetserve_prompt_tokens_total", "Prompt tokens of requests received.")
+GENERATION_TOKENS = Counter(
+    "hetserve_generation_tokens_total", "Tokens generated and delivered to clients."
+)
+RETRIES = Counter(
+    "hetserve_request_retries_total", "Attempts resubmitted after an instance failed."
+)
+
+# -- scheduler ---------------------------------------------------------------------------
+ROUTED = Counter(
+    "hetserve_routed_requests_total",
+    "Requests placed, by route (direct or converter).",
+    ["route"],
+)
+ROUTE_SECONDS = Histogram(
+    "hetserve_route_seconds",
+    "Time to place a request: reserve on decode, hand to prefill.",
+    buckets=_STEP_BUCKETS,
+)
+QUEUE_DEPTH = Gauge(
+    "hetserve_queue_depth",
+    "Messages waiting in a JetStream queue (requests: not yet routed).",
+    ["queue"],
+)
+
+# -- prefill and decode ------------------------------------------------------------------
+PREFILL_REQUESTS = Counter("hetserve_prefill_requests_total", "Prompts prefilled.")
+PREFILL_TOKENS = Counter("hetserve_prefill_tokens_total", "Context tokens prefilled.")
+PREFILL_SECONDS = Histogram(
+    "hetserve_prefill_seconds",
+    "Model time of one prefill (all layers, first token).",
+    buckets=_LATENCY_BUCKETS,
+)
+RESERVATIONS = Counter(
+    "hetserve_kv_reservations_total",
+    "Decode KV reservations, by outcome (ok or refused).",
+    ["outcome"],
+)
+DECODE_REQUESTS = Counter(
+    "hetserve_decode_requests_total", "Requests a decode instance finished generating."
+)
+DECODE_TOKENS = Counter("hetserve_decode_tokens_total", "Tokens a decode instance generated.")
+DECODE_STEP_SECONDS = Histogram(
+    "hetserve_decode_step_seconds", "Model time of one batched decode step.", buckets=_STEP_BUCKETS
+)
+
+# -- KV frames (kv_stream: prefill and converter send; converter and decode receive) -------
+KV_SENT_BYTES = Counter("hetserve_kv_sent_bytes_total", "Bytes of KV frames published.")
+KV_SENT_FRAMES = Counter("hetserve_kv_sent_frames_total", "KV frames published.")
+KV_RECEIVED_BYTES = Counter(
+    "hetserve_kv_received_bytes_total", "Bytes of KV frames received and accepted."
+)
+KV_RECEIVED_FRAMES = Counter(
+    "hetserve_kv_received_frames_total", "KV frames received and accepted."
+)
+
+# -- converter ---------------------------------------------------------------------------
+KV_CONVERTED_BYTES = Counter(
+    "hetserve_kv_converted_bytes_total", "KV payload bytes produced in the destination layout."
+)
+KV_CONVERTED_FRAMES = Counter(
+    "hetserve_kv_converted_frames_total", "KV data frames produced in the destination layout."
+)
+CONVERSION_SECONDS = Histogram(
+    "hetserve_kv_conversion_seconds",
+    "Time to re-lay one layer of one request.",
+    buckets=_STEP_BUCKETS,
+)
+CONVERSIONS = Counter("hetserve_conversions_total", "Requests whose KV was fully converted.")
+
+# -- every service -----------------------------------------------------------------------
+ERRORS = Counter(
+    "hetserve_errors_total",
+    "Failures, by the component that saw them (a role, or kv_stream) and a short reason.",
+    ["component", "reason"],
+)
+RUNNING = Gauge(
+    "hetserve_running_requests",
+    "Requests an instance is working on (decode: the running batch).",
+    ["role", "instance_id"],
+)
+WAITING = Gauge(
+    "hetserve_waiting_requests", "Requests queued at an instance.", ["role", "instance_id"]
+)
+KV_FREE_BLOCKS = Gauge("hetserve_kv_free_blocks", "Free KV cache blocks.", ["role", "instance_id"])
+KV_USED_BLOCKS = Gauge("hetserve_kv_used_blocks", "Used KV cache blocks.", ["role", "instance_id"])
+
+
+def error(component: str, reason: str) -> None:
+    """Count a failure; `reason` is a short fixed word, never a message."""
+    ERRORS.labels(component, reason).inc()
+
+
+def frame_received(nbytes: int, accepted: bool) -> None:
+    """A KV receiver (decode, converter) acknowledged a frame, or rejected it."""
+    if accepted:
+        KV_RECEIVED_BYTES.inc(nbytes)
+        KV_RECEIVED_FRAMES.inc()
+    else:
+        error("kv_stream", "frame_rejected")
+
+
+def routed(seconds: float, via_converter: bool) -> None:
+    """The scheduler placed a request in `seconds`."""
+    ROUTE_SECONDS.observe(seconds)
+    ROUTED.labels("converter" if via_converter else "direct").inc()
+
+
+def record_status(info: InstanceInfo) -> None:
+    """Mirror an instance's heartbeat in the state gauges."""
+    labels = (info.role, info.instance_id)
+    RUNNING.labels(*labels).set(info.running)
+    WAITING.labels(*labels).set(info.waiting)
+    if info.total_blocks:
+        KV_FREE_BLOCKS.labels(*labels).set(info.free_blocks)
+        KV_USED_BLOCKS.labels(*labels).set(info.total_blocks - info.free_blocks)
+
+
+class RequestTracker:
+    """One gateway request: TTFT, TPOT, end-to-end latency and token counts."""
+
+    def __init__(self, prompt_tokens: int):
+        self.started = time.monotonic()
+        self.first: float | None = None
+        self.last = self.started
+        self.tokens = 0
+        self.finished = False
+        PROMPT_TOKENS.inc(prompt_tokens)
+
+    def delivered(self, event: TokenEvent) -> None:
+        """A token event is on its way to the client."""
+        now = time.monotonic()
+        if self.first is None and event.token_ids:
+            self.first = now
+            TTFT.observe(now - self.started)
+        self.last = now
+        self.tokens += len(event.token_ids)
+        self.finished = self.finished or event.finish_reason is not None
+        GENERATION_TOKENS.inc(len(event.token_ids))
+
+    def done(self, outcome: str) -> None:
+        REQUESTS.labels(outcome).inc()
+        if outcome == "error" or self.first is None:
+            return
+        E2E_LATENCY.observe(self.last - self.started)
+        if self.tokens > 1:
+            TPOT.observe((self.last - self.first) / (self.tokens - 1))
+
+
+@contextmanager
+def track_request(prompt_tokens: int) -> Iterator[RequestTracker]:
+    """Around a gateway request: records its outcome however it ends. The HTTP layer closes
+    the event stream once it has the last event, so a close after that is a finish."""
+    tracker = RequestTracker(prompt_tokens)
+    try:
+        yield tracker
+    except Exception as exc:
+        tracker.done("error")
+        error("gateway", str(getattr(exc, "code", "") or "internal"))
+        raise
+    except BaseException:  # GeneratorExit or CancelledError: the gateway stopped early
+        tracker.done("finished" if tracker.finished else "cancelled")
+        raise
+    tracker.done("finished")
+
+
+def serve_metrics(port: int) -> Callable[[], None] | None:
+    """Serve /metrics on `port` (all interfaces) in a thread; returns how to stop. 0: off."""
+    if not port:
+        return None
+    try:
+        server, thread = start_http_server(port)
+    except OSError as exc:
+        raise ConnectionError(f"cannot serve metrics on port {port}: {exc}") from exc
+    log.info("Prometheus metrics on :%d/metrics", port)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+    return stop
