@@ -83,6 +83,7 @@ class InstanceInfo(Message):
     running: int = 0
     waiting: int = 0
     peak_running: int = 0  # largest decode batch so far
+    preemptions: int = 0  # sequences a decode instance gave back for lack of KV blocks
     free_blocks: int = 0
     total_blocks: int = 0
     max_model_len: int = 0
@@ -102,6 +103,7 @@ class ReserveRequest(Message):
 class ReserveReply(Message):
     ok: bool
     reason: str = ""
+    retry_later: bool = False  # refused only for lack of free blocks right now
     free_blocks: int = 0
 
 
@@ -147,6 +149,7 @@ class ErrorEvent(Message):
     message: str
     retryable: bool = True
     instance_id: str = ""
+    exclude_instance: bool = True  # a retry avoids instance_id (not after a preemption)
 
 
 RequestEvent = Annotated[RouteEvent | TokenEvent | ErrorEvent, Field(discriminator="kind")]

@@ -63,8 +63,7 @@ class KVBenchConfig:
     max_frame_bytes: int = 512 * 1024
     window: int = 8
     transfer_tokens: int | None = None  # None: the longest prompt that fills whole frames
-    transfer_requests: int = 24
-    rounds: int = 4
+    transfer_requests: int = 40  # per route, the routes taking turns
     prompt_tokens: int = 1024
     exposed_repeats: int = 5
 
@@ -80,9 +79,9 @@ class KVBenchConfig:
             raise ValueError("the converter route needs two different layouts")
         if min(self.kv_heads, self.head_dim, self.repeats, *self.tp, *self.tokens) < 1:
             raise ValueError("kv heads, head dim, repeats, tp and tokens must be >= 1")
-        if min(self.transfer_requests, self.rounds, self.prompt_tokens,
-               self.exposed_repeats, self.window) < 1:
-            raise ValueError("requests, rounds, prompt tokens, repeats and window must be >= 1")
+        if min(self.transfer_requests, self.prompt_tokens, self.exposed_repeats,
+               self.window) < 1:
+            raise ValueError("requests, prompt tokens, repeats and window must be >= 1")
         parse_dtype_pairs(self.dtypes)
 
 
@@ -154,7 +153,7 @@ async def run_bus_sections(config: KVBenchConfig, report: KVReport, workdir: Pat
             if "transfer" in config.sections:
                 progress("transfer: ceiling, direct, converter")
                 report.transfer = await measure_transfer(
-                    topo, config.transfer_tokens, config.transfer_requests, config.rounds)
+                    topo, config.transfer_tokens, config.transfer_requests)
             if "exposed" in config.sections:
                 progress("exposed: prompts through the real prefill worker")
                 report.exposed = await measure_exposed(topo, config.prompt_tokens,

@@ -73,8 +73,8 @@ def register(subparsers: Any) -> None:
     b.add_argument("--frame-bytes", type=int, default=512 * 1024, help="max KV frame bytes")
     b.add_argument("--window", type=int, default=8, help="unacknowledged frames per stream")
     b.add_argument("--transfer-tokens", type=int, help="tokens per request (default: auto)")
-    b.add_argument("--transfer-requests", type=int, default=24, help="requests per route")
-    b.add_argument("--rounds", type=int, default=4, help="turns the routes take")
+    b.add_argument("--transfer-requests", type=int, default=40,
+                   help="requests per route, the routes taking turns (default %(default)s)")
     b.add_argument("--prompt-tokens", type=int, default=1024, help="(c) prompt length")
     b.add_argument("--exposed-repeats", type=int, default=5, help="(c) prompts per route")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -93,7 +93,7 @@ def run_kv_command(args: argparse.Namespace) -> int:
         threads=args.threads, nats_url=args.nats_url, model=args.model, route=args.route,
         service_dtype=args.service_dtype, max_frame_bytes=args.frame_bytes,
         window=args.window, transfer_tokens=args.transfer_tokens,
-        transfer_requests=args.transfer_requests, rounds=args.rounds,
+        transfer_requests=args.transfer_requests,
         prompt_tokens=args.prompt_tokens, exposed_repeats=args.exposed_repeats,
     )
     try:

@@ -77,9 +77,14 @@ class ExposedResult:
     routes: dict[str, ExposedRoute] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        routes = {}
+        for name, route in self.routes.items():
+            d = route.to_dict()
+            # the issue's literal measure: TTFT disaggregated minus TTFT colocated
+            d["ttft_minus_colocated_s"] = d["ttft_s"] - self.colocated_prefill_s
+            routes[name] = d
         return {"num_tokens": self.num_tokens, "kv_bytes": self.kv_bytes,
-                "colocated_prefill_s": self.colocated_prefill_s,
-                "routes": {name: r.to_dict() for name, r in self.routes.items()}}
+                "colocated_prefill_s": self.colocated_prefill_s, "routes": routes}
 
 
 class AckTap:
@@ -158,50 +163,53 @@ async def _token_times(events: asyncio.Queue, timeout_s: float) -> float:
                 return t_first
 
 
-def _colocated_prefill_s(topo: BenchTopology, num_tokens: int, repeats: int) -> float:
-    """The same prefill (model, layout, one torch thread) run in this process, no streaming."""
-    from services.engine.factory import build_engine
+class ColocatedPrefill:
+    """The same prefill (model, layout, one torch thread) in this process, no streaming."""
 
-    c, kv = topo.config, topo.kv("prefill")
-    threads = torch.get_num_threads()
-    try:
-        engine = build_engine(WorkerSettings(
+    def __init__(self, topo: BenchTopology, num_tokens: int):
+        from services.engine.factory import build_engine
+
+        c, kv = topo.config, topo.kv("prefill")
+        self.num_tokens = num_tokens
+        self.engine = build_engine(WorkerSettings(
             model=str(c.model_dir), kv_layout=kv.layout, block_size=kv.block_size,
-            kv_dtype=kv.dtype, num_blocks=engine_blocks(num_tokens, kv.block_size),
+            kv_dtype=kv.dtype, num_blocks=-(-num_tokens // kv.block_size) + 4,  # + reserved
             device="cpu", torch_threads=1, nats_url=c.nats_url))
-        times = []
-        for _ in range(repeats + 1):  # the first one warms up
-            seq = engine.new_sequence(bench_request(new_request_id("colo"), num_tokens, 2))
-            seq.block_table = engine.allocator.allocate(engine.blocks_for(num_tokens))
+
+    def time_once(self) -> float:
+        engine = self.engine
+        seq = engine.new_sequence(bench_request(new_request_id("colo"), self.num_tokens, 2))
+        seq.block_table = engine.allocator.allocate(engine.blocks_for(self.num_tokens))
+        try:
             start = time.perf_counter()
             engine.prefill(seq)
-            times.append(time.perf_counter() - start)
+            return time.perf_counter() - start
+        finally:
             engine.allocator.free(seq.block_table)
-        return statistics.median(times[1:])
-    finally:
-        torch.set_num_threads(threads)
-
-
-def engine_blocks(num_tokens: int, block_size: int) -> int:
-    """Enough blocks for one prompt, its reserved leading blocks and a spare."""
-    return -(-num_tokens // block_size) + 4
 
 
 async def measure_exposed(topo: BenchTopology, num_tokens: int = 1024, repeats: int = 5,
                           timeout_s: float = 120.0) -> ExposedResult:
-    colocated = await asyncio.to_thread(_colocated_prefill_s, topo, num_tokens, repeats)
+    """Colocated prefill, direct and converter routes take turns, after one warm-up each."""
+    threads = torch.get_num_threads()
     kv = SyntheticKV.build(topo.kv("prefill"), num_tokens, topo.config.max_frame_bytes)
-    result = ExposedResult(num_tokens, kv.payload_bytes, colocated)
     tap = AckTap()
     tap_sub = await topo.bus.nc.subscribe("_INBOX.>", cb=tap.on_msg)
     try:
-        for route in ("direct", "converter"):
-            stats = result.routes[route] = ExposedRoute(route)
-            await _one_prompt(topo, route, tap, num_tokens, timeout_s)  # warm-up
-            for _ in range(repeats):
-                stats.samples.append(await _one_prompt(topo, route, tap, num_tokens, timeout_s))
-                stats.transfer_alone_s.append(await send_kv_request(topo, route, kv))
+        colocated = await asyncio.to_thread(ColocatedPrefill, topo, num_tokens)
+        routes = {r: ExposedRoute(r) for r in ("direct", "converter")}
+        colocated_s = []
+        for turn in range(repeats + 1):
+            took = await asyncio.to_thread(colocated.time_once)
+            samples = [await _one_prompt(topo, r, tap, num_tokens, timeout_s) for r in routes]
+            alone = [await send_kv_request(topo, r, kv) for r in routes]
+            if turn == 0:
+                continue  # warm-up
+            colocated_s.append(took)
+            for stats, sample, seconds in zip(routes.values(), samples, alone, strict=True):
+                stats.samples.append(sample)
+                stats.transfer_alone_s.append(seconds)
     finally:
         await tap_sub.unsubscribe()
-    return result
-
+        torch.set_num_threads(threads)
+    return ExposedResult(num_tokens, kv.payload_bytes, statistics.median(colocated_s), routes)

@@ -5,12 +5,14 @@ Routes, all fed by the synthetic prefill side (kv_stream_gen) from this process:
     ceiling    frames -> echo (acknowledges, nothing else): core NATS request/reply
     direct     frames -> the real DecodeService, which checks and stores them in its cache
     converter  frames -> the real ConverterService -> the real DecodeService (two bus legs)
-Blocks are reserved at decode before each request (untimed, as the scheduler does). Routes
-take turns in rounds, so a change in the machine's load spreads over all three.
+Blocks are reserved at decode before each request (untimed, as the scheduler does). The
+routes take turns request by request, so a change in the machine's load falls on all three;
+besides the ratio of total goodputs, the median of the per-turn ratios is reported.
 """
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,13 +33,20 @@ ROUTES = ("ceiling", "direct", "converter")
 @dataclass
 class RouteGoodput:
     route: str
-    payload_bytes: int = 0
-    seconds: float = 0.0
-    requests: int = 0
+    request_bytes: int
+    times: list[float] = field(default_factory=list)  # seconds per request, turn by turn
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.request_bytes * len(self.times)
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.times)
 
     @property
     def gbps(self) -> float:
-        return self.payload_bytes / self.seconds / 1e9 if self.seconds else 0.0
+        return self.payload_bytes / self.seconds / 1e9 if self.times else 0.0
 
 
 @dataclass
@@ -50,8 +59,14 @@ class TransferResult:
     routes: dict[str, RouteGoodput] = field(default_factory=dict)
 
     def ratio(self, route: str) -> float:
+        """Total goodput over the ceiling's."""
         ceiling = self.routes["ceiling"].gbps
         return self.routes[route].gbps / ceiling if ceiling else 0.0
+
+    def paired_ratio(self, route: str) -> float:
+        """Median over turns of (ceiling's time / this route's time) for the same request."""
+        pairs = zip(self.routes["ceiling"].times, self.routes[route].times, strict=True)
+        return statistics.median(c / r for c, r in pairs)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -65,7 +80,9 @@ class TransferResult:
             "data_frames_per_request": self.data_frames_per_request,
             "routes": {
                 name: {"payload_bytes": r.payload_bytes, "seconds": r.seconds,
-                       "requests": r.requests, "gbps": r.gbps, "ratio_to_ceiling": self.ratio(name)}
+                       "requests": len(r.times), "gbps": r.gbps,
+                       "ratio_to_ceiling": self.ratio(name),
+                       "median_paired_ratio": self.paired_ratio(name)}
                 for name, r in self.routes.items()
             },
         }
@@ -98,8 +115,7 @@ async def send_kv_request(topo: BenchTopology, route: str, kv: SyntheticKV,
 async def measure_transfer(
     topo: BenchTopology,
     num_tokens: int | None = None,
-    requests: int = 16,
-    rounds: int = 4,
+    requests: int = 40,
     ack_timeout_s: float = 30.0,
 ) -> TransferResult:
     """Goodput (KV payload bytes / seconds from first frame sent to last acknowledged) per
@@ -111,15 +127,11 @@ async def measure_transfer(
         num_tokens = auto_tokens(source, frame_bytes, max_len)
     kv = SyntheticKV.build(source, num_tokens, frame_bytes)
     result = TransferResult(num_tokens, source, target, len(kv.pieces[0][2]), kv.data_frames,
-                            {r: RouteGoodput(r) for r in ROUTES})
+                            {r: RouteGoodput(r, kv.payload_bytes) for r in ROUTES})
     for route in ROUTES:  # warm-up: connections, code paths, the decode's allocator
         await send_kv_request(topo, route, kv, ack_timeout_s)
-    per_round = max(1, -(-requests // rounds))
-    for _ in range(rounds):
+    for _ in range(requests):
         for route in ROUTES:
-            stats = result.routes[route]
-            for _ in range(per_round):
-                stats.seconds += await send_kv_request(topo, route, kv, ack_timeout_s)
-                stats.payload_bytes += kv.payload_bytes
-                stats.requests += 1
+            result.routes[route].times.append(
+                await send_kv_request(topo, route, kv, ack_timeout_s))
     return result

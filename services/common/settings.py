@@ -53,6 +53,8 @@ class WorkerSettings(CommonSettings):
     torch_threads: int = 0  # 0: torch's default
     max_batch_size: int = Field(64, ge=1)
     reserve_hold_s: float = Field(30.0, gt=0)
+    # decode: blocks held at admission cover the prompt plus this many output tokens
+    reserve_ahead_tokens: int = Field(256, ge=1)
 
 
 class GatewaySettings(CommonSettings):
@@ -66,6 +68,8 @@ class GatewaySettings(CommonSettings):
 
 
 class SchedulerSettings(CommonSettings):
+    # while every decode instance is full, a request waits this long for blocks to free
+    queue_timeout_s: float = Field(60.0, gt=0)
     reserve_timeout_s: float = Field(5.0, gt=0)
     reserve_hold_s: float = Field(30.0, gt=0)
     max_in_flight: int = Field(256, ge=1)

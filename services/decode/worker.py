@@ -77,6 +77,7 @@ class DecodeService(Service):
         self.running: list[Running] = []
         self.by_id: dict[str, Running] = {}
         self.peak_running = 0
+        self.preempted = 0
         self._wakeup = asyncio.Event()
 
     async def start(self) -> None:
@@ -96,6 +97,7 @@ class DecodeService(Service):
         info.running = len(self.running)
         info.waiting = len(self.ready) + len(self.inbound)
         info.peak_running = self.peak_running
+        info.preemptions = self.preempted
         info.free_blocks = self.engine.allocator.num_free
         info.total_blocks = self.engine.allocator.num_total
         info.max_model_len = self.engine.max_model_len
@@ -119,10 +121,13 @@ class DecodeService(Service):
             await msg.respond(ReserveReply(ok=False, reason=reason).pack())
             return
         try:
-            blocks = self.engine.allocator.allocate(self.engine.blocks_for(req.num_tokens))
+            # Hold the prompt plus a stretch of output; more blocks are taken as it grows.
+            held = min(req.num_tokens,
+                       len(req.request.context_token_ids) + self.settings.reserve_ahead_tokens)
+            blocks = self.engine.allocator.allocate(self.engine.blocks_for(held))
         except OutOfBlocks as exc:
             metrics.RESERVATIONS.labels("refused").inc()
-            await msg.respond(ReserveReply(ok=False, reason=str(exc)).pack())
+            await msg.respond(ReserveReply(ok=False, reason=str(exc), retry_later=True).pack())
             return
         self.inbound[rid] = Inbound(
             request=req.request, blocks=blocks, deadline=time.monotonic() + req.hold_seconds,
@@ -296,6 +301,31 @@ class DecodeService(Service):
         self.running = [e for e in self.running if not e.aborted]
         self.ready = deque(e for e in self.ready if not e.aborted)
 
+    async def _grow_or_preempt(self) -> None:
+        """Give every running sequence a block for its next token; when none is left, the
+        newest sequences give theirs back and are resumed elsewhere (or here, later) by the
+        gateway with the tokens they already have: preemption by recomputation."""
+        for entry in list(self.running):
+            if entry not in self.running:  # preempted for an older one
+                continue
+            seq = entry.seq
+            missing = self.engine.blocks_for(seq.num_tokens) - len(seq.block_table)
+            while missing > 0 and self.engine.allocator.num_free < missing:
+                victim = self.running[-1]
+                self.running.remove(victim)
+                self.preempted += 1
+                await self.bus.publish(
+                    self.bus.subjects.request_events(victim.seq.request_id),
+                    ErrorEvent(request_id=victim.seq.request_id, instance_id=self.instance_id,
+                               message=f"{self.instance_id} preempted it: out of KV blocks",
+                               exclude_instance=False),
+                )
+                self._retire(victim)
+                if victim is entry:
+                    break
+            if entry in self.running and missing > 0:
+                seq.block_table += self.engine.allocator.allocate(missing)
+
     async def _decode_loop(self) -> None:
         while True:
             self._drop_aborted()
@@ -304,6 +334,9 @@ class DecodeService(Service):
             if not self.running:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+                continue
+            await self._grow_or_preempt()
+            if not self.running:
                 continue
             self.peak_running = max(self.peak_running, len(self.running))
             batch = [e.seq for e in self.running]

@@ -22,6 +22,8 @@ from services.engine.kv_cache import PagedKVCache
 from services.engine.parallel import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
+    ReplicatedEmbedding,
+    ReplicatedLinear,
     RowParallelLinear,
     TPGroup,
 )
@@ -56,7 +58,9 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    # on the CPU even while a model is built on the meta device: meta arithmetic is slow to start
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    inv_freq = 1.0 / (cfg.rope_theta**exponents)
     scaling = cfg.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind in ("default", None):
@@ -168,7 +172,7 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPGroup):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = ReplicatedEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -183,7 +187,7 @@ class CausalLM(nn.Module):
         self.tp = tp or TPGroup()
         self.model = Backbone(cfg, self.tp)
         self.rotary = Rotary(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = ReplicatedLinear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(
         self,

@@ -91,12 +91,12 @@ def load_replicated(module: nn.Module, name: str, full: torch.Tensor) -> None:
     _copy_into(getattr(module, name), full, f"{type(module).__name__}.{name}")
 
 
-class _LocalLinear(nn.Module):
-    """A linear layer of this rank's (local) shape."""
+class ReplicatedLinear(nn.Module):
+    """The whole weight on every rank (lm_head); the base of the sharded layers, which hold
+    their shard's shape. Parameters are left uninitialised: a checkpoint fills them."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup):
+    def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
-        self.tp = tp
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
@@ -104,12 +104,24 @@ class _LocalLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-class ColumnParallelLinear(_LocalLinear):
+class ReplicatedEmbedding(nn.Module):
+    """nn.Embedding without its random initialisation (on the meta device, nn.Embedding's
+    normal_ alone imports torch._dynamo: seconds of start-up)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class ColumnParallelLinear(ReplicatedLinear):
     """y[:, shard] = x @ W[shard].T: rows of W (output features) split over ranks."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup):
-        local = split_evenly(out_features, tp, "output features")
-        super().__init__(in_features, local, bias, tp)
+        super().__init__(in_features, split_evenly(out_features, tp, "output features"), bias)
+        self.tp = tp
 
     def load_weight(self, name: str, full: torch.Tensor, shard_id: object = None) -> None:
         param = getattr(self, name)
@@ -139,7 +151,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         _copy_into(target, full.narrow(0, self.tp.rank * size, size), f"part {shard_id} {name}")
 
 
-class QKVParallelLinear(_LocalLinear):
+class QKVParallelLinear(ReplicatedLinear):
     """q, k and v projections in one matmul, split by heads as vLLM's QKVParallelLinear:
     q heads evenly, KV heads by `kv_heads_of_rank` (replicated when tp > KV heads)."""
 
@@ -154,7 +166,8 @@ class QKVParallelLinear(_LocalLinear):
     ):
         kv_heads = kv_heads_of_rank(num_kv_heads, tp)
         local_heads = split_evenly(num_heads, tp, "attention heads")
-        super().__init__(hidden_size, (local_heads + 2 * len(kv_heads)) * head_dim, bias, tp)
+        super().__init__(hidden_size, (local_heads + 2 * len(kv_heads)) * head_dim, bias)
+        self.tp = tp
         self.kv_heads = kv_heads
         self.num_heads = local_heads  # of this rank
         self.num_kv_heads = len(kv_heads)  # of this rank
@@ -185,13 +198,13 @@ class QKVParallelLinear(_LocalLinear):
         _copy_into(target, full.narrow(0, start, size), f"{shard_id} {name}")
 
 
-class RowParallelLinear(_LocalLinear):
+class RowParallelLinear(ReplicatedLinear):
     """y = sum over ranks of x[:, shard] @ W[:, shard].T: columns of W split, output all-reduced.
     The bias is replicated and added once, after the sum."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup):
-        local = split_evenly(in_features, tp, "input features")
-        super().__init__(local, out_features, bias, tp)
+        super().__init__(split_evenly(in_features, tp, "input features"), out_features, bias)
+        self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:

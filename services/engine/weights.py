@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from services.engine.hf_config import ModelConfig, load_model_config
 from services.engine.model import CausalLM, Rotary
@@ -85,6 +86,15 @@ def load_weights(model: CausalLM, model_dir: Path) -> None:
         model.lm_head.weight = model.model.embed_tokens.weight
 
 
+def allocate_parameters(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Uninitialised real memory for every (meta) parameter. Module.to_empty would do, but on
+    meta tensors it runs torch's Python reference kernels, whose first use imports sympy."""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            empty = torch.empty(param.shape, dtype=dtype, device=device)
+            setattr(module, name, nn.Parameter(empty, requires_grad=param.requires_grad))
+
+
 def load_model(
     model_dir: str | Path,
     device: torch.device | str = "cpu",
@@ -98,7 +108,7 @@ def load_model(
     target = dtype or getattr(torch, cfg.torch_dtype, torch.float32)
     with torch.device("meta"):
         model = CausalLM(cfg, tp)
-    model = model.to(dtype=target).to_empty(device=device)
+    allocate_parameters(model, torch.device(device), target)
     load_weights(model, model_dir)
     # Buffers (rotary inverse frequencies) are not in the file: build them for real, in float32.
     model.rotary = Rotary(cfg).to(device)

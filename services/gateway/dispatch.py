@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 _tracer = tracer("hetserve.gateway")
 
 _LIVENESS_CHECK_S = 0.5
+_MAX_RETRIES = 10
 
 
 class _Retry(Exception):
@@ -69,7 +70,7 @@ class NatsBackend:
             span.set_attribute("prompt.tokens", len(request.prompt_token_ids))
             produced: list[int] = []
             excluded: list[str] = []
-            attempt = 0
+            attempt = failures = 0
             while True:
                 attempt_request = request.model_copy(
                     update={
@@ -95,7 +96,9 @@ class NatsBackend:
                     attempt += 1
                     excluded.extend(retry.dead)
                     metrics.RETRIES.inc()
-                    if attempt >= self.settings.max_attempts:
+                    # A preemption names no culprit and is not a failure, but is bounded too.
+                    failures += bool(retry.dead)
+                    if failures >= self.settings.max_attempts or attempt > _MAX_RETRIES:
                         raise GenerationError(
                             f"request failed after {attempt} attempts: {retry}"
                         ) from None
@@ -134,9 +137,8 @@ class NatsBackend:
                     route = event
                 elif isinstance(event, ErrorEvent):
                     if event.retryable:
-                        raise _Retry(
-                            event.message, [event.instance_id] if event.instance_id else []
-                        )
+                        avoid = event.instance_id if event.exclude_instance else ""
+                        raise _Retry(event.message, [avoid] if avoid else [])
                     raise GenerationError(event.message)
                 else:
                     pending[event.index] = event

@@ -21,7 +21,7 @@ from services.planner.perf_model import PerfModel, transfer_tail
 from services.planner.workload import RequestMix
 
 MEMORY_LEVEL = 0.99  # share of time the decode batch's KV must fit without waiting
-_BISECTION_STEPS = 60
+_BISECTION_STEPS = 40  # halvings: 1e-12 of the initial interval
 
 
 @dataclass(frozen=True)
@@ -44,19 +44,44 @@ class PhaseTargets:
     memory_utilisation: float
 
 
-def _wait_cdf_ok(
-    rate: float, service: np.ndarray, fixed: np.ndarray, slo: float, level: float
-) -> bool:
-    """Whether P(wait + fixed <= slo) >= level for an M/G/1 queue with these services."""
-    rho = rate * service.mean()
-    if rho >= 1:
-        return False
-    slack = slo - fixed
-    if rate == 0:
-        return float(np.mean(slack >= 0)) >= level
-    mean_wait = rate * np.mean(service**2) / (2 * (1 - rho))
-    cdf = np.where(slack >= 0, 1 - rho * np.exp(-np.maximum(slack, 0) * rho / mean_wait), 0.0)
-    return float(cdf.mean()) >= level
+class PrefillQueue:
+    """An M/G/1 prefill queue: per representative prompt, its service time (what holds the
+    queue) and its fixed latency up to the first token (service, pipeline, exposed KV)."""
+
+    def __init__(self, service: np.ndarray, fixed: np.ndarray) -> None:
+        self.service, self.fixed = service, fixed
+        self.mean_service = float(service.mean())
+        self.second_moment = float(np.mean(service**2))
+
+    def share_within(self, rate: float, slo: float) -> float:
+        """P(wait + fixed <= slo) at this arrival rate (0 when the queue is unstable)."""
+        rho = rate * self.mean_service
+        if rho >= 1:
+            return 0.0
+        slack = slo - self.fixed
+        if rate == 0:
+            return float(np.mean(slack >= 0))
+        mean_wait = rate * self.second_moment / (2 * (1 - rho))
+        tail = rho * np.exp(-np.maximum(slack, 0) * rho / mean_wait)
+        return float(np.mean(np.where(slack >= 0, 1 - tail, 0.0)))
+
+    def meets(self, rate: float, slo: float, level: float) -> bool:
+        return self.share_within(rate, slo) >= level
+
+    def quantile(self, rate: float, level: float) -> float:
+        """TTFT at `level`: the smallest t with P(TTFT <= t) >= level (inf if unstable)."""
+        if rate * self.mean_service >= 1:
+            return float("inf")
+        low, high = 0.0, float(self.fixed.max()) * 2 + 1.0
+        while not self.meets(rate, high, level):
+            high *= 2
+        for _ in range(_BISECTION_STEPS):
+            middle = (low + high) / 2
+            if self.meets(rate, middle, level):
+                high = middle
+            else:
+                low = middle
+        return high
 
 
 def _largest_rate(ok: Callable[[float], bool], upper: float) -> float:
@@ -71,24 +96,22 @@ def _largest_rate(ok: Callable[[float], bool], upper: float) -> float:
     return low
 
 
-def prefill_latencies(
-    perf: PerfModel, mix: RequestMix, link_gbps: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per representative prompt: stage service time, and latency through KV arrival."""
+def prefill_queue(perf: PerfModel, mix: RequestMix, link_gbps: float) -> PrefillQueue:
+    """The queue of one prefill instance whose KV crosses a link of `link_gbps`."""
     s = mix.prompt.points
     service = np.asarray(perf.prefill_stage_time(s, s**2, 1))
     latency = np.asarray(perf.prefill_latency(s, s**2, 1))
     kv = s * perf.model.kv_bytes_per_token
     tail = transfer_tail(kv, latency, perf.model.num_layers, link_gbps)
-    return service, latency + tail
+    return PrefillQueue(service, latency + tail)
 
 
 def prefill_capacity(
     perf: PerfModel, mix: RequestMix, targets: PhaseTargets, link_gbps: float
 ) -> Capacity:
-    service, fixed = prefill_latencies(perf, mix, link_gbps)
-    if not _wait_cdf_ok(0.0, service, fixed, targets.ttft_s, targets.level):
-        unloaded = float(np.quantile(fixed, targets.level))
+    queue = prefill_queue(perf, mix, link_gbps)
+    if not queue.meets(0.0, targets.ttft_s, targets.level):
+        unloaded = float(np.quantile(queue.fixed, targets.level))
         return Capacity(
             0.0,
             f"TTFT at zero load is {unloaded:.3g} s at the {targets.level:.1%} level "
@@ -96,8 +119,7 @@ def prefill_capacity(
             unloaded,
         )
     rate = _largest_rate(
-        lambda r: _wait_cdf_ok(r, service, fixed, targets.ttft_s, targets.level),
-        1 / service.mean(),
+        lambda r: queue.meets(r, targets.ttft_s, targets.level), 1 / queue.mean_service
     )
     return Capacity(float(rate), "TTFT queueing")
 
@@ -152,6 +174,7 @@ def colocated_capacity(perf: PerfModel, mix: RequestMix, targets: PhaseTargets) 
         return Capacity(0.0, memory_reason)
     s = mix.prompt.points
     service = np.asarray(perf.prefill_latency(s, s**2, 1))
+    mean_service = float(service.mean())
     context = mix.mean_prompt + mix.mean_output / 2
     held = mix.mean_prompt + mix.mean_output
     steps = mix.mean_output - 1
@@ -160,7 +183,7 @@ def colocated_capacity(perf: PerfModel, mix: RequestMix, targets: PhaseTargets) 
     step = np.asarray(perf.decode_round(batch, batch * context))
 
     def ok(rate: float) -> bool:
-        share = 1 - rate * service.mean()  # time left to decode
+        share = 1 - rate * mean_service  # time left to decode
         if share <= 0:
             return False
         stable = rate * steps * step / share <= batch  # Little's law fixed point reached
@@ -176,27 +199,12 @@ def colocated_capacity(perf: PerfModel, mix: RequestMix, targets: PhaseTargets) 
         if float(perf.decode_round(seen, seen * context)) / share > targets.tpot_s:
             return False
         residual = float(perf.decode_round(mean_batch, mean_batch * context))
-        return _wait_cdf_ok(rate, service, service + residual, targets.ttft_s, targets.level)
+        queue = PrefillQueue(service, service + residual)
+        return queue.meets(rate, targets.ttft_s, targets.level)
 
     if not ok(1e-9):
         return Capacity(0.0, "no load meets both TTFT and TPOT when both phases share the GPUs")
-    return Capacity(float(_largest_rate(ok, 1 / service.mean())), "TTFT and TPOT on shared GPUs")
-
-
-def ttft_quantile(service: np.ndarray, fixed: np.ndarray, rate: float, level: float) -> float:
-    """TTFT at `level` for a prefill queue at `rate` (the smallest t with P(TTFT<=t)>=level)."""
-    low, high = 0.0, float(fixed.max()) * 2 + 1.0
-    while not _wait_cdf_ok(rate, service, fixed, high, level):
-        if rate * service.mean() >= 1:
-            return float("inf")
-        high *= 2
-    for _ in range(_BISECTION_STEPS):
-        middle = (low + high) / 2
-        if _wait_cdf_ok(rate, service, fixed, middle, level):
-            high = middle
-        else:
-            low = middle
-    return high
+    return Capacity(float(_largest_rate(ok, 1 / mean_service)), "TTFT and TPOT on shared GPUs")
 
 
 def tpot_quantile(

@@ -15,18 +15,18 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from services.planner.inputs import PlanInputs
-from services.planner.perf_model import PerfModel
-from services.planner.problem import Allocation, CapacityProblem, Config, Infeasible, Solution
-from services.planner.simulator import (
+from services.planner.deployment import (
     Deployment,
     Pool,
     Route,
     Settings,
     SimResult,
     sample_percentile,
-    simulate,
 )
+from services.planner.inputs import PlanInputs
+from services.planner.perf_model import PerfModel
+from services.planner.problem import Allocation, CapacityProblem, Config, Infeasible, Solution
+from services.planner.simulator import simulate
 
 Solver = Callable[[CapacityProblem], Solution]
 
@@ -159,7 +159,6 @@ class Confirmer:
     ) -> Checked:
         notes: list[str] = []
         checked: set[int] = set()
-        simulation: SimResult | None = None
         derates = 0
         for _ in range(MAX_SOLVE_ROUNDS + MAX_DERATE_ROUNDS):
             solution = solver(problem)
@@ -183,7 +182,8 @@ class Confirmer:
                 for n, c in zip(solution.counts, problem.configs, strict=True)
             )
             problem = replace(problem, configs=configs)
-        return Checked(solution, problem, simulation, tuple(notes))
+        notes.append(f"stopped re-solving after {MAX_SOLVE_ROUNDS + MAX_DERATE_ROUNDS} rounds")
+        return Checked(solution, problem, self.simulate(problem, perf, solution), tuple(notes))
 
     def simulate(
         self, problem: CapacityProblem, perf: tuple[PerfModel, ...], allocation: Allocation
@@ -207,11 +207,11 @@ class Confirmer:
         """Roles whose rates to lower: none when the deployment meets the SLO."""
         if self.meets_slo(result):
             return set()
+        if "colocated" in result.busy:
+            return {"colocated"}
         slo, level = self.inputs.slo, self.inputs.level
         ttft_share = float(np.mean(result.ttft <= slo.ttft_s))
         tpot_share = float(np.mean(result.tpot <= slo.tpot_s))
-        if "colocated" in result.busy:
-            return {"colocated"}
         short = set()
         if ttft_share < level or ttft_share <= tpot_share:
             short.add("prefill")

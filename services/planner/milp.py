@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
@@ -44,6 +50,22 @@ def undominated(problem: CapacityProblem) -> list[int]:
             if not beaten:
                 keep.append(i)
     return sorted(keep)
+
+
+@contextmanager
+def _solver_prints_to_stderr() -> Iterator[None]:
+    """HiGHS sometimes prints diagnostics with C stdio; keep them off stdout, which carries
+    the plan (JSON), by pointing file descriptor 1 at stderr while it runs."""
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 class _Layout:
@@ -89,9 +111,14 @@ def _constraints(problem: CapacityProblem, layout: _Layout) -> LinearConstraint:
         inflow = [(col, 1.0) for (_, d), col in flow_cols.items() if d == b]
         supply = [(i, -c.rate) for i, c in enumerate(configs) if c.role == "decode" and c.gpu == b]
         row(inflow + supply, -np.inf, 0.0)
-    served = [(col, 1.0) for col in flow_cols.values()]
-    served += [(i, c.rate) for i, c in enumerate(configs) if c.role == "colocated"]
+    colocated = [(i, c.rate) for i, c in enumerate(configs) if c.role == "colocated"]
+    served = [(col, 1.0) for col in flow_cols.values()] + colocated
     row([*served, (layout.z, -1.0)], 0.0, 0.0)  # z = requests/s served
+    # Implied by the rows above, but explicit knapsack rows let the solver cut on them.
+    for role in ("prefill", "decode"):
+        supply = [(i, c.best_rate()) for i, c in enumerate(configs) if c.role == role]
+        if supply:
+            row([*supply, *colocated, (layout.z, -1.0)], 0.0, np.inf)
     for t, count in problem.inventory.items():
         row([(i, float(c.gpus)) for i, c in enumerate(configs) if c.gpu == t], -np.inf, count)
     for (a, b), rate in problem.link_rate.items():
@@ -117,13 +144,14 @@ def _solve(
     lower[layout.z] = z_low
     integrality = np.zeros(layout.width)
     integrality[: layout.n] = 1
-    result = milp(
-        objective,
-        constraints=_constraints(problem, layout),
-        integrality=integrality,
-        bounds=Bounds(lower, upper),
-        options={"mip_rel_gap": 0.0, "time_limit": TIME_LIMIT_S},
-    )
+    with _solver_prints_to_stderr():
+        result = milp(
+            objective,
+            constraints=_constraints(problem, layout),
+            integrality=integrality,
+            bounds=Bounds(lower, upper),
+            options={"mip_rel_gap": 0.0, "time_limit": TIME_LIMIT_S},
+        )
     if result.status == 2:  # proven infeasible
         return None
     if result.x is None:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from services.planner.baselines import single_type, solve_distserve
-from services.planner.capacity import prefill_latencies, tpot_quantile, ttft_quantile
+from services.planner.capacity import prefill_queue, tpot_quantile
 from services.planner.confirm import Checked, Confirmer, Solver
 from services.planner.explain import explain_infeasible
 from services.planner.inputs import PlanInputs
@@ -90,10 +90,8 @@ def _pools(
             load = sum(out.values())
             slowest = min(out, key=lambda b: inputs.link_gbps[(config.gpu, b)], default=config.gpu)
             rate = config.rate_to[slowest]
-            service, fixed = prefill_latencies(
-                perf[i], inputs.mix, inputs.link_gbps[(config.gpu, slowest)]
-            )
-            predicted: float | None = ttft_quantile(service, fixed, load / n, level)
+            queue = prefill_queue(perf[i], inputs.mix, inputs.link_gbps[(config.gpu, slowest)])
+            predicted: float | None = queue.quantile(load / n, level)
         elif config.role == "decode":
             load = sum(r for (_, b), r in allocation.flows.items() if b == config.gpu)
             supply = sum(
@@ -137,11 +135,11 @@ def _outcome(
     perf: tuple[PerfModel, ...],
     limits: tuple[str, ...],
     confirmer: Confirmer,
-    why: Callable[[], str] | None = None,
+    why: Callable[[CapacityProblem], str] | None = None,
 ) -> Outcome:
     solution = checked.solution
     if isinstance(solution, Infeasible):
-        reason = why() if why is not None else solution.reason
+        reason = why(checked.problem) if why is not None else solution.reason
         return Outcome(name, False, reason, None, 0.0, (), (), None, checked.notes)
     paths: dict[tuple[str, str], float] = {}
     for (i, b), rate in solution.flows.items():
@@ -219,7 +217,9 @@ def _baselines(
         colocated.perf,
         colocated.limits,
         confirmer,
-        lambda: explain_infeasible(inputs, colocated, colocated=True),
+        lambda problem: explain_infeasible(
+            inputs, replace(colocated, problem=problem), colocated=True
+        ),
     )
     distserve = _outcome(
         "DistServe-style (per phase)",
@@ -287,7 +287,7 @@ def plan(
         search.perf,
         search.limits,
         confirmer,
-        lambda: explain_infeasible(inputs, search),
+        lambda problem: explain_infeasible(inputs, replace(search, problem=problem)),
     )
     others: tuple[Outcome, ...] = ()
     if baselines:

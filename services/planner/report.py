@@ -139,7 +139,7 @@ def to_table(report: PlanReport) -> str:
         f"serving {plan.served_rate:.3g} req/s"
     )
     rows = []
-    for p in plan.pools:
+    for p in sorted(plan.pools, key=lambda p: (p.role != "prefill", p.gpu)):
         metric = "TTFT" if p.role == "prefill" else "TPOT"
         predicted = "-" if p.predicted_s is None else f"{metric} {p.predicted_s:.3g} s"
         rows.append(

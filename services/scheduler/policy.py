@@ -9,6 +9,10 @@ class RoutingError(RuntimeError):
     """No instance can take the request; the message says why."""
 
 
+class Busy(RuntimeError):
+    """Every decode instance that could take the request is out of free blocks for now."""
+
+
 def pairable(prefill: InstanceInfo, decode: InstanceInfo) -> bool:
     """Same model KV shape: the converter can bridge any layout, not a different model."""
     p, d = prefill.kv, decode.kv

@@ -31,7 +31,7 @@ from services.common import metrics
 from services.common.service import Service
 from services.common.settings import SchedulerSettings
 from services.common.telemetry import extract, inject, tracer
-from services.scheduler.policy import RoutingError, pairable, rank_decode, rank_prefill
+from services.scheduler.policy import Busy, RoutingError, pairable, rank_decode, rank_prefill
 
 log = logging.getLogger(__name__)
 _tracer = tracer("hetserve.scheduler")
@@ -80,7 +80,7 @@ class SchedulerService(Service):
                 span.set_attribute("prompt.tokens", len(request.context_token_ids))
                 started = time.monotonic()
                 try:
-                    route = await self._route(request)
+                    route = await self._route_when_room(request, msg)
                     span.set_attribute("prefill.instance", route.prefill_instance)
                     span.set_attribute("decode.instance", route.decode_instance)
                     span.set_attribute("converter.instance", route.converter_instance or "")
@@ -98,6 +98,22 @@ class SchedulerService(Service):
         finally:
             self.in_flight.release()
 
+    async def _route_when_room(self, request: GenerateRequest, msg: Msg) -> RouteEvent:
+        """Route now, or, while every decode instance is only full, wait for blocks to free
+        (the request stays queued, its JetStream message kept alive) up to queue_timeout_s."""
+        deadline = time.monotonic() + self.settings.queue_timeout_s
+        pause = 0.02
+        while True:
+            try:
+                return await self._route(request)
+            except Busy as busy:
+                if time.monotonic() + pause > deadline:
+                    raise RoutingError(f"every decode instance stayed full for "
+                                       f"{self.settings.queue_timeout_s:.0f}s: {busy}") from None
+            await msg.in_progress()
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
+
     async def _route(self, request: GenerateRequest) -> RouteEvent:
         prefills = rank_prefill(self.registry.live("prefill"), request)
         decodes = rank_decode(self.registry.live("decode"), request)
@@ -106,6 +122,7 @@ class SchedulerService(Service):
         if not decodes:
             raise RoutingError("no live decode instance can take this request")
         reasons = []
+        full = True  # every refusal so far was for lack of free blocks
         for decode in decodes:
             candidates = [p for p in prefills if pairable(p, decode)]
             if not candidates:
@@ -114,6 +131,7 @@ class SchedulerService(Service):
             reply = await self._reserve(decode, request)
             if not reply.ok:
                 reasons.append(f"{decode.instance_id}: {reply.reason}")
+                full = full and reply.retry_later
                 continue
             for prefill in candidates:
                 route = await self._start_prefill(request, prefill, decode)
@@ -122,6 +140,8 @@ class SchedulerService(Service):
             await self.bus.publish(self.bus.subjects.aborts,
                                    AbortRequest(request_id=request.request_id, reason="no prefill"))
             reasons.append(f"{decode.instance_id}: no prefill instance accepted the job")
+        if full and reasons:
+            raise Busy("; ".join(reasons))
         raise RoutingError("could not place the request: " + "; ".join(reasons))
 
     async def _reserve(self, decode: InstanceInfo, request: GenerateRequest) -> ReserveReply:

@@ -6,9 +6,8 @@ from services.planner.capacity import (
     PhaseTargets,
     decode_capacity,
     prefill_capacity,
-    prefill_latencies,
+    prefill_queue,
     tpot_quantile,
-    ttft_quantile,
 )
 from services.planner.catalog import builtin_catalog
 from services.planner.model_spec import builtin_model
@@ -33,10 +32,11 @@ PERF = PerfModel(
 
 def test_prefill_capacity_sits_where_the_ttft_quantile_meets_the_target() -> None:
     capacity = prefill_capacity(PERF, MIX, TARGETS, 400)
-    service, fixed = prefill_latencies(PERF, MIX, 400)
+    queue = prefill_queue(PERF, MIX, 400)
     assert capacity.rate > 0
-    assert ttft_quantile(service, fixed, capacity.rate, 0.9) == pytest.approx(1.0, rel=1e-3)
-    assert ttft_quantile(service, fixed, capacity.rate * 1.05, 0.9) > 1.0
+    assert queue.quantile(capacity.rate, 0.9) == pytest.approx(1.0, rel=1e-3)
+    assert queue.quantile(capacity.rate * 1.05, 0.9) > 1.0
+    assert queue.quantile(1.01 / queue.mean_service, 0.9) == float("inf")
 
 
 def test_looser_slos_allow_more_load() -> None:

@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 
 from services.planner.catalog import builtin_catalog
+from services.planner.deployment import Deployment, Pool, Route, Settings
 from services.planner.model_spec import builtin_model
 from services.planner.perf_model import InstanceShape, PerfModel, transfer_tail
-from services.planner.simulator import Deployment, Pool, Route, Settings, simulate
+from services.planner.simulator import simulate
 from services.planner.workload import Lengths, RequestMix
 
 A100 = builtin_catalog()["a100-80gb"]
