@@ -154,6 +154,8 @@ free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1",
 
 run_stack_and_check() {
   [ -f "$MODEL/config.json" ] || "$PY" scripts/make_tiny_model.py "$MODEL"
+  # The containers run as an unprivileged user: the mounted model must be world-readable.
+  find "$MODEL" -type f ! -perm -o=r -print -exec chmod a+r {} + | sed 's/^/made readable: /'
   export IMAGE MODEL_DIR GATEWAY_PORT NATS_PORT
   MODEL_DIR=$(cd "$MODEL" && pwd)
   GATEWAY_PORT=$(free_port)

@@ -158,7 +158,7 @@ async def check(args: argparse.Namespace) -> None:
         )
         rng, served = random.Random(11), []
         for round_no in range(args.rounds):
-            served += await send_round(client, rng, args.per_round, args.max_tokens, 0.5)
+            served += await send_round(client, rng, args.per_round, args.max_tokens, args.stagger)
             records = await completion_records(nc, subjects)
             used = {
                 records[s.request_id].decode_instance for s in served if s.request_id in records
@@ -243,7 +243,10 @@ def main() -> int:
     parser.add_argument("--decodes", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--per-round", type=int, default=6)
-    parser.add_argument("--max-tokens", type=int, default=48)
+    # Long enough that requests overlap heartbeats: the scheduler then sees one decode
+    # instance loaded and places the next request on another.
+    parser.add_argument("--max-tokens", type=int, default=200)
+    parser.add_argument("--stagger", type=float, default=0.4, help="seconds between requests")
     parser.add_argument(
         "--timeout", type=float, default=240.0, help="seconds to wait for instances"
     )

@@ -40,7 +40,8 @@ def _client(system: RunningSystem) -> openai.AsyncOpenAI:
 
 
 async def _stream_tokens(client: openai.AsyncOpenAI, prompt: list[int], n: int,
-                         started: asyncio.Event | None = None) -> list[int]:
+                         started: asyncio.Event | None = None,
+                         arrivals: list[float] | None = None) -> list[int]:
     stream = await client.completions.create(
         model="tiny-llama", prompt=prompt, max_tokens=n, temperature=0, stream=True,
         extra_body={"return_token_ids": True, "ignore_eos": True},
@@ -49,6 +50,8 @@ async def _stream_tokens(client: openai.AsyncOpenAI, prompt: list[int], n: int,
     async for chunk in stream:
         for choice in chunk.choices:
             tokens.extend(choice.model_extra.get("token_ids") or [])
+        if arrivals is not None:
+            arrivals.append(time.monotonic())
         if started is not None and len(tokens) >= 10:
             started.set()
     return tokens
@@ -58,7 +61,8 @@ async def test_killed_decode_worker_request_resumes_elsewhere(pair_system: Runni
     client = _client(pair_system)
     prompt = list(range(40, 140))
     started = asyncio.Event()
-    victim_task = asyncio.create_task(_stream_tokens(client, prompt, 300, started))
+    arrivals: list[float] = []
+    victim_task = asyncio.create_task(_stream_tokens(client, prompt, 200, started, arrivals))
     await asyncio.wait_for(started.wait(), 60)
     stats = {d: await pair_system.stats(d) for d in DECODES}
     serving = [d for d, s in stats.items() if s.running > 0]
@@ -69,9 +73,12 @@ async def test_killed_decode_worker_request_resumes_elsewhere(pair_system: Runni
     # Meanwhile a new request is served by the survivor, unaffected.
     other = await _stream_tokens(client, [7, 8, 9], 16)
     assert other == hf_greedy(pair_system.model_dir, [7, 8, 9], 16)
-    tokens = await asyncio.wait_for(victim_task, 90)
-    assert tokens == hf_greedy(pair_system.model_dir, prompt, 300)
-    assert time.monotonic() - began < 60
+    tokens = await asyncio.wait_for(victim_task, 180)
+    assert tokens == hf_greedy(pair_system.model_dir, prompt, 200)
+    # The stream stalled once, from the kill until the retry on the survivor produced tokens:
+    # the registry TTL (4 s) plus a new prefill, bounded well below the request timeouts.
+    resumed = next(t for t in arrivals if t > began)
+    assert resumed - began < 30, resumed - began
     after = await pair_system.stats(survivor)
     assert after.free_blocks == after.total_blocks
 

@@ -38,8 +38,8 @@ KV_TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 @dataclass
 class TPRun:
     size: int
-    seconds: float
     results: dict[str, list[dict[str, Any]]]  # model -> per rank
+    refusals: list[str]  # per rank: the error of engines built with different block counts
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +49,9 @@ def models(tiny_llama: Path, tiny_qwen2: Path, tmp_path_factory: pytest.TempPath
 
 
 def spawn(args: tuple, nprocs: int, timeout_s: float) -> None:
-    """Ranks are forked from a fresh server process that imported torch and the engine once
-    (and never ran a torch op, so no thread pool is forked): a cold start for each rank
-    without paying every import again."""
+    """Ranks are forked from a fresh server process that imported torch and the engine once,
+    before any torch computation (so no thread pool is forked): every rank starts clean
+    without paying for the imports again."""
     multiprocessing.get_context("forkserver").set_forkserver_preload([tp_workers.__name__])
     context = mp.start_processes(
         tp_workers.run_rank, args=args, nprocs=nprocs, join=False, start_method="forkserver"
@@ -103,14 +103,12 @@ def world(
     names = {name: str(models[name]) for name in WORLDS[size]}
     for name in names:
         torch.save(references[name].imported, out / f"ref-{name}.pt")
-    start = time.monotonic()
     spawn((size, free_port(), str(out), names), size, timeout_s=90)
-    seconds = time.monotonic() - start
-    results = {
-        name: [torch.load(out / f"{name}-rank{r}.pt", weights_only=False) for r in range(size)]
-        for name in names
-    }
-    return TPRun(size, seconds, results)
+
+    def per_rank(name: str) -> list[Any]:
+        return [torch.load(out / f"{name}-rank{r}.pt", weights_only=False) for r in range(size)]
+
+    return TPRun(size, {name: per_rank(name) for name in names}, per_rank("mismatch"))
 
 
 def runnable(run: TPRun) -> list[str]:
@@ -153,8 +151,15 @@ def test_follower_callbacks_fire_for_every_layer_on_every_rank(world: TPRun) -> 
     for name in runnable(world):
         layers = list(range(len(world.results[name][0]["kv"])))
         for result in world.results[name][1:]:
-            assert sorted(result["layers"]) == ["g0", "g1", "g2", "kv"]
-            assert all(seen == layers for seen in result["layers"].values())
+            seen = result["layers"]
+            assert sorted(seen) == ["fail", "g0", "g1", "g2", "kv"]
+            assert all(seen[rid] == layers for rid in ["g0", "g1", "g2", "kv"])
+            assert seen["fail"] == [0, 1]  # raised at layer 1, skipped after, step completed
+
+
+def test_a_failing_callback_raises_on_the_leader_after_the_step(world: TPRun) -> None:
+    for name in runnable(world):
+        assert world.results[name][0]["callback_error"] == "frame sender gone"
 
 
 def test_followers_mirror_block_tables_without_allocating(world: TPRun) -> None:
@@ -164,11 +169,23 @@ def test_followers_mirror_block_tables_without_allocating(world: TPRun) -> None:
             assert result["allocator_untouched"]
 
 
+def test_ranks_with_different_engines_all_refuse_to_start(world: TPRun) -> None:
+    errors = world.refusals
+    assert len(set(errors)) == 1 and "num_blocks" in errors[0]
+    assert all(f"{rank}: ['num_blocks']" in errors[0] for rank in range(1, world.size))
+
+
 def descriptor_heads(num_kv_heads: int, tp_size: int, tp_rank: int) -> range:
     """The wire contract's rule: the heads a KV frame of this shard carries."""
     return KVDescriptor(
-        layout="vllm-flash", block_size=16, dtype="float32", num_layers=1,
-        num_kv_heads=num_kv_heads, head_dim=32, tp_size=tp_size, tp_rank=tp_rank,
+        layout="vllm-flash",
+        block_size=16,
+        dtype="float32",
+        num_layers=1,
+        num_kv_heads=num_kv_heads,
+        head_dim=32,
+        tp_size=tp_size,
+        tp_rank=tp_rank,
     ).heads
 
 
@@ -187,7 +204,9 @@ def test_kv_heads_of_rank_is_the_descriptors_rule() -> None:
 @pytest.mark.parametrize(
     ("size", "error"), [(4, "6 attention heads"), (3, "not a multiple of the 2 KV heads")]
 )
-def test_qwen2_head_splits_that_do_not_divide_raise(tiny_qwen2: Path, size: int, error: str) -> None:
+def test_qwen2_head_splits_that_do_not_divide_raise(
+    tiny_qwen2: Path, size: int, error: str
+) -> None:
     cfg = load_model_config(tiny_qwen2)
     with torch.device("meta"), pytest.raises(ValueError, match=error):
         CausalLM(cfg, TPGroup(0, size))

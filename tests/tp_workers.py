@@ -16,6 +16,7 @@ import torch
 from proto.layouts import KVDescriptor, payload_from_tokens, payload_to_tokens
 from proto.messages import GenerateRequest, SamplingParams
 from services.engine.engine import NativeEngine
+from services.engine.model import LayerDone
 from services.engine.tp_driver import Follower, LeaderEngine, TPWorld, init_tp
 from services.engine.tp_steps import BlockTables, PrefillStep
 
@@ -107,6 +108,8 @@ def run_rank(rank: int, size: int, port: int, out: str, models: dict[str, str]) 
             reference = torch.load(Path(out) / f"ref-{name}.pt")
             result = run_model(world, model_dir, reference)
             torch.save(result, Path(out) / f"{name}-rank{rank}.pt")
+        mismatch = check_mismatched_blocks(world, next(iter(models.values())))
+        torch.save(mismatch, Path(out) / f"mismatch-rank{rank}.pt")
     finally:
         world.close()
 
@@ -128,6 +131,21 @@ def run_model(world: TPWorld, model_dir: str, reference: dict[str, Any]) -> dict
     return result
 
 
+def check_mismatched_blocks(world: TPWorld, model_dir: str) -> str:
+    """Ranks configured with different block counts: every rank must refuse to start."""
+    engine = NativeEngine(
+        model_dir, LAYOUT, BLOCK, "float32", 8 + world.rank, **world.engine_kwargs()
+    )
+    try:
+        if world.rank == 0:
+            LeaderEngine(engine, world.control)
+        else:
+            Follower(engine, world.control)
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
 def lead(engine: NativeEngine, world: TPWorld, first: int, payloads: dict) -> dict[str, Any]:
     with LeaderEngine(engine, world.control) as leader:
         tokens = generate(leader, PROMPTS)
@@ -137,9 +155,32 @@ def lead(engine: NativeEngine, world: TPWorld, first: int, payloads: dict) -> di
         seq.block_table = table
         recorder = KVRecorder(engine, table, len(KV_PROMPT))
         leader.prefill(seq, recorder, extra={"kv": True})
+        callback_error = prefill_with_failing_callbacks(leader, table)
         leader.allocator.free(table)
         imported = decode_imported(leader, first, payloads)
-    return {"tokens": tokens, "kv": recorder.kv, "imported_tokens": imported}
+    return {
+        "tokens": tokens,
+        "kv": recorder.kv,
+        "imported_tokens": imported,
+        "callback_error": callback_error,
+    }
+
+
+def fail_at_layer_1(layer: int) -> None:
+    if layer == 1:
+        raise RuntimeError("frame sender gone")
+
+
+def prefill_with_failing_callbacks(leader: LeaderEngine, table: list[int]) -> str:
+    """Every rank's callback fails mid-prefill: the step still completes everywhere, the
+    leader raises afterwards, and the instance goes on (decode_imported runs next)."""
+    seq = leader.new_sequence(request("fail", KV_PROMPT, 1))
+    seq.block_table = table
+    try:
+        leader.prefill(seq, fail_at_layer_1, extra={"fail": True})
+    except RuntimeError as exc:
+        return str(exc)
+    return ""
 
 
 def decode_imported(leader: LeaderEngine, first: int, payloads: dict) -> list[int]:
@@ -169,13 +210,20 @@ def follow(engine: NativeEngine, world: TPWorld, payloads: dict) -> dict[str, An
     layers: dict[str, list[int]] = {}
     recorders: list[KVRecorder] = []
 
-    def factory(step: PrefillStep) -> Any:
+    def factory(step: PrefillStep) -> LayerDone:
         seen = layers.setdefault(step.request_id, [])
+        recorder = KVRecorder(engine, step.block_table, len(step.context_ids))
         if step.extra == {"kv": True}:
-            recorder = KVRecorder(engine, step.block_table, len(step.context_ids))
             recorders.append(recorder)
-            return lambda layer: (seen.append(layer), recorder(layer))
-        return seen.append
+
+        def on_layer_done(layer: int) -> None:
+            seen.append(layer)
+            if step.extra == {"kv": True}:
+                recorder(layer)
+            if step.extra == {"fail": True}:
+                fail_at_layer_1(layer)
+
+        return on_layer_done
 
     ready: set[str] = set()
     follower = Follower(engine, world.control, factory, is_ready=ready.__contains__)

@@ -102,9 +102,9 @@ def machine_info(threads: int) -> dict[str, Any]:
                                       text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         nats_version = "unknown"
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "platform": platform.platform(), "machine": platform.machine(),
-        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "platform": platform.platform(), "machine": platform.machine(), "cpus": cpus,
         "python": platform.python_version(), "torch": torch.__version__,
         "torch_threads_convert": threads or torch.get_num_threads(),
         "nats_server": nats_version, "load_average_start": list(os.getloadavg()),

@@ -48,8 +48,9 @@ class NativeEngine:
         self.tp = checked_tp_group(tp_rank, tp_size, tp_group)
         self.model, self.cfg = load_model(model_dir, self.device, tp=self.tp)
         self.tokenizer = Tokenizer.from_model_dir(model_dir)
-        self.max_model_len = min(max_model_len or self.cfg.max_position_embeddings,
-                                 self.cfg.max_position_embeddings)
+        self.max_model_len = min(
+            max_model_len or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings
+        )
         self.kv = KVDescriptor(
             layout=kv_layout,
             block_size=block_size,
@@ -83,7 +84,9 @@ class NativeEngine:
         """Raise unless `block_table` has room for `num_tokens` tokens."""
         need = self.blocks_for(num_tokens)
         if len(block_table) < need:
-            raise ValueError(f"{num_tokens} tokens need {need} KV blocks, the table has {len(block_table)}")
+            raise ValueError(
+                f"{num_tokens} tokens need {need} KV blocks, the table has {len(block_table)}"
+            )
 
     def _slots(
         self, block_table: list[int], positions: torch.Tensor
@@ -112,12 +115,16 @@ class NativeEngine:
         positions = torch.arange(len(context_ids))
         blocks, offsets = self._slots(block_table, positions)
         meta = AttentionMetadata(
-            is_prefill=True, positions=positions.to(self.device), slot_blocks=blocks,
+            is_prefill=True,
+            positions=positions.to(self.device),
+            slot_blocks=blocks,
             slot_offsets=offsets,
         )
         last = [len(context_ids) - 1] if want_logits else []
         return self.model(
-            torch.tensor(context_ids, device=self.device), meta, self.cache,
+            torch.tensor(context_ids, device=self.device),
+            meta,
+            self.cache,
             last_token_index=torch.tensor(last, dtype=torch.long, device=self.device),
             on_layer_done=on_layer_done,
         )
@@ -126,7 +133,8 @@ class NativeEngine:
     def decode(self, seqs: list[Sequence]) -> list[int]:
         """One step for a batch: each sequence's last token goes in, one new token comes out."""
         logits = self.forward_decode(
-            [s.all_ids[-1] for s in seqs], [s.num_tokens for s in seqs],
+            [s.all_ids[-1] for s in seqs],
+            [s.num_tokens for s in seqs],
             [s.block_table for s in seqs],
         )
         out = []

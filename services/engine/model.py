@@ -126,8 +126,11 @@ class Attention(nn.Module):
         if meta.is_prefill:
             # The whole prompt is in this step: attend to the fresh K/V, causally.
             out = F.scaled_dot_product_attention(
-                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                is_causal=True, enable_gqa=self.num_heads != self.num_kv_heads,
+                q.transpose(0, 1),
+                k.transpose(0, 1),
+                v.transpose(0, 1),
+                is_causal=True,
+                enable_gqa=self.num_heads != self.num_kv_heads,
             )  # [Hq, T, D]
             out = out.transpose(0, 1)
         else:

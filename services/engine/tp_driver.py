@@ -120,10 +120,38 @@ def init_tp(
     return TPWorld(rank, size, dist.group.WORLD, control, device)
 
 
+def _signature(engine: NativeEngine) -> dict[str, Any]:
+    """What must be equal on every rank for the leader's block ids and steps to mean the same."""
+    kv = engine.kv.model_dump(exclude={"tp_rank"})
+    return {"model": engine.cfg, "kv": kv, "num_blocks": engine.cache.num_blocks}
+
+
+def _handshake(engine: NativeEngine, control: dist.ProcessGroup | None) -> None:
+    """Every rank, once, as its LeaderEngine / Follower is built: the leader compares the
+    followers' engines with its own and every rank raises the same error on a mismatch."""
+    mine = _signature(engine)
+    leader = engine.tp.rank == LEADER
+    theirs: list[Any] | None = [None] * engine.tp.size if leader else None
+    dist.gather_object(mine, theirs, group=control, group_dst=LEADER)
+    verdict: list[Any] = [None]
+    if leader and theirs is not None:
+        wrong = {
+            rank: [key for key in mine if other[key] != mine[key]]
+            for rank, other in enumerate(theirs)
+            if other != mine
+        }
+        if wrong:
+            verdict[0] = f"engines differ from rank 0's (rank: what differs): {wrong}"
+    dist.broadcast_object_list(verdict, group=control, group_src=LEADER)
+    if verdict[0]:
+        raise ValueError(verdict[0])
+
+
 class LeaderEngine:
     """Rank 0's engine: NativeEngine's step methods, each broadcast to the followers first.
 
     Other attributes (kv, cfg, cache, allocator, new_sequence, ...) are the wrapped engine's.
+    Built at the same time as every follower's `Follower` (they check each other's engines).
     With tp_size 1 it adds nothing and calls no torch.distributed function.
     """
 
@@ -136,6 +164,8 @@ class LeaderEngine:
         self._known: dict[str, int] = {}  # request -> length of the table the followers hold
         self._released: list[str] = []
         self._stopped = False
+        if engine.tp.size > 1:
+            _handshake(engine, control)
 
     def __getattr__(self, name: str) -> Any:
         if name == "engine":  # not set yet: never recurse
@@ -160,12 +190,17 @@ class LeaderEngine:
         self, seq: Sequence, on_layer_done: LayerDone | None = None, *, extra: Any = None
     ) -> int:
         """NativeEngine.prefill on every rank; `extra` (picklable) reaches the followers'
-        callback factory in the PrefillStep, e.g. where to send their frames."""
+        callback factory in the PrefillStep, e.g. where to send their frames. An error of
+        `on_layer_done` is raised after the step: every rank finishes the step first."""
         with self._lock:
             self.engine.check_blocks(seq.block_table, len(seq.context_ids))
             step = PrefillStep(seq.request_id, list(seq.context_ids), list(seq.block_table), extra)
             self._broadcast(step)
-            return self.engine.prefill(seq, on_layer_done)
+            guard = _GuardedCallback(on_layer_done, seq.request_id) if on_layer_done else None
+            token = self.engine.prefill(seq, guard)
+            if guard is not None and guard.error is not None:
+                raise guard.error
+            return token
 
     def decode(self, seqs: list[Sequence]) -> list[int]:
         """NativeEngine.decode on every rank; only the leader samples. A sequence's block
@@ -248,6 +283,7 @@ class Follower:
         self._control = control
         self._factory = on_prefill_layer_done_factory
         self._is_ready = is_ready
+        _handshake(engine, control)
 
     def run(self) -> None:
         while True:
@@ -265,12 +301,15 @@ class Follower:
         match step:
             case PrefillStep():
                 hook = self._factory(step) if self._factory else None
-                callback = _guarded(hook, step.request_id) if hook else None
-                engine.forward_prefill(step.context_ids, step.block_table, callback, False)
+                guard = _GuardedCallback(hook, step.request_id) if hook else None
+                engine.forward_prefill(step.context_ids, step.block_table, guard, want_logits=False)
             case DecodeStep(rows=rows):
                 tables = [self.tables.extend(r.request_id, r.new_blocks) for r in rows]
                 engine.forward_decode(
-                    [r.last_token for r in rows], [r.num_tokens for r in rows], tables, False
+                    [r.last_token for r in rows],
+                    [r.num_tokens for r in rows],
+                    tables,
+                    want_logits=False,
                 )
             case ShareBlocks():
                 self.tables.set(step.request_id, step.block_table)
@@ -279,22 +318,24 @@ class Follower:
                 dist.gather_object(ready, None, group=self._control, group_dst=LEADER)
 
 
-def _guarded(hook: LayerDone, request_id: str) -> LayerDone:
-    """A callback that fails must not stop this rank's compute: the other ranks are waiting
-    in the same step's all-reduces. Its error is logged and the callback skipped after it."""
-    failed = False
+class _GuardedCallback:
+    """A layer-done callback whose failure cannot stop this rank's compute: the other ranks
+    wait in the same step's all-reduces. The first error is kept and the callback skipped
+    from then on; the leader raises it once the step is over, a follower logs it."""
 
-    def call(layer: int) -> None:
-        nonlocal failed
-        if failed:
+    def __init__(self, callback: LayerDone, request_id: str):
+        self.callback = callback
+        self.request_id = request_id
+        self.error: Exception | None = None
+
+    def __call__(self, layer: int) -> None:
+        if self.error is not None:
             return
         try:
-            hook(layer)
-        except Exception:
-            failed = True
-            log.exception("layer-done callback of %s failed at layer %d", request_id, layer)
-
-    return call
+            self.callback(layer)
+        except Exception as exc:
+            self.error = exc
+            log.exception("layer-done callback of %s failed at layer %d", self.request_id, layer)
 
 
 def follower_loop(

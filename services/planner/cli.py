@@ -12,7 +12,6 @@ import yaml
 
 from services.planner.catalog import builtin_catalog
 from services.planner.errors import PlannerError
-from services.planner.inputs import resolve
 from services.planner.spec import load_spec
 
 EXIT_BAD_INPUT = 2
@@ -57,6 +56,7 @@ def _fail(message: str) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    from services.planner.inputs import resolve
     from services.planner.planner import plan
     from services.planner.plot import plot_costs
     from services.planner.report import to_json, to_table

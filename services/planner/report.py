@@ -6,7 +6,7 @@ from typing import Any
 
 from services.planner.planner import Outcome, PlanReport, PoolSummary, cost_per_million_tokens
 from services.planner.search import kv_bytes_per_request
-from services.planner.topology import compose_command, topology
+from services.planner.topology import topology
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -18,6 +18,10 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 def _money(value: float | None) -> str:
     return "-" if value is None else f"{value:,.2f}"
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
 
 
 def _ratio(report: PlanReport, baseline: Outcome) -> float | None:
@@ -135,7 +139,7 @@ def to_table(report: PlanReport) -> str:
         return "\n".join(out)
     per_million = cost_per_million_tokens(inputs, plan)
     out.append(
-        f"cost {_money(plan.cost_per_hour)} per hour, {_money(per_million)} per million tokens, "
+        f"cost {_money(plan.cost_per_hour)} per hour, {_figure(per_million)} per million tokens, "
         f"serving {plan.served_rate:.3g} req/s"
     )
     rows = []
@@ -210,5 +214,4 @@ def to_table(report: PlanReport) -> str:
         ]
     for note in plan.notes:
         out.append(f"note: {note}")
-    out.append(f"compose: {compose_command(plan)}")
     return "\n".join(out)
