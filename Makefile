@@ -9,7 +9,7 @@ PORT ?= 8000
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: run test lint install model clean
+.PHONY: run test lint install model clean compose-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ run: $(VENV)/.installed $(MODEL)/config.json
 test: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# docker compose for real: engine, images, the stack scaled to 2+2, checks, teardown.
+compose-test: $(VENV)/.installed-test $(MODEL)/config.json
+	PY=$(abspath $(PY)) MODEL=$(MODEL) scripts/compose_test.sh
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .

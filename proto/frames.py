@@ -1,4 +1,5 @@
-"""The KV frame codec: msgpack `[header, payload]` with a versioned header and a CRC32.
+"""The KV frame codec: msgpack `[header, payload]` with a versioned header and an xxh3-64
+checksum of the payload.
 
 One request's KV moves from each prefill shard as a stream:
     begin (seq 0: source descriptor, prompt length)
@@ -9,15 +10,15 @@ The decoder trusts nothing it has not checked: types, ranges, lengths, checksum.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import msgpack
+import xxhash
 
 from proto.layouts import KVDescriptor
 
-FRAME_VERSION = 1
+FRAME_VERSION = 2  # 2: xxh3-64 checksum (1 used CRC32, 10x slower)
 FrameKind = Literal["begin", "data", "end"]
 _KINDS = ("begin", "data", "end")
 
@@ -70,7 +71,7 @@ def encode_frame(frame: Frame) -> bytes:
             layer=frame.layer,
             tok=[frame.token_start, frame.token_stop],
             n=len(payload),
-            crc=zlib.crc32(payload),
+            xxh=xxhash.xxh3_64_intdigest(payload),
         )
         if frame.scales is not None:
             header["scale"] = [float(frame.scales[0]), float(frame.scales[1])]
@@ -147,8 +148,8 @@ def _decode_checked(header: dict, payload: bytes) -> Frame:
         size = _field(header, "n", int, kind)
         if size != len(payload):
             raise FrameError(f"data: truncated payload ({len(payload)} bytes, header says {size})")
-        crc = _field(header, "crc", int, kind)
-        if zlib.crc32(payload) != crc:
+        digest = _field(header, "xxh", int, kind)
+        if xxhash.xxh3_64_intdigest(payload) != digest:
             raise FrameError("data: checksum mismatch")
         if frame.layer < 0:
             raise FrameError(f"data: negative layer {frame.layer}")

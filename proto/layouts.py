@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -556,6 +557,36 @@ def payload_to_tokens(
 def payload_to_bytes(payload: dict[str, torch.Tensor]) -> bytes:
     """Storage tensors in the spec's order, contiguous, concatenated."""
     return b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in payload.values())
+
+
+def _silence_readonly_warning() -> None:
+    """torch warns once per process that a read-only buffer makes a read-only tensor; frames
+    are never written through, so spend that one warning here, quietly (once, since
+    catch_warnings is not thread-safe)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.frombuffer(b"\0", dtype=torch.uint8)
+
+
+_silence_readonly_warning()
+
+
+def readonly_bytes(data: bytes | memoryview) -> torch.Tensor:
+    """A view of a frame's bytes as uint8: no copy, never written through."""
+    return torch.frombuffer(data, dtype=torch.uint8)
+
+
+def payload_view(
+    desc: KVDescriptor, data: bytes | memoryview, num_blocks: int
+) -> dict[str, torch.Tensor]:
+    """Like payload_from_bytes, without the copy: read-only views of the frame's bytes."""
+    expected = desc.payload_nbytes(num_blocks)
+    if memoryview(data).nbytes != expected:
+        raise ValueError(
+            f"payload is {memoryview(data).nbytes} bytes; {num_blocks} blocks of {desc.layout} "
+            f"need {expected}"
+        )
+    return split_payload(desc, readonly_bytes(data), num_blocks)
 
 
 def payload_from_bytes(

@@ -113,7 +113,7 @@ def tampered(frame: Frame, **header: object) -> bytes:
 
 CASES: list[tuple[str, Callable[[KVDescriptor, str], list[bytes]], str]] = [
     ("truncated payload", lambda d, r: [tampered(data(d, r), n=99999)], "truncated payload"),
-    ("wrong checksum", lambda d, r: [tampered(data(d, r), crc=12345)], "checksum mismatch"),
+    ("wrong checksum", lambda d, r: [tampered(data(d, r), xxh=12345)], "checksum mismatch"),
     ("unknown layout", lambda d, r: [encode_frame(data(d, r, layout_id="0" * 12))],
      "is not this instance's"),
     ("shape not matching the descriptor", lambda d, r: [encode_frame(data(d, r, payload=b"x" * 100))],
@@ -176,7 +176,7 @@ async def test_bad_frame_at_the_converter_frees_the_decode_side(
     await asyncio.sleep(0.2)
     assert services.status().free_blocks < services.status().total_blocks
     bad = tampered(data(source, "via-converter", token_stop=40,
-                        payload=bytes(source.payload_nbytes(1))), crc=1)
+                        payload=bytes(source.payload_nbytes(1))), xxh=1)
     ack = await send(nc, CONVERTER, bad)
     assert ack["ok"] is False and "checksum mismatch" in ack["reason"]
     for _ in range(50):  # the converter ends the decode stream with the error

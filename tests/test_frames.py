@@ -47,7 +47,7 @@ def _tamper(frame: Frame, **header: object) -> bytes:
     ("raw", "reason"),
     [
         (encode_frame(data_frame())[:-10], "not a msgpack frame"),
-        (_tamper(data_frame(), crc=1), "checksum mismatch"),
+        (_tamper(data_frame(), xxh=1), "checksum mismatch"),
         (_tamper(data_frame(), n=5), "truncated payload"),
         (_tamper(data_frame(), v=99), "unsupported frame version"),
         (_tamper(data_frame(), kind="blob"), "unknown frame kind"),
@@ -83,7 +83,7 @@ def test_decoder_never_crashes_on_garbage(raw: bytes) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(st.dictionaries(st.sampled_from(["v", "kind", "rid", "seq", "shard", "layout", "layer",
-                                        "tok", "n", "crc", "desc", "ntok", "frames", "first",
+                                        "tok", "n", "xxh", "desc", "ntok", "frames", "first",
                                         "extra", "dest", "dest_desc"]),
                        st.one_of(st.integers(-5, 5), st.text(max_size=5), st.binary(max_size=4),
                                  st.lists(st.integers(-3, 3), max_size=3), st.none(),

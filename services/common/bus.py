@@ -19,6 +19,8 @@ from services.common.telemetry import inject
 
 log = logging.getLogger(__name__)
 
+_HEADROOM = 16 * 1024  # NATS headers (trace context) and the frame's msgpack header
+
 
 class Bus:
     def __init__(self, nc: Client, settings: CommonSettings):
@@ -68,6 +70,11 @@ class Bus:
                 )
             except BadRequestError:
                 return await self.js.key_value(bucket)
+
+    @property
+    def frame_limit(self) -> int:
+        """Largest KV frame to send: the setting, capped below the server's max_payload."""
+        return min(self.settings.max_frame_bytes, self.nc.max_payload - _HEADROOM)
 
     async def publish(self, subject: str, message: Message) -> None:
         await self.nc.publish(subject, message.pack(), headers=inject())

@@ -10,6 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
+MAX_PAYLOAD = 8 * 1024 * 1024
+
 
 def find_nats_server() -> str:
     beside_python = Path(sys.executable).parent / "nats-server"
@@ -38,10 +40,17 @@ class NatsServer:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    def config(self) -> str:
+        # max_payload has no command-line flag. 8 MiB lets KV frames be large enough for one
+        # block of a big model's layer, and few enough that per-frame costs stay small.
+        return (f"host: 127.0.0.1\nport: {self.port}\nmax_payload: {MAX_PAYLOAD}\n"
+                f'jetstream {{ store_dir: "{self.store_dir}" }}\n')
+
     def start(self, timeout_s: float = 10.0) -> NatsServer:
+        config = Path(self.store_dir) / "nats.conf"
+        config.write_text(self.config())
         self.process = subprocess.Popen(
-            [find_nats_server(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
-             "-sd", self.store_dir],
+            [find_nats_server(), "-c", str(config)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + timeout_s

@@ -29,8 +29,8 @@ class CommonSettings(BaseSettings):
     instance_ttl_s: float = Field(4.0, gt=0)
     # KV frames: at most this many bytes each (below the server's max_payload), and at most
     # `kv_window` unacknowledged frames per stream (credit-based flow control).
-    max_frame_bytes: int = Field(512 * 1024, ge=4096)
-    kv_window: int = Field(8, ge=1)
+    max_frame_bytes: int = Field(4 * 1024 * 1024, ge=4096)
+    kv_window: int = Field(4, ge=1)
     kv_ack_timeout_s: float = Field(10.0, gt=0)
     metrics_port: int = 0  # 0: no Prometheus endpoint
 

@@ -19,16 +19,15 @@ per-tensor scale for K and one for V (vLLM's _k_scale/_v_scale), saturating on o
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import partial
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from proto.layouts import FP8_DTYPES, KVDescriptor, bits, kv_views, split_payload
+from proto.layouts import FP8_DTYPES, KVDescriptor, bits, kv_views, readonly_bytes, split_payload
 
 Piece = tuple[int, int, bytes | memoryview]
 OutPiece = tuple[int, int, memoryview]
@@ -230,22 +229,6 @@ def _token_run(k: Tensor, v: Tensor, heads: range) -> _Run:
     return _Run(0, k.shape[0], 1, heads, k.unsqueeze(1), v.unsqueeze(1))
 
 
-@cache
-def _silence_readonly_warning() -> None:
-    """torch warns once per process that a read-only buffer makes a read-only tensor; frames
-    are never written through, so spend that one warning here, quietly (once, since
-    catch_warnings is not thread-safe)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.frombuffer(b"\0", dtype=torch.uint8)
-
-
-def _readonly_bytes(data: bytes | memoryview) -> Tensor:
-    """A view of a frame's bytes: no copy."""
-    _silence_readonly_warning()
-    return torch.frombuffer(data, dtype=torch.uint8)
-
-
 def _runs_of(desc: KVDescriptor, pieces: Sequence[Piece], num_tokens: int) -> list[_Run]:
     """Validated pieces as runs; they must tile [0, num_tokens) exactly."""
     if num_tokens < 1:
@@ -267,7 +250,7 @@ def _runs_of(desc: KVDescriptor, pieces: Sequence[Piece], num_tokens: int) -> li
             raise ValueError(
                 f"{who}: piece [{start}, {stop}) is {size} bytes; {blocks} block(s) are {expected}"
             )
-        k, v = kv_views(desc, split_payload(desc, _readonly_bytes(data), blocks), blocks)
+        k, v = kv_views(desc, split_payload(desc, readonly_bytes(data), blocks), blocks)
         runs.append(_Run(start, stop, desc.block_size, desc.heads, k, v))
         covered = stop
     if covered != num_tokens:

@@ -77,7 +77,7 @@ class ConverterService(Service):
 
     async def _on_frame(self, msg: Msg) -> None:
         try:
-            frame = decode_frame(msg.data, self.settings.max_frame_bytes * 2)
+            frame = decode_frame(msg.data, self.bus.nc.max_payload)
         except FrameError as exc:
             log.warning("%s rejected a KV frame of %s: %s", self.instance_id,
                         exc.request_id or "an unknown request", exc)
@@ -230,7 +230,7 @@ class ConverterService(Service):
             ShardLayer(conv.sources[shard], pieces, conv.scales.get((layer, shard), UNIT_SCALES))
             for shard, pieces in sorted(by_shard.items())
         ]
-        limit = self.settings.max_frame_bytes - 1024  # room for the header
+        limit = self.bus.frame_limit - 1024  # room for the frame header
 
         def convert() -> list[list]:
             return [convert_layer(sources, target, conv.num_tokens, limit, layer=layer)

@@ -17,7 +17,7 @@ from nats.aio.msg import Msg
 from opentelemetry.trace import Span
 
 from proto.frames import Frame, FrameError, decode_frame
-from proto.layouts import payload_from_bytes
+from proto.layouts import payload_view
 from proto.messages import (
     AbortRequest,
     CompletionRecord,
@@ -169,7 +169,7 @@ class DecodeService(Service):
 
     async def _on_frame(self, msg: Msg) -> None:
         try:
-            frame = decode_frame(msg.data, self.settings.max_frame_bytes * 2)
+            frame = decode_frame(msg.data, self.bus.nc.max_payload)
         except FrameError as exc:
             log.warning("%s rejected a KV frame of %s: %s", self.instance_id,
                         exc.request_id or "an unknown request", exc)
@@ -223,7 +223,7 @@ class DecodeService(Service):
             )
         first = frame.token_start // kv.block_size
         count = self.engine.blocks_for(frame.token_stop) - first
-        payload = payload_from_bytes(kv, frame.payload, count)
+        payload = payload_view(kv, frame.payload, count)
         self.engine.cache.import_blocks(frame.layer, inbound.blocks[first : first + count], payload)
         inbound.layer_tokens[frame.layer] = frame.token_stop
         inbound.data_frames += 1

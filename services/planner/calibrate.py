@@ -4,6 +4,7 @@ it is on measurements the fit did not see (MAPE per phase)."""
 from __future__ import annotations
 
 import datetime
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -160,6 +161,7 @@ def profile_engine(
         raise PlannerError(f"--device: {exc}") from None
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise PlannerError("--device cuda: no CUDA device is available here")
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as scratch:
         timed_dir = model_dir
         if hidden is not None and layers is not None:
@@ -172,6 +174,11 @@ def profile_engine(
         max_tokens = max(DECODE_BATCHES) * (max(DECODE_CONTEXTS) + repeats + 8)
         timer = EngineTimer(timed_dir, device, max_tokens)
         measurements = mark_held_out(measure(timer, quick, repeats, passes))
+    conditions = (
+        f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on "
+        f"{os.cpu_count()} cores; {torch.get_num_threads()} torch threads; fastest of "
+        f"{repeats} runs x {passes} passes per point"
+    )
     label = name or f"{torch_device.type}-{_slug(peaks.description.split(',')[0])[:40]}"
     base = GpuSpec(
         name=label,
@@ -189,6 +196,7 @@ def profile_engine(
     profile = Profile(
         gpu=fitted,
         device=peaks.description,
+        conditions=conditions,
         engine=f"services.engine NativeEngine (torch {torch.__version__})",
         model=model,
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

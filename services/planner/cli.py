@@ -143,7 +143,8 @@ def run_profile(args: argparse.Namespace) -> int:
     print(
         f"profiled {profile.device} with {profile.engine} on {profile.model.name}: "
         f"{len(profile.measurements)} timings; held-out MAPE {mape}\n"
-        f"fitted: compute {eff.compute:.3f}, memory {eff.memory:.3f}, "
-        f"layer overhead {eff.layer_overhead_s * 1e6:.1f} us; written to {path}"
+        f"fitted: compute {eff.compute:.3f}, memory {eff.memory:.3f}, attention "
+        f"{eff.attention:.3f}, layer overhead {eff.layer_overhead_s * 1e6:.1f} us\n"
+        f"conditions: {profile.conditions}\nwritten to {path}"
     )
     return 0

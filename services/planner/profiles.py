@@ -33,6 +33,7 @@ class Profile(BaseModel):
 
     gpu: GpuSpec
     device: str
+    conditions: str = ""  # what else the machine was doing (load average), threads
     engine: str
     model: ModelSpec
     created: str

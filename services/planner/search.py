@@ -97,10 +97,9 @@ def _shapes(inputs: PlanInputs, gpu_types: list[str]) -> tuple[list[PerfModel], 
     return fitting, rejected
 
 
-def build_problem(
-    inputs: PlanInputs, mode: Mode = "disaggregated", gpu_types: list[str] | None = None
-) -> SearchResult:
-    types = gpu_types if gpu_types is not None else list(inputs.gpus)
+def build_problem(inputs: PlanInputs, mode: Mode = "disaggregated") -> SearchResult:
+    """Every configuration of the inventory's GPU types for `mode`'s roles, with its rate."""
+    types = list(inputs.gpus)
     targets = targets_of(inputs)
     shapes, rejected = _shapes(inputs, types)
     configs: list[Config] = []
@@ -123,26 +122,22 @@ def build_problem(
         common = {"gpu": name, "tp": shape.tp, "pp": shape.pp, "price_per_hour": price}
         if mode == "colocated":
             capacity = colocated_capacity(perf, inputs.mix, targets)
-            add(Config(role="colocated", rate=float(capacity.rate), **common), perf, capacity)
+            add(Config(role="colocated", rate=capacity.rate, **common), perf, capacity)
             continue
         by_bandwidth: dict[float, Capacity] = {}
         for destination in types:
             bandwidth = inputs.link_gbps[(name, destination)]
             if bandwidth not in by_bandwidth:
                 by_bandwidth[bandwidth] = prefill_capacity(perf, inputs.mix, targets, bandwidth)
-        rate_to = {d: float(by_bandwidth[inputs.link_gbps[(name, d)]].rate) for d in types}
+        rate_to = {d: by_bandwidth[inputs.link_gbps[(name, d)]].rate for d in types}
         fastest = max(by_bandwidth.values(), key=lambda c: c.rate)
         add(Config(role="prefill", rate_to=rate_to, **common), perf, fastest)
         capacity = decode_capacity(perf, inputs.mix, targets)
-        add(Config(role="decode", rate=float(capacity.rate), **common), perf, capacity)
+        add(Config(role="decode", rate=capacity.rate, **common), perf, capacity)
     problem = CapacityProblem(
         configs=tuple(configs),
         inventory={name: inputs.counts[name] for name in types},
-        link_rate={
-            pair: rate
-            for pair, rate in link_rates(inputs).items()
-            if pair[0] in types and pair[1] in types
-        },
+        link_rate=link_rates(inputs),
         demand=inputs.mix.rate if inputs.objective == "min_cost" else None,
         budget=inputs.budget_per_hour if inputs.objective == "max_goodput" else None,
     )

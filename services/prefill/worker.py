@@ -118,7 +118,7 @@ class PrefillService(Service):
         kv = engine.kv
         loop = asyncio.get_running_loop()
         layers: asyncio.Queue = asyncio.Queue()
-        blocks_per_frame = max(1, self.settings.max_frame_bytes // max(1, kv.payload_nbytes(1)) - 1)
+        blocks_per_frame = max(1, (self.bus.frame_limit - 1024) // kv.payload_nbytes(1))
         num_tokens = len(seq.context_ids)
 
         def on_layer_done(layer: int) -> None:

@@ -126,3 +126,26 @@ def test_malformed_values_raise_planner_errors_only(rate: Any, count: Any) -> No
         resolve(parse_spec(spec))
     except PlannerError as exc:
         assert str(exc)
+
+
+ISSUE_EXAMPLE = """
+model: llama-3-70b                         # or {config: path/to/config.json}
+inventory:
+  - {gpu: h100-sxm, count: 16, price_per_hour: 4.0}
+  - {gpu: mi300x, count: 8, price_per_hour: 3.5}
+  - {gpu: ascend-910b, count: 16, price_per_hour: 1.8}
+network: {inter_pool_gbps: 100}          # the KV path between pools of different GPU types
+workload: {rate: 5.0, prompt_tokens: {mean: 2048}, output_tokens: {mean: 256}}
+slo: {ttft_s: 1.0, tpot_s: 0.05, percentile: 90, attainment: 0.9}
+objective: min_cost                        # or max_goodput with a budget_per_hour
+"""
+
+
+def test_the_issue_example_spec_parses(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(ISSUE_EXAMPLE)
+    inputs = resolve(load_spec(path))
+    assert list(inputs.counts.items()) == [("h100-sxm", 16), ("mi300x", 8), ("ascend-910b", 16)]
+    assert inputs.link_gbps[("h100-sxm", "mi300x")] == 100
+    assert inputs.mix.rate == 5.0 and inputs.mix.mean_prompt == 2048
+    assert inputs.level == pytest.approx(0.9**0.5)
