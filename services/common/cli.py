@@ -27,13 +27,17 @@ def _service(role: str):  # noqa: ANN202 - returns a Service built from its sett
 
         return SchedulerService(s.SchedulerSettings())
     if role == "prefill":
+        from services.prefill.follower import PrefillFollower
         from services.prefill.worker import PrefillService
 
-        return PrefillService(s.WorkerSettings())
+        worker = s.WorkerSettings()
+        return PrefillService(worker) if worker.tp_rank == 0 else PrefillFollower(worker)
     if role == "decode":
+        from services.decode.follower import DecodeFollower
         from services.decode.worker import DecodeService
 
-        return DecodeService(s.WorkerSettings())
+        worker = s.WorkerSettings()
+        return DecodeService(worker) if worker.tp_rank == 0 else DecodeFollower(worker)
     from services.converter.worker import ConverterService
 
     return ConverterService(s.ConverterSettings())

@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from services.common.nats_server import NatsServer
+from services.common.nats_server import NatsServer, free_port
 from services.common.topology import Topology, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -35,14 +35,42 @@ def plan_instances(topology: Topology, nats_url: str, prefix: str) -> list[Insta
     for role, specs in (("prefill", topology.prefill), ("decode", topology.decode)):
         for spec in specs:
             for i in range(spec.replicas):
-                out.append(Instance(f"{spec.name}-{i}", role, {**base, **worker_env(topology, spec)}))
+                env = {
+                    **base,
+                    **worker_env(topology, spec),
+                    "HETSERVE_INSTANCE_ID": f"{spec.name}-{i}",
+                }
+                # One process per tensor-parallel rank, all with the instance's id.
+                port = str(free_port()) if spec.tp > 1 else "0"
+                for rank in range(spec.tp):
+                    name = f"{spec.name}-{i}" + (f"/rank{rank}" if spec.tp > 1 else "")
+                    out.append(
+                        Instance(
+                            name,
+                            role,
+                            {
+                                **env,
+                                "HETSERVE_TP_SIZE": str(spec.tp),
+                                "HETSERVE_TP_RANK": str(rank),
+                                "HETSERVE_TP_MASTER_PORT": port,
+                            },
+                        )
+                    )
     for i in range(topology.gateway.replicas):
-        out.append(Instance(f"gateway-{i}", "gateway", {
-            **base, "HETSERVE_MODEL": topology.model, "HETSERVE_HOST": topology.gateway.host,
-            "HETSERVE_PORT": str(topology.gateway.port + i),
-        }))
+        out.append(
+            Instance(
+                f"gateway-{i}",
+                "gateway",
+                {
+                    **base,
+                    "HETSERVE_MODEL": topology.model,
+                    "HETSERVE_HOST": topology.gateway.host,
+                    "HETSERVE_PORT": str(topology.gateway.port + i),
+                },
+            )
+        )
     for inst in out:
-        inst.env["HETSERVE_INSTANCE_ID"] = inst.name
+        inst.env.setdefault("HETSERVE_INSTANCE_ID", inst.name)
     return out
 
 
@@ -64,7 +92,8 @@ def worker_env(topology: Topology, spec: WorkerSpec) -> dict[str, str]:
 def start(inst: Instance) -> None:
     env = {**os.environ, **inst.env}
     inst.process = subprocess.Popen(
-        [sys.executable, "-m", "services.common.cli", "serve", inst.role], env=env,
+        [sys.executable, "-m", "services.common.cli", "serve", inst.role],
+        env=env,
     )
 
 
@@ -102,8 +131,12 @@ def run_up(topology: Topology, nats_url: str | None, prefix: str) -> int:
         for inst in instances:
             start(inst)
         gateway = topology.gateway
-        log.info("started %d instances; OpenAI API at http://%s:%d/v1", len(instances),
-                 gateway.host, gateway.port)
+        log.info(
+            "started %d instances; OpenAI API at http://%s:%d/v1",
+            len(instances),
+            gateway.host,
+            gateway.port,
+        )
         reported: set[str] = set()
         while not stop["now"]:
             time.sleep(0.2)
@@ -111,8 +144,12 @@ def run_up(topology: Topology, nats_url: str | None, prefix: str) -> int:
                 rc = inst.process.poll() if inst.process else None
                 if rc is not None and inst.name not in reported:
                     reported.add(inst.name)
-                    log.error("%s (%s) exited with code %s; the others keep serving",
-                              inst.name, inst.role, rc)
+                    log.error(
+                        "%s (%s) exited with code %s; the others keep serving",
+                        inst.name,
+                        inst.role,
+                        rc,
+                    )
             if len(reported) == len(instances):
                 code = 1
                 break

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 class Service(ABC):
     role: ClassVar[Role]
+    # A follower rank of a tensor-parallel instance neither heartbeats nor answers stats:
+    # its leader (rank 0) speaks for the instance.
+    announces: ClassVar[bool] = True
 
     def __init__(self, settings: CommonSettings):
         if not settings.instance_id:
@@ -98,22 +101,24 @@ class Service(ABC):
     async def run(self) -> None:
         """Run until SIGINT/SIGTERM (or `stopping` is set), then shut down in order."""
         setup_tracing(self.role, self.instance_id)
-        stop_metrics = serve_metrics(self.settings.metrics_port)
+        stop_metrics = serve_metrics(self.settings.metrics_port) if self.announces else None
         self.bus = await Bus.connect(self.settings, name=self.instance_id)
         await self.bus.ensure_streams()
         self.registry = Registry(self.bus, self.settings.instance_ttl_s)
         await self.registry.start()
         await self.start()
-        await self.subscribe(self.bus.subjects.stats(self.instance_id), self._stats)
+        if self.announces:
+            await self.subscribe(self.bus.subjects.stats(self.instance_id), self._stats)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
-        heartbeat = asyncio.create_task(self._heartbeat())
+        heartbeat = asyncio.create_task(self._heartbeat()) if self.announces else None
         log.info("%s ready", self.instance_id)
         await self.stopping.wait()
         log.info("%s stopping", self.instance_id)
-        heartbeat.cancel()
-        await self.registry.withdraw(self.instance_id)
+        if heartbeat is not None:
+            heartbeat.cancel()
+            await self.registry.withdraw(self.instance_id)
         await self.stop()
         for task in list(self._tasks):
             task.cancel()

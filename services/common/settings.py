@@ -52,6 +52,11 @@ class WorkerSettings(CommonSettings):
     max_model_len: int = 0  # 0: the model's max_position_embeddings
     torch_threads: int = 0  # 0: torch's default
     max_batch_size: int = Field(64, ge=1)
+    # tensor parallelism: one process per rank, all with the same instance id
+    tp_size: int = Field(1, ge=1)
+    tp_rank: int = Field(0, ge=0)
+    tp_master_addr: str = "127.0.0.1"
+    tp_master_port: int = 29500
     reserve_hold_s: float = Field(30.0, gt=0)
     # decode: blocks held at admission cover the prompt plus this many output tokens
     reserve_ahead_tokens: int = Field(256, ge=1)

@@ -31,8 +31,6 @@ class WorkerSpec(BaseModel):
         if self.block_size not in spec.block_sizes:
             raise ValueError(f"{self.name}: layout {self.kv_layout} takes block sizes "
                              f"{spec.block_sizes}, not {self.block_size}")
-        if self.tp != 1:
-            raise ValueError(f"{self.name}: tensor parallelism is not supported yet (tp={self.tp})")
 
 
 class GatewaySpec(BaseModel):

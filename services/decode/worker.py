@@ -8,16 +8,16 @@ Requests join and leave the running batch between steps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nats.aio.msg import Msg
 from opentelemetry.trace import Span
 
 from proto.frames import Frame, FrameError, decode_frame
-from proto.layouts import payload_view
 from proto.messages import (
     AbortRequest,
     CompletionRecord,
@@ -33,27 +33,14 @@ from services.common.kv_stream import acknowledge
 from services.common.service import Service
 from services.common.settings import WorkerSettings
 from services.common.telemetry import extract, tracer
-from services.engine.engine import NativeEngine
+from services.decode.receiver import Inbound, KVReceiver
 from services.engine.factory import build_engine
 from services.engine.kv_cache import OutOfBlocks
 from services.engine.sequence import Sequence
+from services.engine.tp_driver import LeaderEngine
 
 log = logging.getLogger(__name__)
 _tracer = tracer("hetserve.decode")
-
-
-@dataclass
-class Inbound:
-    """A reserved request whose KV frames are arriving."""
-
-    request: GenerateRequest
-    blocks: list[int]
-    deadline: float
-    next_seq: int = 0
-    num_tokens: int = 0
-    data_frames: int = 0
-    layer_tokens: dict[int, int] = field(default_factory=dict)  # tokens received per layer
-    span: Span | None = None
 
 
 @dataclass
@@ -63,6 +50,7 @@ class Running:
     span: Span
     aborted: bool = False
     prefill_instance: str = ""
+    deadline: float = 0.0  # to be ready on every TP rank
 
 
 class DecodeService(Service):
@@ -71,7 +59,7 @@ class DecodeService(Service):
 
     def __init__(self, settings: WorkerSettings):
         super().__init__(settings)
-        self.engine: NativeEngine
+        self.engine: LeaderEngine
         self.inbound: dict[str, Inbound] = {}
         self.ready: deque[Running] = deque()
         self.running: list[Running] = []
@@ -81,7 +69,10 @@ class DecodeService(Service):
         self._wakeup = asyncio.Event()
 
     async def start(self) -> None:
-        self.engine = await asyncio.to_thread(build_engine, self.settings)
+        engine, world = await asyncio.to_thread(build_engine, self.settings)
+        self.engine = await asyncio.to_thread(LeaderEngine, engine, world.control)
+        self.receiver = KVReceiver(engine)
+        self.tp = world.size
         s = self.bus.subjects
         await self.subscribe(s.reserve(self.instance_id), self._on_reserve)
         await self.subscribe(s.kv_frames(self.instance_id, self.engine.kv.tp_rank), self._on_frame)
@@ -129,6 +120,8 @@ class DecodeService(Service):
             metrics.RESERVATIONS.labels("refused").inc()
             await msg.respond(ReserveReply(ok=False, reason=str(exc), retry_later=True).pack())
             return
+        if self.tp > 1:  # follower ranks import their shards into the same blocks
+            await asyncio.to_thread(self.engine.share_blocks, rid, blocks)
         self.inbound[rid] = Inbound(
             request=req.request, blocks=blocks, deadline=time.monotonic() + req.hold_seconds,
             span=_tracer.start_span("decode.admit", context=extract(msg.headers),
@@ -142,6 +135,7 @@ class DecodeService(Service):
     def _release(self, rid: str) -> None:
         inbound = self.inbound.pop(rid, None)
         if inbound is not None:
+            self.engine.release([rid])
             self.engine.allocator.free(inbound.blocks)
             if inbound.span is not None:
                 inbound.span.end()
@@ -184,7 +178,9 @@ class DecodeService(Service):
             await acknowledge(msg, False, reason)
             return
         try:
-            self._take(inbound, frame, msg)
+            complete = self.receiver.take(inbound, frame)
+            if frame.kind == "end":
+                self._transfer_ended(inbound, frame, msg, complete)
         except (FrameError, ValueError) as exc:
             log.warning("%s rejected a KV frame of %s: %s", self.instance_id, frame.request_id, exc)
             await acknowledge(msg, False, str(exc))
@@ -192,56 +188,12 @@ class DecodeService(Service):
             return
         await acknowledge(msg)
 
-    def _take(self, inbound: Inbound, frame: Frame, msg: Msg) -> None:
-        kv = self.engine.kv
-        if frame.seq != inbound.next_seq:
-            raise FrameError(f"sequence number {frame.seq}, expected {inbound.next_seq}")
-        inbound.next_seq += 1
-        if frame.layout_id != kv.id:
-            raise FrameError(f"layout {frame.layout_id} is not this instance's ({kv.id}, {kv.layout})")
-        if frame.kind == "begin":
-            expected = len(inbound.request.context_token_ids)
-            if frame.num_tokens != expected:
-                raise FrameError(f"begin announces {frame.num_tokens} tokens, request has {expected}")
-            inbound.num_tokens = frame.num_tokens
-        elif frame.kind == "data":
-            self._store(inbound, frame)
-        else:
-            self._finish_transfer(inbound, frame, msg)
-
-    def _store(self, inbound: Inbound, frame: Frame) -> None:
-        kv = self.engine.kv
-        if inbound.num_tokens == 0:
-            raise FrameError("data frame before begin")
-        if frame.layer not in kv.layers:
-            raise FrameError(f"layer {frame.layer} outside {kv.layers}")
-        have = inbound.layer_tokens.get(frame.layer, 0)
-        if frame.token_start != have or frame.token_stop > inbound.num_tokens:
-            raise FrameError(
-                f"layer {frame.layer}: tokens [{frame.token_start}, {frame.token_stop}) "
-                f"do not continue [0, {have}) within {inbound.num_tokens}"
-            )
-        first = frame.token_start // kv.block_size
-        count = self.engine.blocks_for(frame.token_stop) - first
-        payload = payload_view(kv, frame.payload, count)
-        self.engine.cache.import_blocks(frame.layer, inbound.blocks[first : first + count], payload)
-        inbound.layer_tokens[frame.layer] = frame.token_stop
-        inbound.data_frames += 1
-
-    def _finish_transfer(self, inbound: Inbound, frame: Frame, msg: Msg) -> None:
+    def _transfer_ended(self, inbound: Inbound, frame: Frame, msg: Msg, complete: bool) -> None:
         rid = inbound.request.request_id
-        if "error" in frame.extra:
+        if not complete:
             # The sender failed and told the gateway; just give the blocks back.
             self._release(rid)
             return
-        if frame.data_frames != inbound.data_frames:
-            raise FrameError(f"end says {frame.data_frames} data frames, {inbound.data_frames} came")
-        missing = [
-            layer for layer in self.engine.kv.layers
-            if inbound.layer_tokens.get(layer, 0) != inbound.num_tokens
-        ]
-        if missing:
-            raise FrameError(f"end before layers {missing} were complete")
         if frame.first_token is None:
             raise FrameError("end frame without the first token")
         if not 0 <= frame.first_token < self.engine.cfg.vocab_size:
@@ -257,7 +209,7 @@ class DecodeService(Service):
             attributes={"request.id": rid, "instance.id": self.instance_id,
                         "prompt.tokens": len(seq.context_ids)},
         )
-        entry = Running(seq=seq, request=inbound.request, span=span)
+        entry = Running(seq=seq, request=inbound.request, span=span, deadline=inbound.deadline)
         if seq.finished:  # the first token already ended it (EOS, max_tokens=1, stop)
             self._retire(entry)
             return
@@ -281,6 +233,7 @@ class DecodeService(Service):
 
     def _retire(self, entry: Running) -> None:
         self.by_id.pop(entry.seq.request_id, None)
+        self.engine.release([entry.seq.request_id])
         self.engine.allocator.free(entry.seq.block_table)
         entry.seq.block_table = []
         entry.span.set_attribute("completion.tokens", len(entry.seq.output_ids))
@@ -326,14 +279,39 @@ class DecodeService(Service):
             if entry in self.running and missing > 0:
                 seq.block_table += self.engine.allocator.allocate(missing)
 
+    async def _admit_ready(self) -> None:
+        """Ready sequences join the batch, once every TP rank holds their KV."""
+        room = self.settings.max_batch_size - len(self.running)
+        candidates = list(self.ready)[:room]
+        if not candidates:
+            return
+        if self.tp > 1:
+            ids = await asyncio.to_thread(
+                self.engine.ready_everywhere, [e.seq.request_id for e in candidates])
+            late = [e for e in candidates if e.seq.request_id not in ids
+                    and e.deadline < time.monotonic()]
+            for entry in late:
+                self.ready.remove(entry)
+                await self.bus.publish(
+                    self.bus.subjects.request_events(entry.seq.request_id),
+                    ErrorEvent(request_id=entry.seq.request_id, instance_id=self.instance_id,
+                               message=f"{self.instance_id}: KV never completed on every rank"),
+                )
+                self._retire(entry)
+            candidates = [e for e in candidates if e.seq.request_id in ids]
+        for entry in candidates:
+            self.ready.remove(entry)
+            self.running.append(entry)
+
     async def _decode_loop(self) -> None:
         while True:
             self._drop_aborted()
-            while self.ready and len(self.running) < self.settings.max_batch_size:
-                self.running.append(self.ready.popleft())
+            await self._admit_ready()
             if not self.running:
                 self._wakeup.clear()
-                await self._wakeup.wait()
+                # Ready sequences may be waiting for their KV on other TP ranks: poll.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), 0.005 if self.ready else None)
                 continue
             await self._grow_or_preempt()
             if not self.running:
@@ -362,6 +340,7 @@ class DecodeService(Service):
             self.running = still
 
     async def stop(self) -> None:
+        await asyncio.to_thread(self.engine.stop)  # ends the follower ranks' loops
         for entry in list(self.running) + list(self.ready):
             await self.bus.publish(
                 self.bus.subjects.request_events(entry.seq.request_id),

@@ -1,4 +1,4 @@
-"""Build the engine an instance's settings name."""
+"""Build the engine an instance's settings name, joining its tensor-parallel group."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import torch
 
 from services.common.settings import WorkerSettings
 from services.engine.engine import NativeEngine
+from services.engine.tp_driver import TPWorld, init_tp
 
 ENGINES = {"native": NativeEngine}
 
 
-def build_engine(settings: WorkerSettings) -> NativeEngine:
+def build_engine(settings: WorkerSettings) -> tuple[NativeEngine, TPWorld]:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     try:
@@ -19,12 +20,18 @@ def build_engine(settings: WorkerSettings) -> NativeEngine:
         raise ValueError(
             f"unknown engine {settings.engine!r}; available: {', '.join(ENGINES)}"
         ) from None
-    return engine_cls(
+    cuda = settings.device.startswith("cuda") or (not settings.device and torch.cuda.is_available())
+    world = init_tp(
+        settings.tp_rank, settings.tp_size, settings.tp_master_addr, settings.tp_master_port,
+        "nccl" if cuda else "gloo", device=settings.device or None,
+    )
+    engine = engine_cls(
         model_dir=settings.model,
         kv_layout=settings.kv_layout,
         block_size=settings.block_size,
         kv_dtype=settings.kv_dtype,
         num_blocks=settings.num_blocks,
-        device=settings.device or None,
         max_model_len=settings.max_model_len or None,
+        **world.engine_kwargs(),
     )
+    return engine, world

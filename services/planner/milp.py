@@ -112,8 +112,9 @@ def _constraints(problem: CapacityProblem, layout: _Layout) -> LinearConstraint:
         supply = [(i, -c.rate) for i, c in enumerate(configs) if c.role == "decode" and c.gpu == b]
         row(inflow + supply, -np.inf, 0.0)
     colocated = [(i, c.rate) for i, c in enumerate(configs) if c.role == "colocated"]
-    served = [(col, 1.0) for col in flow_cols.values()] + colocated
-    row([*served, (layout.z, -1.0)], 0.0, 0.0)  # z = requests/s served
+    flows = [(col, 1.0) for col in flow_cols.values()]
+    row([*flows, *colocated, (layout.z, -1.0)], 0.0, np.inf)  # capacity covers z, the rate served
+    row([*flows, (layout.z, -1.0)], -np.inf, 0.0)  # and KV flows carry no more than z
     # Implied by the rows above, but explicit knapsack rows let the solver cut on them.
     for role in ("prefill", "decode"):
         supply = [(i, c.best_rate()) for i, c in enumerate(configs) if c.role == role]
@@ -134,14 +135,18 @@ def _constraints(problem: CapacityProblem, layout: _Layout) -> LinearConstraint:
 
 
 def _solve(
-    problem: CapacityProblem, layout: _Layout, objective: np.ndarray, z_low: float
+    problem: CapacityProblem,
+    layout: _Layout,
+    objective: np.ndarray,
+    z_range: tuple[float, float],
 ) -> np.ndarray | None:
+    """Solve with the served rate z within `z_range`; None when that is infeasible."""
     configs = problem.configs
     lower = np.zeros(layout.width)
     upper = np.full(layout.width, np.inf)
     for i, c in enumerate(configs):
         upper[i] = problem.inventory.get(c.gpu, 0) // c.gpus
-    lower[layout.z] = z_low
+    lower[layout.z], upper[layout.z] = z_range
     integrality = np.zeros(layout.width)
     integrality[: layout.n] = 1
     with _solver_prints_to_stderr():
@@ -182,14 +187,14 @@ def solve_milp(problem: CapacityProblem) -> Solution:
     prices = np.zeros(layout.width)
     prices[: layout.n] = [c.price_per_hour for c in reduced.configs]
     if problem.demand is not None:
-        x = _solve(reduced, layout, prices, problem.demand)
+        x = _solve(reduced, layout, prices, (problem.demand, problem.demand))
     else:
         goodput = np.zeros(layout.width)
         goodput[layout.z] = -1.0
-        first = _solve(reduced, layout, goodput, 0.0)
+        first = _solve(reduced, layout, goodput, (0.0, np.inf))
         if first is None or first[layout.z] <= _FLOW_EPSILON:
             return Infeasible("no instance set within the inventory and budget serves any request")
-        x = _solve(reduced, layout, prices, first[layout.z] * (1 - 1e-9))
+        x = _solve(reduced, layout, prices, (first[layout.z] * (1 - 1e-9), np.inf))
     if x is None:
         return Infeasible(f"no allocation within the inventory serves {problem.demand:g} req/s")
     local = _allocation(reduced, layout, x)

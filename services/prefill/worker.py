@@ -11,22 +11,18 @@ import logging
 
 from nats.aio.msg import Msg
 
-from proto.frames import Frame
-from proto.layouts import payload_to_bytes
 from proto.messages import ErrorEvent, MessageError, PrefillJob, TokenEvent
 from services.common import metrics
-from services.common.kv_stream import FrameSender
 from services.common.service import Service
 from services.common.settings import WorkerSettings
 from services.common.telemetry import extract, tracer
-from services.engine.engine import NativeEngine
 from services.engine.factory import build_engine
 from services.engine.kv_cache import OutOfBlocks
+from services.engine.tp_driver import LeaderEngine
+from services.prefill.shard_stream import LayerFeed, stream_shard
 
 log = logging.getLogger(__name__)
 _tracer = tracer("hetserve.prefill")
-
-_LAYERS_DONE = object()
 
 
 class PrefillService(Service):
@@ -35,12 +31,13 @@ class PrefillService(Service):
 
     def __init__(self, settings: WorkerSettings):
         super().__init__(settings)
-        self.engine: NativeEngine
+        self.engine: LeaderEngine
         self.jobs: asyncio.Queue[tuple[PrefillJob, object]] = asyncio.Queue()
         self.running = 0
 
     async def start(self) -> None:
-        self.engine = await asyncio.to_thread(build_engine, self.settings)
+        engine, world = await asyncio.to_thread(build_engine, self.settings)
+        self.engine = await asyncio.to_thread(LeaderEngine, engine, world.control)
         await self.subscribe(self.bus.subjects.prefill_jobs(self.instance_id), self._on_job)
         self.spawn(self._work_loop(), "prefill-loop")
 
@@ -100,8 +97,16 @@ class PrefillService(Service):
         finally:
             engine.allocator.free(seq.block_table)
 
-    async def _compute_and_announce(self, job: PrefillJob, seq, run) -> int:  # noqa: ANN001
+    async def _compute_and_announce(self, job: PrefillJob, seq, feed: LayerFeed) -> int:  # noqa: ANN001
         """Run the model in a thread; send the first token to the gateway the moment it exists."""
+
+        def run() -> int:
+            try:
+                # `extra` tells the follower ranks where to send their own shards' frames.
+                return self.engine.prefill(seq, feed.on_layer_done, extra=job.route.model_dump())
+            finally:
+                feed.done()
+
         with metrics.PREFILL_SECONDS.time():
             token = await asyncio.to_thread(run)
         metrics.PREFILL_REQUESTS.inc()
@@ -114,77 +119,25 @@ class PrefillService(Service):
         return token
 
     async def _prefill_and_stream(self, job: PrefillJob, seq) -> None:  # noqa: ANN001
-        engine, request = self.engine, job.request
-        kv = engine.kv
-        loop = asyncio.get_running_loop()
-        layers: asyncio.Queue = asyncio.Queue()
-        blocks_per_frame = max(1, (self.bus.frame_limit - 1024) // kv.payload_nbytes(1))
-        num_tokens = len(seq.context_ids)
+        request, route, kv = job.request, job.route, self.engine.kv
+        feed = LayerFeed(self.engine, seq.block_table, len(seq.context_ids), self.bus.frame_limit)
+        compute = asyncio.ensure_future(self._compute_and_announce(job, seq, feed))
 
-        def on_layer_done(layer: int) -> None:
-            # In the torch thread: copy this layer's blocks out while the next layer runs.
-            pieces = []
-            for first in range(0, len(seq.block_table), blocks_per_frame):
-                chunk = seq.block_table[first : first + blocks_per_frame]
-                payload = payload_to_bytes(engine.cache.export_blocks(layer, chunk))
-                start = first * kv.block_size
-                stop = min(num_tokens, (first + len(chunk)) * kv.block_size)
-                pieces.append((start, stop, payload))
-            loop.call_soon_threadsafe(layers.put_nowait, (layer, pieces))
+        async def finish() -> tuple[int | None, dict]:
+            return await compute, {"finished": seq.finished}
 
-        def run() -> int:
-            try:
-                return engine.prefill(seq, on_layer_done)
-            finally:
-                loop.call_soon_threadsafe(layers.put_nowait, _LAYERS_DONE)
-
-        route = job.route
         with _tracer.start_as_current_span("kv.send") as span:
             span.set_attribute("request.id", request.request_id)
             span.set_attribute("kv.layout", kv.layout)
             span.set_attribute("kv.receiver", route.send_to)
-            # Direct: rank r of an identical decode instance takes rank r's shard.
-            rank = 0 if route.via_converter else kv.tp_rank
-            async with FrameSender(
-                self.bus, route.send_to, self.settings.kv_window, self.settings.kv_ack_timeout_s,
-                rank=rank,
-            ) as sender:
-                seq_no = 0
-                await sender.send(Frame(
-                    kind="begin", request_id=request.request_id, seq=seq_no, shard=kv.tp_rank,
-                    layout_id=kv.id, descriptor=kv, num_tokens=num_tokens,
-                    dest_instance=route.decode_instance if route.via_converter else "",
-                    dest_descriptor=route.decode_kv,
-                ))
-                compute = asyncio.ensure_future(self._compute_and_announce(job, seq, run))
-                data_frames = 0
-                try:
-                    while (item := await layers.get()) is not _LAYERS_DONE:
-                        layer, pieces = item
-                        for start, stop, payload in pieces:
-                            seq_no += 1
-                            data_frames += 1
-                            await sender.send(Frame(
-                                kind="data", request_id=request.request_id, seq=seq_no,
-                                shard=kv.tp_rank, layout_id=kv.id, layer=layer,
-                                token_start=start, token_stop=stop, payload=payload,
-                            ))
-                    first_token = await compute
-                    extra = {"finished": seq.finished}
-                except Exception as exc:
-                    # The thread must be done with the blocks before they are freed.
-                    await asyncio.gather(compute, return_exceptions=True)
-                    # Tell the receiver now, so it frees the blocks it reserved.
-                    first_token, extra = None, {"error": f"prefill failed: {exc}"}
-                    await sender.send(Frame(
-                        kind="end", request_id=request.request_id, seq=seq_no + 1,
-                        shard=kv.tp_rank, layout_id=kv.id, data_frames=data_frames, extra=extra,
-                    ))
-                    raise
-                await sender.send(Frame(
-                    kind="end", request_id=request.request_id, seq=seq_no + 1, shard=kv.tp_rank,
-                    layout_id=kv.id, data_frames=data_frames, first_token=first_token, extra=extra,
-                ))
-                await sender.finish()
-                span.set_attribute("kv.bytes", sender.bytes_sent)
-                span.set_attribute("kv.frames", sender.frames_sent)
+            try:
+                sender = await stream_shard(self.bus, self.settings, self.engine,
+                                            request.request_id, route, feed, finish)
+            finally:
+                # The torch thread must be done with the blocks before they are freed.
+                await asyncio.gather(compute, return_exceptions=True)
+            span.set_attribute("kv.bytes", sender.bytes_sent)
+            span.set_attribute("kv.frames", sender.frames_sent)
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.engine.stop)  # ends the follower ranks' loops
