@@ -7,7 +7,9 @@
 #
 # Knobs (environment): PY (a python with hetserve's test extras), MODEL, TORCH_WHEEL (a CPU
 # torch wheel; default: the first torch-*+cpu wheel in PIP_FIND_LINKS or /opt/wheels),
-# COMPOSE_TEST_REBUILD_BASE=1 (rebuild the base image), COMPOSE_TEST_REMOVE_IMAGES=1.
+# COMPOSE_TEST_REBUILD_BASE=1 (rebuild the base image), COMPOSE_TEST_REMOVE_IMAGES=1,
+# COMPOSE_TEST_PROMETHEUS=0 (skip the observability profile's Prometheus, which runs here
+# from Debian's prometheus package: no registry is needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -16,6 +18,8 @@ MODEL=${MODEL:-models/tiny-llama}
 WORK=$(mktemp -d /tmp/hetserve-compose-test.XXXXXX)
 BASE_IMAGE=hetserve-base:bookworm
 IMAGE=hetserve:compose-test
+PROMETHEUS_IMAGE=hetserve-prometheus:bookworm
+WITH_PROMETHEUS=${COMPOSE_TEST_PROMETHEUS:-1}
 PROJECT=hetserve-ct$$
 COMPOSE_FILE_PATH=compose/docker-compose.yml
 DOCKERD_PID=""
@@ -28,9 +32,21 @@ COMPOSE=()  # set after install: docker-compose 1.29 (Debian), or the v2 plugin
 
 find_compose() {
   if docker compose version >/dev/null 2>&1; then
-    COMPOSE=(docker compose -p "$PROJECT" -f "$COMPOSE_FILE_PATH")
+    COMPOSE=(docker compose)
   else
-    COMPOSE=(docker-compose -p "$PROJECT" -f "$COMPOSE_FILE_PATH")
+    COMPOSE=(docker-compose)
+  fi
+  COMPOSE+=(-p "$PROJECT" -f "$COMPOSE_FILE_PATH")
+  if [ "$WITH_PROMETHEUS" = 1 ]; then
+    # The profile's Prometheus, from Debian's package instead of a registry image.
+    cat >"$WORK/prometheus.override.yml" <<EOF
+services:
+  prometheus:
+    image: $PROMETHEUS_IMAGE
+    entrypoint: [/usr/bin/prometheus, --config.file=/etc/prometheus/prometheus.yml,
+                 --storage.tsdb.path=/tmp/prometheus]
+EOF
+    COMPOSE+=(-f "$WORK/prometheus.override.yml")
   fi
 }
 
@@ -46,7 +62,7 @@ cleanup() {
     timeout 180 "${COMPOSE[@]}" down -v --remove-orphans --timeout 20
   fi
   if [ "${COMPOSE_TEST_REMOVE_IMAGES:-0}" = 1 ]; then
-    timeout 120 docker image rm -f "$IMAGE" "$BASE_IMAGE" >/dev/null
+    timeout 120 docker image rm -f "$IMAGE" "$PROMETHEUS_IMAGE" "$BASE_IMAGE" >/dev/null
   fi
   [ -n "$COPIED_WHEEL" ] && rm -f "$COPIED_WHEEL"
   if [ -n "$DOCKERD_PID" ]; then
@@ -150,22 +166,39 @@ build_image() {
   log "built $IMAGE"
 }
 
+build_prometheus_image() {
+  [ "$WITH_PROMETHEUS" = 1 ] || return 0
+  docker image inspect "$PROMETHEUS_IMAGE" >/dev/null 2>&1 && return 0
+  log "building $PROMETHEUS_IMAGE (Debian's prometheus package)"
+  printf '%s\n' "FROM $BASE_IMAGE" \
+    "RUN apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+--no-install-recommends prometheus && rm -rf /var/lib/apt/lists/*" "USER nobody" \
+    | DOCKER_BUILDKIT=0 timeout 900 docker build -q -t "$PROMETHEUS_IMAGE" - >"$WORK/prom.log" 2>&1 \
+    || { tail -20 "$WORK/prom.log"; return 1; }
+}
+
 free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 run_stack_and_check() {
   [ -f "$MODEL/config.json" ] || "$PY" scripts/make_tiny_model.py "$MODEL"
   # The containers run as an unprivileged user: the mounted model must be world-readable.
   find "$MODEL" -type f ! -perm -o=r -print -exec chmod a+r {} + | sed 's/^/made readable: /'
-  export IMAGE MODEL_DIR GATEWAY_PORT NATS_PORT
+  export IMAGE MODEL_DIR GATEWAY_PORT NATS_PORT PROMETHEUS_PORT
   MODEL_DIR=$(cd "$MODEL" && pwd)
   GATEWAY_PORT=$(free_port)
   NATS_PORT=$(free_port)
+  PROMETHEUS_PORT=$(free_port)
+  local services=(nats gateway scheduler converter prefill decode) check_args=()
+  if [ "$WITH_PROMETHEUS" = 1 ]; then
+    services+=(prometheus)  # named: its profile need not be active
+    check_args=(--prometheus-url "http://127.0.0.1:$PROMETHEUS_PORT")
+  fi
   log "compose up (project $PROJECT): prefill=2 decode=2, gateway on :$GATEWAY_PORT"
   STACK_UP=1
-  timeout 300 "${COMPOSE[@]}" up -d --no-build --scale prefill=2 --scale decode=2
+  timeout 300 "${COMPOSE[@]}" up -d --no-build --scale prefill=2 --scale decode=2 "${services[@]}"
   timeout 900 "$PY" -m tests.compose_check --project "$PROJECT" \
     --gateway-url "http://127.0.0.1:$GATEWAY_PORT/v1" --nats-url "nats://127.0.0.1:$NATS_PORT" \
-    --model-dir "$MODEL_DIR" --prefills 2 --decodes 2
+    --model-dir "$MODEL_DIR" --prefills 2 --decodes 2 "${check_args[@]}"
 }
 
 install_engine
@@ -173,5 +206,6 @@ find_compose
 start_dockerd
 build_base_image
 build_image
+build_prometheus_image
 run_stack_and_check
 log "compose test passed"

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,6 +207,8 @@ async def report_and_verify(
         if per_decode[decode] == 0 or stats.peak_running == 0:
             failures.append(f"decode container {name} ({decode}) served no request")
     failures += check_metrics(running, len(served))
+    if args.prometheus_url:
+        failures += check_prometheus(args.prometheus_url, args, len(served))
     if failures:
         raise AssertionError("compose check failed:\n  " + "\n  ".join(failures))
     print(f"compose check passed: {len(served)} requests over {len(decodes)} decode containers")
@@ -232,6 +237,47 @@ def check_metrics(running: dict[str, tuple[str, str]], requests: int) -> list[st
     return failures
 
 
+def prometheus_query(url: str, query: str) -> list[dict]:
+    full = f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    with urllib.request.urlopen(full, timeout=10) as reply:
+        return json.load(reply)["data"]["result"]
+
+
+def check_prometheus(url: str, args: argparse.Namespace, requests: int) -> list[str]:
+    """The observability profile's Prometheus scraped every container, and saw every TTFT."""
+    want = {
+        "gateway": 1,
+        "scheduler": 1,
+        "converter": 1,
+        "prefill": args.prefills,
+        "decode": args.decodes,
+    }
+    deadline, failures = time.monotonic() + 60, ["prometheus never answered"]
+    while time.monotonic() < deadline:
+        try:
+            up = Counter(r["metric"]["job"] for r in prometheus_query(url, "up == 1"))
+            ttft = prometheus_query(url, "sum(hetserve_time_to_first_token_seconds_count)")
+        except OSError as exc:
+            failures = [f"prometheus: {exc}"]
+            time.sleep(2)
+            continue
+        seen = float(ttft[0]["value"][1]) if ttft else 0.0
+        failures = [
+            f"prometheus: {n} {job} targets up, want {n_want}"
+            for job, n_want in want.items()
+            if (n := up[job]) != n_want
+        ]
+        if seen != requests:
+            failures.append(
+                f"prometheus: TTFT histogram has {seen:.0f} observations, want {requests}"
+            )
+        if not failures:
+            print(f"prometheus: every container scraped ({dict(up)}), {seen:.0f} TTFT observations")
+            break
+        time.sleep(2)
+    return failures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project", required=True, help="docker compose project name")
@@ -247,6 +293,7 @@ def main() -> int:
     # instance loaded and places the next request on another.
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--stagger", type=float, default=0.4, help="seconds between requests")
+    parser.add_argument("--prometheus-url", help="check this Prometheus scraped everything")
     parser.add_argument(
         "--timeout", type=float, default=240.0, help="seconds to wait for instances"
     )

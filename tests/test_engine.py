@@ -12,6 +12,7 @@ import torch
 from proto.layouts import LAYOUTS
 from proto.messages import GenerateRequest, SamplingParams
 from services.engine.engine import NativeEngine
+from tests.engine_loop import generate_batched
 from tests.system import hf_greedy, make_model
 
 PROMPTS = [[5, 77, 300, 12, 9, 401, 33, 900, 17] * 3, [50], list(range(100, 290))]
@@ -35,31 +36,6 @@ def engine_for(model: Path, layout: str, blocks: int = 64) -> NativeEngine:
 def greedy_request(i: int, prompt: list[int], n: int, **sampling: object) -> GenerateRequest:
     params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, **sampling)
     return GenerateRequest(request_id=f"r{i}", prompt_token_ids=prompt, sampling=params)
-
-
-def generate_batched(engine: NativeEngine, requests: list[GenerateRequest],
-                     join_every: int = 0) -> list[list[int]]:
-    """Prefill each request (staggered by `join_every` decode steps), decode as one batch."""
-    waiting = list(requests)
-    running, done = [], {}
-    step = 0
-    while waiting or running:
-        if waiting and (join_every == 0 or step % join_every == 0):
-            req = waiting.pop(0)
-            seq = engine.new_sequence(req)
-            seq.block_table = engine.allocator.allocate(
-                engine.blocks_for(len(req.prompt_token_ids) + req.sampling.max_tokens))
-            engine.prefill(seq)
-            running.append(seq)
-        live = [s for s in running if not s.finished]
-        if live:
-            engine.decode(live)
-        for seq in [s for s in running if s.finished]:
-            engine.allocator.free(seq.block_table)
-            done[seq.request_id] = seq.output_ids
-            running.remove(seq)
-        step += 1
-    return [done[r.request_id] for r in requests]
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

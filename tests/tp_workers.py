@@ -19,6 +19,7 @@ from services.engine.engine import NativeEngine
 from services.engine.model import LayerDone
 from services.engine.tp_driver import Follower, LeaderEngine, TPWorld, init_tp
 from services.engine.tp_steps import BlockTables, PrefillStep
+from tests.engine_loop import generate_batched
 
 LAYOUT, BLOCK, BLOCKS = "vllm-flash", 16, 64
 PROMPTS = [[5, 77, 300, 12, 9, 401, 33, 900, 17] * 3, [50], list(range(100, 290))]
@@ -34,26 +35,8 @@ def request(rid: str, prompt: list[int], max_tokens: int = NEW_TOKENS) -> Genera
 
 def generate(engine: NativeEngine | LeaderEngine, prompts: list[list[int]]) -> list[list[int]]:
     """Greedy tokens of `prompts`, one joining the running batch every other decode step."""
-    waiting = [request(f"g{i}", p) for i, p in enumerate(prompts)]
-    running, done = [], {}
-    step = 0
-    while waiting or running:
-        if waiting and step % 2 == 0:
-            seq = engine.new_sequence(waiting.pop(0))
-            seq.block_table = engine.allocator.allocate(
-                engine.blocks_for(len(seq.context_ids) + NEW_TOKENS)
-            )
-            engine.prefill(seq)
-            running.append(seq)
-        live = [s for s in running if not s.finished]
-        if live:
-            engine.decode(live)
-        for seq in [s for s in running if s.finished]:
-            engine.allocator.free(seq.block_table)
-            done[seq.request_id] = seq.output_ids
-            running.remove(seq)
-        step += 1
-    return [done[f"g{i}"] for i in range(len(prompts))]
+    requests = [request(f"g{i}", p) for i, p in enumerate(prompts)]
+    return generate_batched(engine, requests, join_every=2)
 
 
 class KVRecorder:

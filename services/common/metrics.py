@@ -131,6 +131,14 @@ WAITING = Gauge(
 KV_FREE_BLOCKS = Gauge("hetserve_kv_free_blocks", "Free KV cache blocks.", ["role", "instance_id"])
 KV_USED_BLOCKS = Gauge("hetserve_kv_used_blocks", "Used KV cache blocks.", ["role", "instance_id"])
 
+# Known label values exist from the start, so rate() sees their first increment.
+for _outcome in ("finished", "cancelled", "error"):
+    REQUESTS.labels(_outcome)
+for _route in ("direct", "converter"):
+    ROUTED.labels(_route)
+for _outcome in ("ok", "refused"):
+    RESERVATIONS.labels(_outcome)
+
 
 def error(component: str, reason: str) -> None:
     """Count a failure; `reason` is a short fixed word, never a message."""
