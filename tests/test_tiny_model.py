@@ -11,11 +11,10 @@ from types import ModuleType
 
 import pytest
 import torch
+import transformers  # noqa: E402 - the oracle; a test dependency
 from safetensors import safe_open
 
 from services.engine.hf_config import load_model_config, parse_model_config
-
-transformers = pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]
 

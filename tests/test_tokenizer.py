@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import transformers  # noqa: E402 - the oracle; a test dependency
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as BackendTokenizer
@@ -20,7 +21,6 @@ from services.engine.tokenizer import (
 )
 from tests.test_tiny_model import load_script
 
-transformers = pytest.importorskip("transformers")
 tiny = load_script()
 
 ARCHS = sorted(tiny.ARCHS)

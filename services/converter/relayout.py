@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import NamedTuple
 
 import torch
@@ -192,19 +192,26 @@ def convert_layer(
         for desc in (target, *(s.desc for s in sources)):
             if layer not in desc.layers:
                 raise ValueError(f"layer {layer} is outside {desc.layout} layers {desc.layers}")
-    plan = [
-        (sources[i], taken, _runs_of(sources[i].desc, sources[i].pieces, num_tokens))
-        for i, taken in assign_heads([s.desc for s in sources], target.heads)
-    ]
+    used = []
+    for i, taken in assign_heads([s.desc for s in sources], target.heads):
+        pieces = _sorted_pieces(sources[i].desc, sources[i].pieces, num_tokens)
+        used.append((sources[i], taken, pieces))
+    plan = _plan(
+        tuple((s.desc, taken, tuple((a, b) for a, b, _ in pieces)) for s, taken, pieces in used),
+        target,
+        num_tokens,
+        max_payload_bytes,
+    )
+    flats = [[readonly_bytes(data) for _, _, data in pieces] for _, _, pieces in used]
+    casts = [_casters(s.desc.torch_dtype, s.scales, target.torch_dtype, scales) for s, _, _ in used]
     out = []
-    casts = [_casters(s.desc.torch_dtype, s.scales, target.torch_dtype, scales) for s, _, _ in plan]
-    for start, stop in _chunks(target, num_tokens, max_payload_bytes):
-        run, buffer = _new_run(target, start, stop)
-        for (_, taken, src_runs), (k_cast, v_cast) in zip(plan, casts, strict=True):
-            for src_run in src_runs:
-                if src_run.start < stop and start < src_run.stop:
-                    _copy(run, src_run, taken, k_cast, v_cast)
-        out.append((start, stop, memoryview(buffer.numpy())))
+    for chunk in plan:
+        buffer = torch.empty(chunk.nbytes, dtype=torch.uint8)
+        for zeros in chunk.zeros:
+            zeros.of(buffer).zero_()
+        for move in chunk.moves:
+            move.run(buffer, flats[move.shard][move.piece], casts[move.shard][move.plane])
+        out.append((chunk.start, chunk.stop, memoryview(buffer.numpy())))
     return out
 
 
@@ -231,11 +238,26 @@ def _token_run(k: Tensor, v: Tensor, heads: range) -> _Run:
 
 def _runs_of(desc: KVDescriptor, pieces: Sequence[Piece], num_tokens: int) -> list[_Run]:
     """Validated pieces as runs; they must tile [0, num_tokens) exactly."""
+    runs = []
+    for start, stop, data in _sorted_pieces(desc, pieces, num_tokens):
+        runs.append(_run_over(desc, start, stop, readonly_bytes(data)))
+    return runs
+
+
+def _run_over(desc: KVDescriptor, start: int, stop: int, flat: Tensor) -> _Run:
+    """Tokens [start, stop) of a payload held in the flat uint8 tensor `flat`."""
+    blocks = -(-(stop - start) // desc.block_size)
+    k, v = kv_views(desc, split_payload(desc, flat, blocks), blocks)
+    return _Run(start, stop, desc.block_size, desc.heads, k, v)
+
+
+def _sorted_pieces(desc: KVDescriptor, pieces: Sequence[Piece], num_tokens: int) -> list[Piece]:
+    """The pieces in token order, checked to tile [0, num_tokens) with whole blocks."""
     if num_tokens < 1:
         raise ValueError(f"a layer has at least one token, not {num_tokens}")
-    runs, covered = [], 0
+    ordered, covered = sorted(pieces, key=lambda p: (p[0], p[1])), 0
     who = f"shard {desc.tp_rank} of {desc.layout}"
-    for start, stop, data in sorted(pieces, key=lambda p: (p[0], p[1])):
+    for start, stop, data in ordered:
         if start > covered:
             raise ValueError(f"{who}: tokens [{covered}, {start}) are missing")
         if start < covered:
@@ -250,12 +272,10 @@ def _runs_of(desc: KVDescriptor, pieces: Sequence[Piece], num_tokens: int) -> li
             raise ValueError(
                 f"{who}: piece [{start}, {stop}) is {size} bytes; {blocks} block(s) are {expected}"
             )
-        k, v = kv_views(desc, split_payload(desc, readonly_bytes(data), blocks), blocks)
-        runs.append(_Run(start, stop, desc.block_size, desc.heads, k, v))
         covered = stop
     if covered != num_tokens:
         raise ValueError(f"{who}: tokens [{covered}, {num_tokens}) are missing")
-    return runs
+    return ordered
 
 
 def _chunks(
@@ -274,14 +294,18 @@ def _chunks(
 
 def _new_run(desc: KVDescriptor, start: int, stop: int) -> tuple[_Run, Tensor]:
     """An empty payload for tokens [start, stop) and its flat byte buffer."""
-    blocks = -(-(stop - start) // desc.block_size)
-    buffer = torch.empty(desc.payload_nbytes(blocks), dtype=torch.uint8)
-    k, v = kv_views(desc, split_payload(desc, buffer, blocks), blocks)
-    tail = (stop - start) % desc.block_size
-    if tail:  # slots past the last token: zeros, not whatever the allocator held
-        for view in (k, v):
-            bits(view[-1, tail:]).zero_()
-    return _Run(start, stop, desc.block_size, desc.heads, k, v), buffer
+    buffer = torch.empty(desc.payload_nbytes(-(-(stop - start) // desc.block_size)), dtype=torch.uint8)
+    run = _run_over(desc, start, stop, buffer)
+    for view in _tail_slots(run):  # slots past the last token: zeros, not what the allocator held
+        view.zero_()
+    return run, buffer
+
+
+def _tail_slots(run: _Run) -> list[Tensor]:
+    """Integer views of the K and V slots past the run's last token (none if it fills its
+    last block)."""
+    tail = (run.stop - run.start) % run.block_size
+    return [bits(view[-1, tail:]) for view in (run.k, run.v)] if tail else []
 
 
 # --- the copy: token ranges of two runs with nested block sizes -------------------------
@@ -309,6 +333,13 @@ def _casters(
 
 def _copy(dst: _Run, src: _Run, heads: range, k_cast: Cast, v_cast: Cast) -> None:
     """dst[t, h] = cast(src[t, h]) for the tokens both runs cover and heads in all three."""
+    for plane, d, s in _pairs(dst, src, heads):
+        d.copy_((k_cast, v_cast)[plane](s))
+
+
+def _pairs(dst: _Run, src: _Run, heads: range) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """(plane: 0 for K, 1 for V, dst view, src view of the same shape): the strided copies
+    that move the tokens both runs cover, for heads in all three."""
     t0, t1 = max(dst.start, src.start), min(dst.stop, src.stop)
     h0 = max(dst.heads.start, src.heads.start, heads.start)
     h1 = min(dst.heads.stop, src.heads.stop, heads.stop)
@@ -318,7 +349,7 @@ def _copy(dst: _Run, src: _Run, heads: range, k_cast: Cast, v_cast: Cast) -> Non
     if U % u:
         raise ValueError(f"block sizes {u} and {U} do not nest")
     segments = list(_segments(t0, t1, u, U))
-    for d_plane, s_plane, cast in ((dst.k, src.k, k_cast), (dst.v, src.v, v_cast)):
+    for plane, (d_plane, s_plane) in enumerate(((dst.k, src.k), (dst.v, src.v))):
         d_plane = _narrow_heads(d_plane, dst.heads, h0, h1)
         s_plane = _narrow_heads(s_plane, src.heads, h0, h1)
         if d_plane.shape[2:] != s_plane.shape[2:]:
@@ -326,7 +357,7 @@ def _copy(dst: _Run, src: _Run, heads: range, k_cast: Cast, v_cast: Cast) -> Non
         for a, b, kind in segments:
             d = _segment(d_plane, a - dst.start, b - dst.start, dst.block_size, kind, u, U)
             s = _segment(s_plane, a - src.start, b - src.start, src.block_size, kind, u, U)
-            d.copy_(cast(s))
+            yield plane, d, s
 
 
 def _narrow_heads(view: Tensor, heads: range, h0: int, h1: int) -> Tensor:
@@ -400,3 +431,151 @@ def _check_replicas(shards: Sequence[tuple[KVDescriptor, Tensor, Tensor]], heads
                 seen[h] = (i, k_h, v_h)
             elif not (torch.equal(seen[h][1], k_h) and torch.equal(seen[h][2], v_h)):
                 raise ValueError(f"KV head {h}: replicas in shards {seen[h][0]} and {i} differ")
+
+
+# --- the plan: convert_layer as strided copies between flat buffers ----------------------
+#
+# Which bytes go where depends only on the descriptors, the pieces' token ranges, the token
+# count and the payload limit: the same for every layer of a request and every request of
+# the same length. `_plan` works it out once on meta tensors (views without memory) with the
+# view code above, and keeps each copy as plain numbers; convert_layer then only allocates
+# and copies. Each copy is simplified first (dims merged where both sides are contiguous
+# across them, and elements widened to the run both sides share: 16-byte x-packs, 64-byte
+# NZ fractals and whole rows become fewer, larger elements).
+
+_WIDE = {2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}  # bit moves
+
+
+class _Strided(NamedTuple):
+    """Elements of a flat byte buffer seen as `dtype`: shape, strides and offset in them."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+    @classmethod
+    def of_view(cls, view: Tensor) -> _Strided:
+        return cls(view.dtype, tuple(view.shape), view.stride(), view.storage_offset())
+
+    def of(self, flat: Tensor) -> Tensor:
+        width = self.dtype.itemsize
+        typed = flat[: flat.numel() // width * width].view(self.dtype)
+        return typed.as_strided(self.shape, self.stride, self.offset)
+
+
+class _Move(NamedTuple):
+    """One strided copy from a source piece into the target payload being built."""
+
+    shard: int  # index among the shards that supply heads
+    piece: int  # index among that shard's pieces, in token order
+    plane: int  # 0: K, 1: V (which scale an fp8 cast uses)
+    dst: _Strided
+    src: _Strided
+    wide: tuple[_Strided, _Strided] | None  # the same bits in wider elements, if the dtypes match
+
+    def run(self, buffer: Tensor, flat: Tensor, cast: Cast) -> None:
+        if self.wide is not None and cast is _plain:
+            dst, src = self.wide
+            if flat.data_ptr() % src.dtype.itemsize == 0:  # frames need not be aligned
+                dst.of(buffer).copy_(src.of(flat))
+                return
+        self.dst.of(buffer).copy_(cast(self.src.of(flat)))
+
+
+class _Chunk(NamedTuple):
+    """One target payload: its tokens, size, tail slots to zero and the copies that fill it."""
+
+    start: int
+    stop: int
+    nbytes: int
+    zeros: tuple[_Strided, ...]
+    moves: tuple[_Move, ...]
+
+
+ShardKey = tuple[KVDescriptor, range, tuple[tuple[int, int], ...]]  # desc, heads, piece ranges
+
+
+@lru_cache(maxsize=256)
+def _plan(
+    shards: tuple[ShardKey, ...], target: KVDescriptor, num_tokens: int, max_payload_bytes: int
+) -> tuple[_Chunk, ...]:
+    """Target payloads of one layer from `shards`' pieces (validated by the caller)."""
+    meta = partial(torch.empty, dtype=torch.uint8, device="meta")
+    runs = [
+        [_run_over(desc, a, b, meta(desc.payload_nbytes(-(-(b - a) // desc.block_size))))
+         for a, b in ranges]
+        for desc, _, ranges in shards
+    ]
+    chunks = []
+    for start, stop in _chunks(target, num_tokens, max_payload_bytes):
+        nbytes = target.payload_nbytes(-(-(stop - start) // target.block_size))
+        dst = _run_over(target, start, stop, meta(nbytes))
+        moves = []
+        for i, ((desc, taken, _), shard_runs) in enumerate(zip(shards, runs, strict=True)):
+            same = desc.torch_dtype == target.torch_dtype
+            for j, src in enumerate(shard_runs):
+                for plane, d, s in _pairs(dst, src, taken):
+                    moves.append(_move(i, j, plane, d, s, same))
+        zeros = tuple(_Strided.of_view(v) for v in _tail_slots(dst))
+        chunks.append(_Chunk(start, stop, nbytes, zeros, tuple(moves)))
+    return tuple(chunks)
+
+
+def _move(shard: int, piece: int, plane: int, d: Tensor, s: Tensor, same: bool) -> _Move:
+    """The copy d <- s with its dims merged, and widened when the dtypes are the same."""
+    if d.shape != s.shape:
+        raise AssertionError(f"copy between shapes {tuple(d.shape)} and {tuple(s.shape)}")
+    dims = _merge_dims(d.shape, d.stride(), s.stride())
+    shape = tuple(n for n, _, _ in dims)
+    d_stride, s_stride = tuple(x for _, x, _ in dims), tuple(y for _, _, y in dims)
+    dst = _Strided(d.dtype, shape, d_stride, d.storage_offset())
+    src = _Strided(s.dtype, shape, s_stride, s.storage_offset())
+    wide = _widen(dims, dst, src) if same else None
+    return _Move(shard, piece, plane, dst, src, wide)
+
+
+def _merge_dims(
+    shape: Sequence[int], a: Sequence[int], b: Sequence[int]
+) -> list[tuple[int, int, int]]:
+    """(size, dst stride, src stride) per dim, outermost first by dst stride, size-1 dims
+    dropped and neighbours merged where both sides step evenly across them."""
+    dims = sorted(
+        ((n, x, y) for n, x, y in zip(shape, a, b, strict=True) if n != 1),
+        key=lambda t: (t[1], t[2]),
+        reverse=True,
+    )
+    merged: list[tuple[int, int, int]] = []
+    for n, x, y in dims:
+        if merged and merged[-1][1] == x * n and merged[-1][2] == y * n:
+            merged[-1] = (merged[-1][0] * n, x, y)
+        else:
+            merged.append((n, x, y))
+    return merged
+
+
+def _widen(
+    dims: list[tuple[int, int, int]], dst: _Strided, src: _Strided
+) -> tuple[_Strided, _Strided] | None:
+    """The copy in the widest elements (up to 16 bytes) that the run contiguous on both sides,
+    every stride and both offsets allow; None if no wider element fits."""
+    if not dims or dims[-1][1:] != (1, 1):
+        return None
+    item = dst.dtype.itemsize
+    for width in (16, 8, 4, 2):
+        w = width // item
+        if width <= item or width % item:
+            continue
+        numbers = (dims[-1][0], dst.offset, src.offset, *(x for _, x, y in dims[:-1]),
+                   *(y for _, x, y in dims[:-1]))
+        if any(k % w for k in numbers):
+            continue
+        wide = [(n, x // w, y // w) for n, x, y in dims[:-1]]
+        if dims[-1][0] > w:
+            wide.append((dims[-1][0] // w, 1, 1))
+        shape = tuple(n for n, _, _ in wide)
+        return (
+            _Strided(_WIDE[width], shape, tuple(x for _, x, _ in wide), dst.offset // w),
+            _Strided(_WIDE[width], shape, tuple(y for _, _, y in wide), src.offset // w),
+        )
+    return None

@@ -107,13 +107,13 @@ def test_the_profile_command_refuses_bad_arguments(run_cli, tmp_path: Path) -> N
     assert code == 2 and "--hidden and --layers go together" in err
 
 
-def test_the_profile_command_times_the_native_engine(run_cli, tmp_path: Path) -> None:
-    model = Path("models/tiny-llama")
-    if not (model / "config.json").exists():
-        pytest.skip("no models/tiny-llama (python scripts/make_tiny_model.py models/tiny-llama)")
+def test_the_profile_command_times_the_native_engine(
+    run_cli, tmp_path: Path, tiny_llama: Path
+) -> None:
     out = tmp_path / "cpu.json"
     code, stdout, _ = run_cli(
-        "profile", "--quick", "--repeats", "1", "--passes", "1", "--out", str(out)
+        "profile", "--model", str(tiny_llama), "--quick", "--repeats", "1", "--passes", "1",
+        "--out", str(out),
     )
     assert code == 0 and "held-out MAPE" in stdout
     profile = load_profile(out)

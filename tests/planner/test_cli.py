@@ -56,7 +56,6 @@ def test_plan_table_with_simulation_compose_and_topology(
 
 
 def test_plan_plot_writes_a_png(run_cli, tmp_path: Path, base_spec: dict[str, Any]) -> None:
-    pytest.importorskip("matplotlib")
     png = tmp_path / "cost.png"
     base_spec["model"] = "llama-3-8b"
     code, _, _ = run_cli(
