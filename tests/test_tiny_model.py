@@ -11,7 +11,7 @@ from types import ModuleType
 
 import pytest
 import torch
-import transformers  # noqa: E402 - the oracle; a test dependency
+import transformers  # the oracle (a test dependency)
 from safetensors import safe_open
 
 from services.engine.hf_config import load_model_config, parse_model_config

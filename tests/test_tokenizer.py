@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-import transformers  # noqa: E402 - the oracle; a test dependency
+import transformers  # the oracle (a test dependency)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as BackendTokenizer
