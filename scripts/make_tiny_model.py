@@ -483,6 +483,7 @@ def make_tiny_model(
     target = getattr(torch, dtype)
     weights = {name: t.to(target).contiguous() for name, t in weights.items()}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "model.safetensors").chmod(0o644)  # safetensors writes 0600; containers read it
     return out
 
 

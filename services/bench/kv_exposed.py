@@ -171,7 +171,7 @@ class ColocatedPrefill:
 
         c, kv = topo.config, topo.kv("prefill")
         self.num_tokens = num_tokens
-        self.engine = build_engine(WorkerSettings(
+        self.engine, _world = build_engine(WorkerSettings(
             model=str(c.model_dir), kv_layout=kv.layout, block_size=kv.block_size,
             kv_dtype=kv.dtype, num_blocks=-(-num_tokens // kv.block_size) + 4,  # + reserved
             device="cpu", torch_threads=1, nats_url=c.nats_url))

@@ -69,8 +69,11 @@ def plan_instances(topology: Topology, nats_url: str, prefix: str) -> list[Insta
                 },
             )
         )
-    for inst in out:
+    metrics_port = int(os.environ.get("HETSERVE_METRICS_PORT", "0"))
+    for index, inst in enumerate(out):
         inst.env.setdefault("HETSERVE_INSTANCE_ID", inst.name)
+        if metrics_port:  # one Prometheus port per process, counting up from the given one
+            inst.env["HETSERVE_METRICS_PORT"] = str(metrics_port + index)
     return out
 
 

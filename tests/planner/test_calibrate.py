@@ -100,10 +100,12 @@ def test_a_broken_profile_is_named(tmp_path: Path, base_spec: dict) -> None:
         resolve(parse_spec(base_spec))
 
 
-def test_the_profile_command_refuses_bad_arguments(run_cli, tmp_path: Path) -> None:
+def test_the_profile_command_refuses_bad_arguments(
+    run_cli, tmp_path: Path, tiny_llama: Path
+) -> None:
     code, _, err = run_cli("profile", "--model", str(tmp_path))
     assert code == 2 and "holds no config.json" in err
-    code, _, err = run_cli("profile", "--hidden", "64")
+    code, _, err = run_cli("profile", "--model", str(tiny_llama), "--hidden", "64")
     assert code == 2 and "--hidden and --layers go together" in err
 
 
