@@ -199,7 +199,10 @@ class OtlpReceiver:
                         attrs = {a.key: a.value.string_value or a.value.int_value
                                  for a in span.attributes}
                         self.spans.append({"service": service, "name": span.name,
-                                           "trace_id": span.trace_id.hex(), "attributes": attrs})
+                                           "trace_id": span.trace_id.hex(),
+                                           "span_id": span.span_id.hex(),
+                                           "parent_id": span.parent_span_id.hex(),
+                                           "attributes": attrs})
 
     @property
     def endpoint(self) -> str:

@@ -192,3 +192,15 @@ async def test_one_trace_spans_all_five_services(
     for expected in ("scheduler.route", "prefill.run", "kv.send", "converter.convert",
                      "decode.admit", "decode.generate"):
         assert expected in {n for _, n in names}, names
+    # One tree: gateway.request is the root and every other span hangs from a span of the
+    # trace, following the request's path across processes.
+    by_id = {s["span_id"]: s for s in trace}
+    parent = {s["name"]: by_id.get(s["parent_id"], {}).get("name") for s in trace}
+    assert roots[0]["parent_id"] == ""
+    assert all(s["parent_id"] in by_id for s in trace if s is not roots[0]), trace
+    assert parent["scheduler.route"] == "gateway.request"
+    assert parent["prefill.run"] == "scheduler.route"
+    assert parent["kv.send"] == "prefill.run"
+    assert parent["converter.convert"] == "kv.send"
+    assert parent["decode.admit"] == "scheduler.route"
+    assert parent["decode.generate"] == "converter.convert"
