@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proto.layouts import FP8_DTYPES, LAYOUTS, KVDescriptor, payload_to_bytes
+from services.converter import relayout
 from services.converter.relayout import (
     ShardLayer,
     assign_heads,
@@ -207,6 +208,75 @@ def test_fp8_saturates_instead_of_nan() -> None:
 def test_cast_between_float_dtypes_is_a_plain_cast() -> None:
     x = torch.randn(100)
     assert torch.equal(cast_kv(x, torch.bfloat16, 3.0, 5.0), x.to(torch.bfloat16))
+
+
+# --- the copy plan's fast paths ---------------------------------------------------------
+
+
+def random_bits(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Any bit pattern of `dtype`: NaNs with payloads, infinities, -0 and subnormals too."""
+    g = torch.Generator().manual_seed(seed)
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[dtype.itemsize]
+    info = torch.iinfo(width)
+    raw = torch.randint(info.min, info.max, shape, generator=g, dtype=torch.int64)
+    return raw.to(width).view(dtype)
+
+
+def off_by(data: memoryview, offset: int) -> memoryview:
+    """The same bytes starting `offset` bytes into a fresh buffer (frames need not be aligned
+    to the wide elements the copy uses)."""
+    room = bytearray(offset + data.nbytes)
+    room[offset:] = data
+    return memoryview(room)[offset:]
+
+
+FAST_PATHS = [  # (source, target, dtype, source and target block, what the plan does)
+    ("vllm-flash", "vllm-cpu", "float32", (16, 16), "shuffle"),  # K transposed by SIMD
+    ("vllm-cpu", "vllm-flashinfer", "float32", (32, 32), "shuffle"),  # from strided K
+    ("vllm-cpu", "vllm-paged-legacy", "float32", (16, 16), "shuffle"),  # x-pack vs transposed
+    ("vllm-flash", "vllm-paged-legacy", "float8_e4m3fn", (16, 16), "shuffle"),  # bytes: V
+    ("vllm-flash", "vllm-cpu", "float32", (16, 64), "shuffle"),  # block sizes change
+    ("gaudi", "vllm-cpu", "bfloat16", (128, 128), "strips"),  # 2-byte transpose, far rows
+    ("sglang", "ascend-310p", "float16", (64, 64), "wide"),  # 32-byte NZ fractals
+    ("vllm-paged-legacy", "tensorrt-llm", "bfloat16", (16, 16), "wide"),  # 16-byte x-packs
+    ("vllm-flash-hnd", "vllm-flashinfer", "bfloat16", (16, 32), "wide"),  # whole rows
+]
+
+
+def plan_kinds(src: KVDescriptor, dst: KVDescriptor, pieces: list, num_tokens: int,
+               limit: int) -> set[str]:
+    ranges = tuple((a, b) for a, b, _ in sorted(pieces, key=lambda p: p[0]))
+    plan = relayout._plan(((src, dst.heads, ranges),), dst, num_tokens, limit)
+    kinds = set()
+    for chunk in plan:
+        for move in chunk.moves:
+            kinds.add("wide" if move.wide else "shuffle" if move.shuffle else "copy")
+        if len(chunk.moves) > 2 * len(ranges):
+            kinds.add("strips")
+    return kinds
+
+
+@pytest.mark.parametrize("offset", [0, 4])
+@pytest.mark.parametrize(("source", "target", "dtype", "blocks", "kind"), FAST_PATHS)
+def test_fast_copies_move_every_bit(
+    source: str, target: str, dtype: str, blocks: tuple[int, int], kind: str, offset: int
+) -> None:
+    """Widened, shuffled and strip copies give the source bits exactly, for any bit pattern,
+    frames aligned or not, with a partial last block."""
+    src = desc_of(source, dtype=dtype, block_size=blocks[0], head_dim=128)
+    dst = desc_of(target, dtype=dtype, block_size=blocks[1], head_dim=128)
+    num_tokens = 3 * max(blocks) + 5
+    k, v = (random_bits((num_tokens, 4, 128), src.torch_dtype, seed) for seed in (1, 2))
+    pieces = pieces_for(src, k, v, 3 * src.payload_nbytes(1))  # cut unlike the target
+    pieces = [(a, b, off_by(p, offset)) for a, b, p in pieces]
+    limit = 2 * dst.payload_nbytes(1) + 1
+    assert kind in plan_kinds(src, dst, pieces, num_tokens, limit)
+    out = convert_layer([ShardLayer(src, pieces)], dst, num_tokens, limit)
+    check_tiling(dst, out, num_tokens, limit)
+    got_k, got_v = tokens_from_pieces(dst, out, num_tokens)
+    assert same_bits(got_k, k) and same_bits(got_v, v)
+    slow = pieces_for(dst, k, v, limit)  # the token path: the same bytes, zeroed tails too
+    assert [bytes(p) for _, _, p in slow] == [bytes(p) for _, _, p in out]
 
 
 # --- tensor parallelism -----------------------------------------------------------------

@@ -47,12 +47,13 @@ class Bus:
 
     async def ensure_streams(self) -> None:
         """Create the request queue and completion log if absent (idempotent)."""
-        s = self.subjects
+        s, replicas = self.subjects, self.settings.jetstream_replicas
         for config in (
             StreamConfig(name=s.requests_stream, subjects=[s.requests],
-                         retention=RetentionPolicy.WORK_QUEUE, max_age=600.0),
+                         retention=RetentionPolicy.WORK_QUEUE, max_age=600.0,
+                         num_replicas=replicas),
             StreamConfig(name=s.completions_stream, subjects=[s.completions], max_age=3600.0,
-                         max_msgs=100_000),
+                         max_msgs=100_000, num_replicas=replicas),
         ):
             try:
                 await self.js.add_stream(config)
@@ -66,7 +67,8 @@ class Bus:
         except Exception:  # noqa: BLE001 - absent: create it
             try:
                 return await self.js.create_key_value(
-                    bucket=bucket, history=1, ttl=self.settings.instance_ttl_s * 10
+                    bucket=bucket, history=1, ttl=self.settings.instance_ttl_s * 10,
+                    replicas=self.settings.jetstream_replicas,
                 )
             except BadRequestError:
                 return await self.js.key_value(bucket)

@@ -14,7 +14,7 @@ from proto.subjects import Subjects
 
 def default_instance_id(role: str) -> str:
     """Unique per process and per container (hostname), safe as a subject token."""
-    host = "".join(c if c.isalnum() else "-" for c in socket.gethostname())[:24]
+    host = "".join(c if c.isalnum() else "-" for c in socket.gethostname())[:63]
     return f"{role}-{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
@@ -33,6 +33,8 @@ class CommonSettings(BaseSettings):
     kv_window: int = Field(4, ge=1)
     kv_ack_timeout_s: float = Field(10.0, gt=0)
     metrics_port: int = 0  # 0: no Prometheus endpoint
+    # replicas of hetserve's JetStream streams and registry bucket (3 on a 3-node NATS cluster)
+    jetstream_replicas: int = Field(1, ge=1, le=5)
 
     @property
     def subjects(self) -> Subjects:

@@ -560,20 +560,30 @@ def _moves(shard: int, piece: int, plane: int, d: Tensor, s: Tensor, same: bool)
     if not same:
         return [_Move(shard, piece, plane, dst, src)]
     wide = _widen(dims, dst.offset, src.offset, d.dtype.itemsize)
-    if wide is not None or not dims or dims[-1][2] == 1:
+    if wide is not None:
         return [_Move(shard, piece, plane, dst, src, wide)]
+    if not dims or dims[-1][2] == 1:
+        return [_Move(shard, piece, plane, dst, src)]
     item = d.dtype.itemsize
     shuffle = _shuffle(dims, dst.offset, src.offset, item) if item in _SHUFFLED else None
     if shuffle is not None:
         return [_Move(shard, piece, plane, dst, src, shuffle=shuffle)]
-    size, _, row = dims[-1]
-    if size <= _STRIP or row * item < _FAR_ROWS:
+    k = len(dims) - 1
+    if dims[k][0] <= _STRIP or dims[k][2] * item < _FAR_ROWS:
         return [_Move(shard, piece, plane, dst, src)]
     return [  # an element transpose between far rows: strips of the target's inner dim
-        _Move(shard, piece, plane, _strided(d.dtype, strip, 1, dst.offset + a * dims[-1][1]),
-              _strided(s.dtype, strip, 2, src.offset + a * row))
+        _Move(shard, piece, plane, _strided(d.dtype, part, 1, dst.offset + a * dims[k][1]),
+              _strided(s.dtype, part, 2, src.offset + a * dims[k][2]))
+        for a, part in _strips(dims, k)
+    ]
+
+
+def _strips(dims: list[Dim], k: int) -> list[tuple[int, list[Dim]]]:
+    """(start, dims) of the copy cut along dim k into strips of _STRIP."""
+    size, x, y = dims[k]
+    return [
+        (a, [*dims[:k], (min(_STRIP, size - a), x, y), *dims[k + 1 :]])
         for a in range(0, size, _STRIP)
-        for strip in [[*dims[:-1], (min(_STRIP, size - a), dims[-1][1], row)]]
     ]
 
 
