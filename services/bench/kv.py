@@ -38,6 +38,7 @@ from services.bench.kv_exposed import ExposedResult, measure_exposed
 from services.bench.kv_services import BenchTopology, TopologyConfig, build_tiny_model
 from services.bench.kv_transfer import TransferResult, measure_transfer
 from services.common.nats_server import NatsServer, find_nats_server
+from services.common.settings import CommonSettings
 
 SECTIONS = ("convert", "transfer", "exposed")
 Progress = Callable[[str], None]
@@ -60,8 +61,9 @@ class KVBenchConfig:
     model: str | None = None  # None: build the tiny Llama in a temporary directory
     route: tuple[str, str] = ("vllm-flash", "ascend")  # prefill/direct layout, converted-to
     service_dtype: str = "float32"
-    max_frame_bytes: int = 512 * 1024
-    window: int = 8
+    # the services' own defaults: the benchmark measures what a deployment runs
+    max_frame_bytes: int = CommonSettings.model_fields["max_frame_bytes"].default
+    window: int = CommonSettings.model_fields["kv_window"].default
     transfer_tokens: int | None = None  # None: the longest prompt that fills whole frames
     transfer_requests: int = 40  # per route, the routes taking turns
     prompt_tokens: int = 1024

@@ -12,6 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from services.common.settings import CommonSettings
+
+_SERVICE_DEFAULTS = CommonSettings.model_fields
+
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_NO_SERVICES = 0, 1, 2, 3
 
 
@@ -70,8 +74,10 @@ def register(subparsers: Any) -> None:
     b.add_argument("--route", type=_pair, default=("vllm-flash", "ascend"),
                    help="prefill layout:converted-to layout (default vllm-flash:ascend)")
     b.add_argument("--service-dtype", default="float32", help="KV dtype of the services")
-    b.add_argument("--frame-bytes", type=int, default=512 * 1024, help="max KV frame bytes")
-    b.add_argument("--window", type=int, default=8, help="unacknowledged frames per stream")
+    b.add_argument("--frame-bytes", type=int, default=_SERVICE_DEFAULTS["max_frame_bytes"].default,
+                   help="max KV frame bytes (default: the services' default)")
+    b.add_argument("--window", type=int, default=_SERVICE_DEFAULTS["kv_window"].default,
+                   help="unacknowledged frames per stream (default: the services' default)")
     b.add_argument("--transfer-tokens", type=int, help="tokens per request (default: auto)")
     b.add_argument("--transfer-requests", type=int, default=40,
                    help="requests per route, the routes taking turns (default %(default)s)")

@@ -8,8 +8,10 @@ through `plane_view`, so nothing here knows a vendor.
 Two paths give the same bytes:
 - tokens_from_pieces -> merge_shards -> pieces_for: simple, materialises the layer's tokens
   (copies: piece -> tokens, merge across shards when several, tokens -> payload);
-- convert_layer: copies each source block straight into the target payload (one strided
-  copy per element, plus a float32 temporary when fp8 is involved).
+- convert_layer: copies the source pieces straight into the target payloads, following a
+  plan worked out once per (descriptors, piece ranges, token count, payload limit) and
+  cached (see "the plan" below): a few strided copies per plane and piece, widened, merged
+  or transposed by SIMD where the layouts allow (plus a float32 temporary for fp8 casts).
 Both read frame bytes without copying them and return payloads as memoryviews over fresh
 buffers (no bytes() copy). Loops run over pieces, shards and heads, never tokens or blocks.
 
@@ -296,9 +298,10 @@ def _chunks(
 
 def _new_run(desc: KVDescriptor, start: int, stop: int) -> tuple[_Run, Tensor]:
     """An empty payload for tokens [start, stop) and its flat byte buffer."""
-    buffer = torch.empty(desc.payload_nbytes(-(-(stop - start) // desc.block_size)), dtype=torch.uint8)
+    blocks = -(-(stop - start) // desc.block_size)
+    buffer = torch.empty(desc.payload_nbytes(blocks), dtype=torch.uint8)
     run = _run_over(desc, start, stop, buffer)
-    for view in _tail_slots(run):  # slots past the last token: zeros, not what the allocator held
+    for view in _tail_slots(run):  # past the last token: zeros, not what the allocator held
         view.zero_()
     return run, buffer
 
@@ -505,9 +508,13 @@ class _Move(NamedTuple):
         if cast is _plain and self.shuffle is not None:
             src, pixels, groups, dst = self.shuffle
             tiles = src.of(flat).reshape(1, pixels, 1, -1)  # (P, G*C); a copy if not contiguous
-            shuffled = F.channel_shuffle(tiles.permute(0, 3, 1, 2), groups)  # memory: P, C, G
-            dst.of(buffer).copy_(shuffled.permute(0, 2, 3, 1).reshape(dst.shape))
-            return
+            try:
+                shuffled = F.channel_shuffle(tiles.permute(0, 3, 1, 2), groups)  # memory: P, C, G
+            except RuntimeError:  # its x86 float kernel needs fbgemm's AVX2: copy_ instead
+                pass
+            else:
+                dst.of(buffer).copy_(shuffled.permute(0, 2, 3, 1).reshape(dst.shape))
+                return
         self.dst.of(buffer).copy_(cast(self.src.of(flat)))
 
 
