@@ -198,6 +198,11 @@ class SchedulerService(Service):
             return None
         return route
 
+    async def stop(self) -> None:
+        # Unsubscribe the pull consumer before the connection drains: draining it with a
+        # fetch outstanding waits for the fetch to time out (tens of seconds).
+        await self.queue.unsubscribe()
+
     def status(self):  # noqa: ANN201
         info = super().status()
         info.running = self.settings.max_in_flight - self.in_flight._value  # noqa: SLF001
