@@ -67,7 +67,9 @@ class DecodeFollower(Service):
                     raise FrameError(f"frame for unknown request {rid!r}")
                 blocks = await asyncio.to_thread(self.follower.tables.wait, rid, _SHARE_WAIT_S)
                 inbound = self.inbound[rid] = Inbound(blocks=blocks, deadline=time.monotonic())
-            if self.receiver.take(inbound, frame):
+            # The copy into the cache runs off the event loop (frames stay in order: this
+            # subscription's handler is awaited frame by frame).
+            if await asyncio.to_thread(self.receiver.take, inbound, frame):
                 self.complete.add(rid)
             if frame.kind == "end":
                 del self.inbound[rid]

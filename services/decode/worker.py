@@ -178,7 +178,9 @@ class DecodeService(Service):
             await acknowledge(msg, False, reason)
             return
         try:
-            complete = self.receiver.take(inbound, frame)
+            # The copy into the cache runs off the event loop (frames stay in order: this
+            # subscription's handler is awaited frame by frame).
+            complete = await asyncio.to_thread(self.receiver.take, inbound, frame)
             if frame.kind == "end":
                 self._transfer_ended(inbound, frame, msg, complete)
         except (FrameError, ValueError) as exc:
