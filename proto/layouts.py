@@ -400,25 +400,24 @@ def payload_view(
     desc: KVDescriptor, data: bytes | memoryview, num_blocks: int
 ) -> dict[str, torch.Tensor]:
     """Like payload_from_bytes, without the copy: read-only views of the frame's bytes."""
+    _check_payload_size(desc, data, num_blocks)
+    return split_payload(desc, readonly_bytes(data), num_blocks)
+
+
+def _check_payload_size(desc: KVDescriptor, data: bytes | memoryview, num_blocks: int) -> None:
     expected = desc.payload_nbytes(num_blocks)
     if memoryview(data).nbytes != expected:
         raise ValueError(
             f"payload is {memoryview(data).nbytes} bytes; {num_blocks} blocks of {desc.layout} "
             f"need {expected}"
         )
-    return split_payload(desc, readonly_bytes(data), num_blocks)
 
 
 def payload_from_bytes(
     desc: KVDescriptor, data: bytes | memoryview, num_blocks: int
 ) -> dict[str, torch.Tensor]:
     """A writable copy of `data` as storage tensors (relayout.py reads frames without copying)."""
-    expected = desc.payload_nbytes(num_blocks)
-    if memoryview(data).nbytes != expected:
-        raise ValueError(
-            f"payload is {memoryview(data).nbytes} bytes; {num_blocks} blocks of {desc.layout} "
-            f"need {expected}"
-        )
+    _check_payload_size(desc, data, num_blocks)
     flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return split_payload(desc, flat, num_blocks)
 
