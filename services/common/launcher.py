@@ -87,7 +87,9 @@ def worker_env(topology: Topology, spec: WorkerSpec) -> dict[str, str]:
         "HETSERVE_NUM_BLOCKS": str(spec.num_blocks),
         "HETSERVE_DEVICE": spec.device,
         "HETSERVE_TORCH_THREADS": "1",
+        "HETSERVE_MAX_MODEL_LEN": str(spec.max_model_len),
     }
+    env.update({f"HETSERVE_VLLM_{key.upper()}": str(value) for key, value in spec.vllm.items()})
     env.update(spec.env)
     return env
 

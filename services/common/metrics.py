@@ -86,6 +86,10 @@ DECODE_REQUESTS = Counter(
     "hetserve_decode_requests_total", "Requests a decode instance finished generating."
 )
 DECODE_TOKENS = Counter("hetserve_decode_tokens_total", "Tokens a decode instance generated.")
+DECODE_KV_LOADED_TOKENS = Counter(
+    "hetserve_decode_kv_loaded_tokens_total",
+    "Prompt tokens decode took from transferred KV instead of computing them.",
+)
 DECODE_STEP_SECONDS = Histogram(
     "hetserve_decode_step_seconds", "Model time of one batched decode step.", buckets=_STEP_BUCKETS
 )

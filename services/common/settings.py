@@ -45,7 +45,9 @@ class WorkerSettings(CommonSettings):
     """Prefill and decode instances."""
 
     model: str = "models/tiny-llama"
-    engine: str = "native"
+    engine: str = "native"  # native | vllm
+    # The cache layout of a native instance; a vLLM instance reads its own from vLLM's real
+    # cache tensors ("" accepts it, a name must match it).
     kv_layout: str = "vllm-flash"
     block_size: int = 16
     kv_dtype: str = "float32"
@@ -62,6 +64,13 @@ class WorkerSettings(CommonSettings):
     reserve_hold_s: float = Field(30.0, gt=0)
     # decode: blocks held at admission cover the prompt plus this many output tokens
     reserve_ahead_tokens: int = Field(256, ge=1)
+    # engine vllm: vLLM's own options (block_size, kv_dtype as the model dtype, max_model_len
+    # and tp_size above apply too). num_blocks sizes the decode side's shared-memory staging.
+    vllm_kv_cache_gib: float = Field(0.25, ge=0)  # 0: vLLM sizes it by gpu_memory_utilization
+    vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    vllm_enforce_eager: bool = True  # no CUDA graphs: layer-wise KV hooks run every layer
+    vllm_max_num_batched_tokens: int = 0  # 0: vLLM's default (chunked prefill above it)
+    vllm_enable_prefix_caching: bool = True  # prefill only; decode loads every prompt token
 
 
 class GatewaySettings(CommonSettings):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -16,21 +17,41 @@ class WorkerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    engine: str = "native"
-    kv_layout: str = "vllm-flash"
+    engine: Literal["native", "vllm"] = "native"
+    # native: the layout its cache is stored in. vllm: "" (vLLM's cache decides) or the layout
+    # it must turn out to be.
+    kv_layout: str | None = None
     block_size: int = 16
     dtype: str = "float32"
+    max_model_len: int = Field(0, ge=0)
     tp: int = Field(1, ge=1)
     replicas: int = Field(1, ge=1)
     num_blocks: int = Field(1024, ge=2)
     device: str = ""
+    # engine vllm: WorkerSettings' vllm_* options without the prefix, e.g. {kv_cache_gib: 1}
+    vllm: dict[str, str | int | float | bool] = {}
     env: dict[str, str] = {}
 
     def model_post_init(self, _context: object) -> None:
-        spec = get_layout(self.kv_layout)
-        if self.block_size not in spec.block_sizes:
-            raise ValueError(f"{self.name}: layout {self.kv_layout} takes block sizes "
-                             f"{spec.block_sizes}, not {self.block_size}")
+        if self.kv_layout is None:
+            self.kv_layout = "vllm-flash" if self.engine == "native" else ""
+        if self.kv_layout:
+            spec = get_layout(self.kv_layout)
+            if self.block_size not in spec.block_sizes:
+                raise ValueError(f"{self.name}: layout {self.kv_layout} takes block sizes "
+                                 f"{spec.block_sizes}, not {self.block_size}")
+        if self.engine != "vllm":
+            if self.vllm:
+                raise ValueError(f"{self.name}: vllm options on a {self.engine} instance")
+            return
+        if self.tp > 1:
+            raise ValueError(f"{self.name}: engine vllm runs tp 1 only so far (its KV hooks "
+                             "publish from the service's own process)")
+        from services.common.settings import WorkerSettings
+
+        unknown = [k for k in self.vllm if f"vllm_{k}" not in WorkerSettings.model_fields]
+        if unknown:
+            raise ValueError(f"{self.name}: unknown vllm options {unknown}")
 
 
 class GatewaySpec(BaseModel):

@@ -66,6 +66,7 @@ class DecodeService(Service):
         self.by_id: dict[str, Running] = {}
         self.peak_running = 0
         self.preempted = 0
+        self.kv_loaded_tokens = 0
         self._wakeup = asyncio.Event()
 
     async def start(self) -> None:
@@ -89,6 +90,7 @@ class DecodeService(Service):
         info.waiting = len(self.ready) + len(self.inbound)
         info.peak_running = self.peak_running
         info.preemptions = self.preempted
+        info.kv_loaded_tokens = self.kv_loaded_tokens
         info.free_blocks = self.engine.allocator.num_free
         info.total_blocks = self.engine.allocator.num_total
         info.max_model_len = self.engine.max_model_len
@@ -112,10 +114,7 @@ class DecodeService(Service):
             await msg.respond(ReserveReply(ok=False, reason=reason).pack())
             return
         try:
-            # Hold the prompt plus a stretch of output; more blocks are taken as it grows.
-            held = min(req.num_tokens,
-                       len(req.request.context_token_ids) + self.settings.reserve_ahead_tokens)
-            blocks = self.engine.allocator.allocate(self.engine.blocks_for(held))
+            blocks = self.engine.allocator.allocate(self._blocks_to_hold(req))
         except OutOfBlocks as exc:
             metrics.RESERVATIONS.labels("refused").inc()
             await msg.respond(ReserveReply(ok=False, reason=str(exc), retry_later=True).pack())
@@ -131,6 +130,12 @@ class DecodeService(Service):
         await msg.respond(
             ReserveReply(ok=True, free_blocks=self.engine.allocator.num_free).pack()
         )
+
+    def _blocks_to_hold(self, req: ReserveRequest) -> int:
+        """The prompt plus a stretch of output; more blocks are taken as it grows."""
+        held = min(req.num_tokens,
+                   len(req.request.context_token_ids) + self.settings.reserve_ahead_tokens)
+        return self.engine.blocks_for(held)
 
     def _release(self, rid: str) -> None:
         inbound = self.inbound.pop(rid, None)
@@ -205,6 +210,7 @@ class DecodeService(Service):
             inbound.span.end()
         seq = self.engine.new_sequence(inbound.request)
         seq.block_table = inbound.blocks
+        self._kv_loaded(len(seq.context_ids))
         seq.append(frame.first_token)
         span = _tracer.start_span(
             "decode.generate", context=extract(msg.headers),
@@ -216,6 +222,14 @@ class DecodeService(Service):
             self._retire(entry)
             return
         self.by_id[rid] = entry
+        self._start(entry)
+
+    def _kv_loaded(self, num_tokens: int) -> None:
+        self.kv_loaded_tokens += num_tokens
+        metrics.DECODE_KV_LOADED_TOKENS.inc(num_tokens)
+
+    def _start(self, entry: Running) -> None:
+        """A request whose KV is here joins the batch (between steps)."""
         self.ready.append(entry)
         self._wakeup.set()
 
@@ -326,20 +340,23 @@ class DecodeService(Service):
             still = []
             for entry in self.running:
                 seq = entry.seq
-                await self.bus.publish(
-                    self.bus.subjects.request_events(seq.request_id),
-                    TokenEvent(
-                        request_id=seq.request_id,
-                        index=seq.completion_offset + len(seq.output_ids) - 1,
-                        token_ids=[seq.output_ids[-1]], finish_reason=seq.finish_reason,
-                        stop_reason=seq.stop_reason, instance_id=self.instance_id,
-                    ),
-                )
+                await self._publish_last_token(seq)
                 if seq.finished:
                     self._retire(entry)
                 else:
                     still.append(entry)
             self.running = still
+
+    async def _publish_last_token(self, seq: Sequence) -> None:
+        await self.bus.publish(
+            self.bus.subjects.request_events(seq.request_id),
+            TokenEvent(
+                request_id=seq.request_id,
+                index=seq.completion_offset + len(seq.output_ids) - 1,
+                token_ids=[seq.output_ids[-1]], finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason, instance_id=self.instance_id,
+            ),
+        )
 
     async def stop(self) -> None:
         await asyncio.to_thread(self.engine.stop)  # ends the follower ranks' loops

@@ -8,6 +8,7 @@ blocks of one layer as raw bytes of that layout.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 import torch
 
@@ -42,19 +43,27 @@ def _split_symbols(dims: tuple[str, ...]) -> list[str]:
     return [symbol for dim in dims for symbol in dim.split("*")]
 
 
+TensorFactory = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+
+
 class PagedKVCache:
-    def __init__(self, desc: KVDescriptor, num_blocks: int, device: torch.device | str = "cpu"):
+    def __init__(self, desc: KVDescriptor, num_blocks: int, device: torch.device | str = "cpu",
+                 tensor_factory: TensorFactory | None = None):
+        """`tensor_factory(shape, dtype)` supplies the (zeroed) storage tensors, in a fixed
+        order: layer by layer, then by storage name; default: torch.zeros on `device`."""
         self.desc = desc
+        self._new_tensor = tensor_factory or (
+            lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=device))
         self.num_blocks = num_blocks
         spec = desc.spec
         layers = list(desc.layers)
         self.layer_ids = layers
         self._slot = {layer: i for i, layer in enumerate(layers)}
         if spec.multi_layer:
-            shared = self._allocate(num_blocks, len(layers), device)
+            shared = self._allocate(num_blocks, len(layers))
             self.storage = [shared] * len(layers)
         else:
-            self.storage = [self._allocate(num_blocks, 1, device) for _ in layers]
+            self.storage = [self._allocate(num_blocks, 1) for _ in layers]
         self.views = [
             kv_views(desc, store, num_blocks, layer_index=i if spec.multi_layer else 0)
             for i, store in enumerate(self.storage)
@@ -71,12 +80,9 @@ class PagedKVCache:
         ]
         self._symbols = {name: _split_symbols(dims) for name, dims in spec.storage.items()}
 
-    def _allocate(self, num_blocks: int, layers: int, device) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    def _allocate(self, num_blocks: int, layers: int) -> dict[str, torch.Tensor]:
         shapes = self.desc.storage_shapes(num_blocks, layers)
-        return {
-            name: torch.zeros(shape, dtype=self.desc.torch_dtype, device=device)
-            for name, shape in shapes.items()
-        }
+        return {name: self._new_tensor(shape, self.desc.torch_dtype) for name, shape in shapes.items()}
 
     @property
     def device(self) -> torch.device:

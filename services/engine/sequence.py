@@ -14,7 +14,7 @@ class Sequence:
     request_id: str
     context_ids: list[int]  # prompt, plus tokens an earlier attempt produced
     params: SamplingParams
-    sampler: Sampler
+    sampler: Sampler | None  # None where the engine samples itself (vLLM)
     stopper: StopChecker
     completion_offset: int = 0  # completion tokens produced before this attempt
     output_ids: list[int] = field(default_factory=list)

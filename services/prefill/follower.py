@@ -56,7 +56,7 @@ class PrefillFollower(Service):
             return None, {}  # only the leader knows the first token
 
         try:
-            await stream_shard(self.bus, self.settings, self.engine, step.request_id, route,
+            await stream_shard(self.bus, self.settings, self.engine.kv, step.request_id, route,
                                feed, finish)
         except Exception:
             log.exception("%s rank %d: KV stream of %s failed", self.instance_id,

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from proto.frames import Frame
-from proto.layouts import payload_to_bytes
+from proto.layouts import KVDescriptor, payload_to_bytes
 from proto.messages import KVRoute
 from services.common.bus import Bus
 from services.common.kv_stream import FrameSender
@@ -49,14 +49,20 @@ class LayerFeed:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, LAYERS_DONE)
 
 
+class Feed(Protocol):
+    """Where a stream's layers come from: (layer, pieces) items, then LAYERS_DONE."""
+
+    num_tokens: int
+    queue: asyncio.Queue
+
+
 async def stream_shard(
-    bus: Bus, settings: WorkerSettings, kv_engine: NativeEngine, request_id: str,
-    route: KVRoute, feed: LayerFeed, finish: Callable[[], Awaitable[tuple[int | None, dict]]],
+    bus: Bus, settings: WorkerSettings, kv: KVDescriptor, request_id: str,
+    route: KVRoute, feed: Feed, finish: Callable[[], Awaitable[tuple[int | None, dict]]],
 ) -> FrameSender:
     """Send this rank's stream; `finish` gives the end frame's first token and extra once the
     layers are sent (the leader waits for its compute there). If anything fails, the end
     frame says so (the receiver frees its blocks at once) and the error propagates."""
-    kv = kv_engine.kv
     rank = 0 if route.via_converter else kv.tp_rank  # direct: rank r feeds decode rank r
     async with FrameSender(bus, route.send_to, settings.kv_window, settings.kv_ack_timeout_s,
                            rank=rank) as sender:

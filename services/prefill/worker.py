@@ -66,24 +66,27 @@ class PrefillService(Service):
 
     async def _work_loop(self) -> None:
         while True:
-            job, ctx = await self.jobs.get()
-            self.running = 1
-            try:
-                with _tracer.start_as_current_span("prefill.run", context=ctx) as span:
-                    span.set_attribute("request.id", job.request.request_id)
-                    span.set_attribute("prompt.tokens", len(job.request.context_token_ids))
-                    span.set_attribute("instance.id", self.instance_id)
-                    await self._run(job)
-            except Exception as exc:
-                log.exception("prefill of %s failed", job.request.request_id)
-                metrics.error("prefill", "prefill_failed")
-                await self.bus.publish(
-                    job.events_subject,
-                    ErrorEvent(request_id=job.request.request_id, message=f"prefill failed: {exc}",
-                               instance_id=self.instance_id),
-                )
-            finally:
-                self.running = 0
+            await self._serve_job(*await self.jobs.get())
+
+    async def _serve_job(self, job: PrefillJob, ctx: object) -> None:
+        """One job, traced; a failure goes to the gateway as an error event."""
+        self.running += 1
+        try:
+            with _tracer.start_as_current_span("prefill.run", context=ctx) as span:
+                span.set_attribute("request.id", job.request.request_id)
+                span.set_attribute("prompt.tokens", len(job.request.context_token_ids))
+                span.set_attribute("instance.id", self.instance_id)
+                await self._run(job)
+        except Exception as exc:
+            log.exception("prefill of %s failed", job.request.request_id)
+            metrics.error("prefill", "prefill_failed")
+            await self.bus.publish(
+                job.events_subject,
+                ErrorEvent(request_id=job.request.request_id, message=f"prefill failed: {exc}",
+                           instance_id=self.instance_id),
+            )
+        finally:
+            self.running -= 1
 
     async def _run(self, job: PrefillJob) -> None:
         engine, request = self.engine, job.request
@@ -109,14 +112,18 @@ class PrefillService(Service):
 
         with metrics.PREFILL_SECONDS.time():
             token = await asyncio.to_thread(run)
+        await self._announce_first(job, seq)
+        return token
+
+    async def _announce_first(self, job: PrefillJob, seq) -> None:  # noqa: ANN001
+        """The first token (already appended to `seq`) to the gateway: that is the TTFT."""
         metrics.PREFILL_REQUESTS.inc()
         metrics.PREFILL_TOKENS.inc(len(seq.context_ids))
         await self.bus.publish(job.events_subject, TokenEvent(
             request_id=job.request.request_id, index=len(job.request.resumed_token_ids),
-            token_ids=[token], finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-            instance_id=self.instance_id,
+            token_ids=seq.output_ids[-1:], finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason, instance_id=self.instance_id,
         ))
-        return token
 
     async def _prefill_and_stream(self, job: PrefillJob, seq) -> None:  # noqa: ANN001
         request, route, kv = job.request, job.route, self.engine.kv
@@ -131,7 +138,7 @@ class PrefillService(Service):
             span.set_attribute("kv.layout", kv.layout)
             span.set_attribute("kv.receiver", route.send_to)
             try:
-                sender = await stream_shard(self.bus, self.settings, self.engine,
+                sender = await stream_shard(self.bus, self.settings, self.engine.kv,
                                             request.request_id, route, feed, finish)
             finally:
                 # The torch thread must be done with the blocks before they are freed.

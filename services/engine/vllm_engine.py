@@ -1,0 +1,132 @@
+"""vLLM behind a hetserve instance: its engine arguments, sampling parameters and the facts
+an instance announces (the descriptor vLLM's workers read from their real caches).
+
+One vLLM engine per OS process, always: vLLM keeps the worker-side KV connector in a
+process global, so a second engine in the same process would load into the first one's
+cache. `hetserve up` gives every instance its own process.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from proto.layouts import KVDescriptor
+from proto.messages import GenerateRequest, SamplingParams
+from services.common.settings import WorkerSettings
+from services.engine.hf_config import ModelConfig, load_model_config
+from services.engine.sequence import Sequence
+from services.engine.stopping import StopChecker
+from services.engine.tokenizer import Tokenizer
+
+CONNECTOR = "HetserveConnector"
+CONNECTOR_MODULE = "services.engine.vllm_connector"
+WORKER_EXTENSION = "services.engine.vllm_connector.HetserveWorkerExtension"
+
+
+def vllm_missing_reason() -> str | None:
+    """None when vLLM imports; else why not (the `vllm` extra is not installed)."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        return f"vLLM is not installed (pip install -e .[vllm]): {exc}"
+    return None
+
+
+def check_model(settings: WorkerSettings) -> ModelConfig:
+    """What vLLM would only find out at the first request, refused at start-up instead."""
+    cfg = load_model_config(settings.model)
+    if settings.tp_size != 1:
+        raise ValueError("engine vllm runs tp 1 only so far")
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        heads = CPUAttentionBackend.get_supported_head_sizes()
+        if cfg.head_dim not in heads:
+            raise ValueError(f"vLLM's CPU attention takes head_dim in {heads}, "
+                             f"the model has {cfg.head_dim}")
+        if settings.block_size % 32:
+            raise ValueError(f"vLLM's CPU attention needs a block size multiple of 32, "
+                             f"not {settings.block_size}")
+    return cfg
+
+
+def engine_args(settings: WorkerSettings, role: str, asynchronous: bool) -> Any:
+    """EngineArgs (or AsyncEngineArgs) with hetserve's connector, from an instance's settings."""
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+
+    cls = AsyncEngineArgs if asynchronous else EngineArgs
+    gib = settings.vllm_kv_cache_gib
+    return cls(
+        model=settings.model,
+        dtype=settings.kv_dtype,
+        block_size=settings.block_size,
+        max_model_len=settings.max_model_len or None,
+        tensor_parallel_size=settings.tp_size,
+        kv_cache_memory_bytes=int(gib * 2**30) if gib else None,
+        gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+        enforce_eager=settings.vllm_enforce_eager,
+        max_num_batched_tokens=settings.vllm_max_num_batched_tokens or None,
+        max_num_seqs=settings.max_batch_size,
+        # decode must load every prompt token from hetserve: a local prefix hit would too,
+        # but then the loaded KV would not be what it computes with
+        enable_prefix_caching=settings.vllm_enable_prefix_caching and role == "prefill",
+        seed=0,
+        disable_log_stats=False,
+        worker_extension_cls=WORKER_EXTENSION,
+        kv_transfer_config=KVTransferConfig(
+            kv_connector=CONNECTOR, kv_connector_module_path=CONNECTOR_MODULE,
+            kv_role="kv_both"),
+    )
+
+
+def in_process_engine() -> None:
+    """The prefill service runs vLLM's engine core and worker in its own process: the
+    connector's layer-wise saves then reach the service's KV sink directly."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+
+def sampling_params(params: SamplingParams, max_tokens: int, kv: dict[str, Any]) -> Any:
+    """vLLM's sampling parameters for hetserve's. hetserve decides when a sequence stops
+    (EOS, stop ids and strings, max_tokens: services/engine/stopping.py), so vLLM only
+    samples: it ignores EOS and runs to `max_tokens` unless aborted."""
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return VllmSamplingParams(
+        max_tokens=max_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k if params.top_k > 0 else 0,
+        seed=params.seed,
+        ignore_eos=True,
+        detokenize=False,
+        output_kind=RequestOutputKind.DELTA,
+        extra_args={"kv_transfer_params": {"hetserve": kv}},
+    )
+
+
+def descriptor_from_ranks(ranks: list[dict], expected_layout: str) -> KVDescriptor:
+    """The instance's descriptor from what its workers read (collective_rpc results)."""
+    descs = [KVDescriptor.model_validate(d) for d in ranks]
+    desc = next(d for d in descs if d.tp_rank == 0)
+    if expected_layout and desc.layout != expected_layout:
+        raise ValueError(f"the topology says kv_layout {expected_layout}, vLLM's cache is "
+                         f"{desc.layout}; leave kv_layout empty to accept what vLLM allocates")
+    return desc
+
+
+def new_sequence(request: GenerateRequest, cfg: ModelConfig, tokenizer: Tokenizer) -> Sequence:
+    """A request as hetserve tracks it beside vLLM: its tokens and when it stops."""
+    return Sequence(
+        request_id=request.request_id,
+        context_ids=request.context_token_ids,
+        params=request.sampling,
+        sampler=None,
+        stopper=StopChecker(request.sampling, cfg.eos_token_ids, tokenizer,
+                            request.resumed_token_ids),
+        completion_offset=len(request.resumed_token_ids),
+    )
