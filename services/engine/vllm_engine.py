@@ -75,7 +75,7 @@ def engine_args(settings: WorkerSettings, role: str, asynchronous: bool) -> Any:
         # but then the loaded KV would not be what it computes with
         enable_prefix_caching=settings.vllm_enable_prefix_caching and role == "prefill",
         seed=0,
-        disable_log_stats=False,
+        disable_log_stats=role == "prefill",  # decode's stats feed its peak-batch logger
         worker_extension_cls=WORKER_EXTENSION,
         kv_transfer_config=KVTransferConfig(
             kv_connector=CONNECTOR, kv_connector_module_path=CONNECTOR_MODULE,
