@@ -375,8 +375,9 @@ def payload_to_tokens(
 
 
 def payload_to_bytes(payload: dict[str, torch.Tensor]) -> bytes:
-    """Storage tensors in the spec's order, contiguous, concatenated."""
-    return b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in payload.values())
+    """Storage tensors in the spec's order, contiguous, concatenated (copied off a GPU)."""
+    return b"".join(t.contiguous().cpu().view(torch.uint8).numpy().tobytes()
+                    for t in payload.values())
 
 
 def _silence_readonly_warning() -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +80,7 @@ class PeakBatch:
 
 class VllmDecodeService(DecodeService):
     async def start(self) -> None:
+        vllm_engine.apply_threads(self.settings)
         cfg = await asyncio.to_thread(vllm_engine.check_model, self.settings)
         tokenizer = await asyncio.to_thread(Tokenizer.from_model_dir, self.settings.model)
         self.vllm = await asyncio.to_thread(self._build_engine)
@@ -89,8 +89,13 @@ class VllmDecodeService(DecodeService):
         self.staging_file = staging_path(self.instance_id)
         num_blocks = self.settings.num_blocks
         cache = await asyncio.to_thread(open_staging, self.staging_file, kv, num_blocks, True)
-        await self.vllm.collective_rpc("hetserve_attach_staging",
-                                       args=(str(self.staging_file), num_blocks))
+        try:
+            await self.vllm.collective_rpc("hetserve_attach_staging",
+                                           args=(str(self.staging_file), num_blocks))
+        finally:
+            # Both processes have it mapped now: the name can go, so nothing is left behind
+            # in /dev/shm however the processes end.
+            self.staging_file.unlink(missing_ok=True)
         self.engine = StagingArea(
             kv=kv, cache=cache, allocator=BlockAllocator(num_blocks), cfg=cfg, tokenizer=tokenizer,
             max_model_len=self.vllm.vllm_config.model_config.max_model_len)
@@ -183,5 +188,3 @@ class VllmDecodeService(DecodeService):
                 message=f"{self.instance_id} is shutting down"))
         await asyncio.gather(*self.generating.values(), return_exceptions=True)
         self.vllm.shutdown()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.staging_file)

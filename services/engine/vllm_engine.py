@@ -83,6 +83,19 @@ def engine_args(settings: WorkerSettings, role: str, asynchronous: bool) -> Any:
     )
 
 
+def apply_threads(settings: WorkerSettings) -> None:
+    """`torch_threads` (hetserve up gives every worker 1: they share the machine's cores)
+    holds for vLLM too. Its CPU worker would otherwise pin OpenMP threads to every core of the
+    node, and their spin-waits then compete with the other services' processes (measured in
+    docs/benchmarks.md). Set before the engine starts: its workers inherit the environment."""
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)  # an in-process engine's worker
+        os.environ.setdefault("OMP_NUM_THREADS", str(settings.torch_threads))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
+
 def in_process_engine() -> None:
     """The prefill service runs vLLM's engine core and worker in its own process: the
     connector's layer-wise saves then reach the service's KV sink directly."""

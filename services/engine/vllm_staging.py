@@ -4,7 +4,8 @@ vLLM's worker (the process that owns the real cache) is not the decode service's
 so the service stores each incoming frame into this staging cache, laid out exactly as
 vLLM's cache (same descriptor), and the connector in the worker copies the staged blocks
 into the blocks vLLM allocates, in the step that schedules the request. Both processes map
-the same file and carve it into the same tensors.
+the same file and carve it into the same tensors; the service then unlinks it, so the memory
+goes with the last mapping however the processes end.
 """
 
 from __future__ import annotations

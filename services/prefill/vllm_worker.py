@@ -37,6 +37,7 @@ class VllmFeed:
 
 class VllmPrefillService(PrefillService):
     async def start(self) -> None:
+        vllm_engine.apply_threads(self.settings)
         vllm_engine.in_process_engine()
         self.cfg = await asyncio.to_thread(vllm_engine.check_model, self.settings)
         self.tokenizer = await asyncio.to_thread(Tokenizer.from_model_dir, self.settings.model)
