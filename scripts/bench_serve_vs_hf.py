@@ -74,6 +74,15 @@ def hf_baseline(model_dir: str, prompt_lengths: list[int], output_tokens: int, v
             "tpot_ms_p50": statistics.median(tpot) * 1e3}
 
 
+def vllm_alone(model_dir: str, prompt_lengths: list[int], output_tokens: int) -> dict[str, float]:
+    """vLLM without hetserve on prompts of the same lengths, in a process of its own."""
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("bench_vllm_alone.py")), model_dir, "1",
+         str(output_tokens)],
+        input=json.dumps(prompt_lengths), capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def bench_topology(args: argparse.Namespace, topology: str) -> tuple:
     """`hetserve up` on one topology, bench serve at concurrency 1 then at the rate, stop."""
     port = free_port()
@@ -101,6 +110,8 @@ def main() -> int:
     parser.add_argument("--topology", action="append", default=[],
                         help="repeatable; default: the built-in demo topology")
     parser.add_argument("--health-timeout", type=float, default=300.0)
+    parser.add_argument("--vllm-baseline", action="store_true",
+                        help="also time vLLM alone (scripts/bench_vllm_alone.py), 1 thread")
     parser.add_argument("--rate", type=float, default=4.0)
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--prompt-tokens", default="uniform:16,256")
@@ -130,9 +141,15 @@ def main() -> int:
                   f"{summary.output_token_throughput:11.1f}   ({ttft / hf['ttft_ms_p50']:.2f}x / "
                   f"{tpot / hf['tpot_ms_p50']:.2f}x HF)")
     print(f"{'HF transformers, batch 1':50}{hf['ttft_ms_p50']:14.1f}{hf['tpot_ms_p50']:14.2f}")
+    if args.vllm_baseline:
+        alone = vllm_alone(args.model, lengths, args.output_tokens)
+        print(f"{'vLLM alone (AsyncLLM, colocated), batch 1':50}{alone['ttft_ms_p50']:14.1f}"
+              f"{alone['tpot_ms_p50']:14.2f}")
     report = {name: {"latency": json.loads(to_json(latency)), "load": json.loads(to_json(load))}
               for name, (latency, load) in runs.items()}
     report["hf_transformers_batch1"] = hf
+    if args.vllm_baseline:
+        report["vllm_alone_batch1"] = alone
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2))
     return 0

@@ -89,9 +89,6 @@ def apply_threads(settings: WorkerSettings) -> None:
     node, and their spin-waits then compete with the other services' processes (measured in
     docs/benchmarks.md). Set before the engine starts: its workers inherit the environment."""
     if settings.torch_threads:
-        import torch
-
-        torch.set_num_threads(settings.torch_threads)  # an in-process engine's worker
         os.environ.setdefault("OMP_NUM_THREADS", str(settings.torch_threads))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 

@@ -1,15 +1,20 @@
 """Prefill on vLLM: concurrent jobs batch in vLLM's scheduler; each layer's KV leaves as
 frames while the next layer computes (through hetserve's connector), in vLLM's own layout.
 
-vLLM runs in this process (engine core and worker, tensor parallel 1), stepped in a thread;
-every request asks for one token (max_tokens=1): the first token, the TTFT.
+vLLM runs in this process (engine core and worker, tensor parallel 1), built and stepped in
+one dedicated thread: the engine is not thread-safe, and OpenMP's thread count is a per-thread
+setting that vLLM's CPU attention checks between planning and running a step. Every request
+asks for one token (max_tokens=1): the first token, the TTFT.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -24,6 +29,7 @@ from services.prefill.worker import PrefillService
 
 log = logging.getLogger(__name__)
 _tracer = tracer("hetserve.prefill")
+T = TypeVar("T")
 
 
 @dataclass
@@ -39,10 +45,11 @@ class VllmPrefillService(PrefillService):
     async def start(self) -> None:
         vllm_engine.apply_threads(self.settings)
         vllm_engine.in_process_engine()
+        self.engine_thread = ThreadPoolExecutor(1, thread_name_prefix="vllm-engine")
         self.cfg = await asyncio.to_thread(vllm_engine.check_model, self.settings)
         self.tokenizer = await asyncio.to_thread(Tokenizer.from_model_dir, self.settings.model)
-        self.llm = await asyncio.to_thread(self._build_engine)
-        ranks = await asyncio.to_thread(self.llm.collective_rpc, "hetserve_descriptor")
+        self.llm = await self._in_engine_thread(self._build_engine)
+        ranks = await self._in_engine_thread(self.llm.collective_rpc, "hetserve_descriptor")
         self.kv: KVDescriptor = vllm_engine.descriptor_from_ranks(ranks, self.settings.kv_layout)
         self.num_blocks = self.llm.vllm_config.cache_config.num_gpu_blocks or 0
         self.loop = asyncio.get_running_loop()
@@ -60,9 +67,14 @@ class VllmPrefillService(PrefillService):
         self.spawn(self._take_jobs(), "prefill-jobs")
         self.spawn(self._engine_loop(), "vllm-steps")
 
+    async def _in_engine_thread(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.engine_thread, fn, *args)
+
     def _build_engine(self):  # noqa: ANN202 - vllm.v1.engine.llm_engine.LLMEngine
         from vllm.v1.engine.llm_engine import LLMEngine
 
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)  # this thread's OpenMP setting
         return LLMEngine.from_engine_args(vllm_engine.engine_args(self.settings, "prefill", False))
 
     def status(self):  # noqa: ANN201
@@ -116,7 +128,7 @@ class VllmPrefillService(PrefillService):
             aborted, self.aborted = self.aborted, []
             try:
                 with metrics.PREFILL_SECONDS.time():
-                    outputs, refused = await asyncio.to_thread(self._step, new, aborted)
+                    outputs, refused = await self._in_engine_thread(self._step, new, aborted)
             except Exception as exc:  # noqa: BLE001 - fail what is in flight, keep serving
                 log.exception("%s: vLLM step failed", self.instance_id)
                 for rid in list(self.feeds):
@@ -185,3 +197,4 @@ class VllmPrefillService(PrefillService):
         from services.engine.vllm_connector import set_kv_sink
 
         set_kv_sink(None)
+        self.engine_thread.shutdown(wait=False)
