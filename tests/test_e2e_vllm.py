@@ -137,6 +137,17 @@ async def test_vllm_decode_counts_the_prompt_as_loaded_not_computed(
     assert (await vllm_system.stats("d-vllm-0")).kv_loaded_tokens - before == len(prompt)
 
 
+async def test_prefix_cache_hit_on_vllm_prefill_still_sends_the_whole_prompt(
+        vllm_system: RunningSystem) -> None:
+    """The second time, vLLM prefill finds the prompt's full blocks in its prefix cache and
+    computes only the rest; the frames must still carry every prompt token's KV."""
+    for length in (96, 100):  # whole blocks only, and a partial last block
+        prompt = prompt_of(length, "prefix-hit")
+        expected = hf_greedy(vllm_system.model_dir, prompt, MAX_TOKENS)
+        for decode in ("d-vllm", "d-ascend", "d-vllm"):
+            assert await complete(vllm_system, prompt, "p-vllm", decode) == expected
+
+
 def hf_kv(model_dir: Path, prompt: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """transformers' post-RoPE K and V of every layer, [T, H, D] each."""
     model = _hf_model(str(model_dir))
