@@ -28,6 +28,9 @@ PER_WORKER = {"kv_layout", "block_size", "kv_dtype", "num_blocks", "device"}
 SET_BY_COMPOSE = {"instance_id", "model", "host", "port"}
 # one process per TP rank under one instance id: compose runs tp=1 containers
 NOT_UNDER_COMPOSE = {"tp_size", "tp_rank", "tp_master_addr", "tp_master_port"}
+# the compose image has no vLLM (the vllm extra is 3.5 GiB): its engine options stay out
+NOT_UNDER_COMPOSE |= {"vllm_kv_cache_gib", "vllm_gpu_memory_utilization", "vllm_enforce_eager",
+                      "vllm_max_num_batched_tokens", "vllm_enable_prefix_caching"}
 
 
 def env_file() -> dict[str, str]:

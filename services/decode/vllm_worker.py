@@ -102,7 +102,6 @@ class VllmDecodeService(DecodeService):
         self.receiver = KVReceiver(self.engine)
         self.tp = 1
         self.generating: dict[str, asyncio.Task] = {}
-        self.vllm_loaded_tokens = 0
         log.info("%s: vLLM decode, KV %s block %d (%s), staging %s", self.instance_id,
                  kv.layout, kv.block_size, kv.id, self.staging_file)
         s = self.bus.subjects
@@ -122,12 +121,14 @@ class VllmDecodeService(DecodeService):
         info.engine = "vllm"
         info.running = len(self.generating)
         info.peak_running = PeakBatch.peak_running
-        info.kv_loaded_tokens = self.vllm_loaded_tokens
         return info
 
     def _blocks_to_hold(self, req: ReserveRequest) -> int:
         """Staging holds the transferred context only; vLLM grows the sequence itself."""
         return self.engine.blocks_for(len(req.request.context_token_ids))
+
+    def _kv_loaded(self, num_tokens: int) -> None:
+        """Counted when vLLM reports the tokens it took from the connector, not on arrival."""
 
     def _start(self, entry: Running) -> None:
         rid = entry.seq.request_id
@@ -155,7 +156,7 @@ class VllmDecodeService(DecodeService):
                                                 request_id=rid):
                 if seq.block_table:  # the connector copied them in the step that started it
                     self._free_staging(seq)
-                    self.vllm_loaded_tokens += out.num_cached_tokens or 0
+                    super()._kv_loaded(out.num_cached_tokens or 0)
                 for token in out.outputs[0].token_ids:
                     seq.append(token)
                     metrics.DECODE_TOKENS.inc()
