@@ -29,8 +29,7 @@ SET_BY_COMPOSE = {"instance_id", "model", "host", "port"}
 # one process per TP rank under one instance id: compose runs tp=1 containers
 NOT_UNDER_COMPOSE = {"tp_size", "tp_rank", "tp_master_addr", "tp_master_port"}
 # the compose image has no vLLM (the vllm extra is 3.5 GiB): its engine options stay out
-NOT_UNDER_COMPOSE |= {"vllm_kv_cache_gib", "vllm_gpu_memory_utilization", "vllm_enforce_eager",
-                      "vllm_max_num_batched_tokens", "vllm_enable_prefix_caching"}
+NOT_UNDER_COMPOSE |= {name for name in WorkerSettings.model_fields if name.startswith("vllm_")}
 
 
 def env_file() -> dict[str, str]:

@@ -51,6 +51,8 @@ ROLES = {
 SCHEMA_VERSIONS = ("1.27", latest_version())
 # tp runs one process per rank under one instance id: these manifests run tp=1 pods
 NOT_IN_MANIFESTS = {"instance_id", "tp_size", "tp_rank", "tp_master_addr", "tp_master_port"}
+# the image has no vLLM: its engine options are not set there
+NOT_IN_MANIFESTS |= {name for name in WorkerSettings.model_fields if name.startswith("vllm_")}
 
 
 def _docs(path: Path) -> list[dict]:

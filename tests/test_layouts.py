@@ -80,6 +80,15 @@ PUBLISHED: dict[str, tuple[Shapes, Where]] = {
             ("kv", _cpu_offset(s, n, h, s.B * s.D + b * s.D + d)),  # then V [B, D]
         ),
     ),
+    # vLLM 0.32 FLASH_ATTN: K then V in each (token, head) row; LBNHC / LBHNC memory order
+    "vllm-lbnhc": (
+        lambda s: {"kv": (s.N, s.B, s.H, 2 * s.D)},
+        lambda s, n, b, h, d, layer: (("kv", (n, b, h, d)), ("kv", (n, b, h, s.D + d))),
+    ),
+    "vllm-lbhnc": (
+        lambda s: {"kv": (s.N, s.H, s.B, 2 * s.D)},
+        lambda s, n, b, h, d, layer: (("kv", (n, h, b, d)), ("kv", (n, h, b, s.D + d))),
+    ),
     "ascend": (
         lambda s: {"k": (s.N, s.B, s.H, s.D), "v": (s.N, s.B, s.H, s.D)},
         lambda s, n, b, h, d, layer: (("k", (n, b, h, d)), ("v", (n, b, h, d))),
