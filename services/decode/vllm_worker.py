@@ -13,15 +13,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from nats.aio.msg import Msg
 
+from proto.frames import Frame
 from proto.layouts import KVDescriptor
 from proto.messages import ErrorEvent, GenerateRequest, ReserveRequest
 from services.common import metrics
-from services.decode.receiver import KVReceiver
+from services.decode.receiver import Inbound, KVReceiver
 from services.decode.worker import DecodeService, Running
 from services.engine import vllm_engine
 from services.engine.hf_config import ModelConfig
@@ -34,25 +37,54 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class StagingArea:
-    """What the shared decode logic sees of a vLLM instance: its KV descriptor and the staging
-    cache that holds received KV until vLLM takes it (blocks of vLLM's own size)."""
+class RankStaging:
+    """One tensor-parallel rank's staging cache, in that rank's descriptor."""
 
     kv: KVDescriptor
     cache: PagedKVCache
-    allocator: BlockAllocator
-    max_model_len: int
-    cfg: ModelConfig
-    tokenizer: Tokenizer
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.kv.block_size)
 
+
+@dataclass
+class Shard:
+    """Rank r >= 1 of a vLLM instance at tensor parallel > 1: the streams of its heads arrive
+    on their own subject (kv.<instance>.<r>) into their own staging cache, at the block ids
+    rank 0 reserved."""
+
+    staging: RankStaging
+    receiver: KVReceiver
+    inbound: dict[str, Inbound] = field(default_factory=dict)
+    complete: set[str] = field(default_factory=set)
+
+
+@dataclass
+class StagingArea(RankStaging):
+    """What the shared decode logic sees of a vLLM instance: rank 0's descriptor and staging
+    cache (received KV waits there for vLLM, in blocks of vLLM's size), the other ranks'."""
+
+    allocator: BlockAllocator
+    max_model_len: int
+    cfg: ModelConfig
+    tokenizer: Tokenizer
+    shards: list[Shard] = field(default_factory=list)
+
     def new_sequence(self, request: GenerateRequest) -> Sequence:
         return vllm_engine.new_sequence(request, self.cfg, self.tokenizer)
 
+    def share_blocks(self, request_id: str, blocks: list[int]) -> None:
+        for shard in self.shards:
+            shard.inbound[request_id] = Inbound(blocks=blocks, deadline=float("inf"))
+
+    def complete_everywhere(self, request_id: str) -> bool:
+        return all(request_id in shard.complete for shard in self.shards)
+
     def release(self, request_ids: list[str]) -> None:
-        """Only tensor-parallel native ranks hold per-request state elsewhere."""
+        for shard in self.shards:
+            for rid in request_ids:
+                shard.inbound.pop(rid, None)
+                shard.complete.discard(rid)
 
 
 class PeakBatch:
@@ -86,27 +118,36 @@ class VllmDecodeService(DecodeService):
         self.vllm = await asyncio.to_thread(self._build_engine)
         ranks = await self.vllm.collective_rpc("hetserve_descriptor")
         kv = vllm_engine.descriptor_from_ranks(ranks, self.settings.kv_layout)
-        self.staging_file = staging_path(self.instance_id)
         num_blocks = self.settings.num_blocks
-        cache = await asyncio.to_thread(open_staging, self.staging_file, kv, num_blocks, True)
+        template = str(staging_path(self.instance_id, "{rank}"))
+        files = [staging_path(self.instance_id, r) for r in range(kv.tp_size)]
+        staging = [RankStaging(desc, await asyncio.to_thread(
+                       open_staging, files[desc.tp_rank], desc, num_blocks, True))
+                   for desc in vllm_engine.rank_descriptors(kv, ranks)]
         try:
             await self.vllm.collective_rpc("hetserve_attach_staging",
-                                           args=(str(self.staging_file), num_blocks))
+                                           args=(template, num_blocks))
         finally:
-            # Both processes have it mapped now: the name can go, so nothing is left behind
+            # Every process has them mapped now: the names can go, so nothing is left behind
             # in /dev/shm however the processes end.
-            self.staging_file.unlink(missing_ok=True)
+            for file in files:
+                file.unlink(missing_ok=True)
         self.engine = StagingArea(
-            kv=kv, cache=cache, allocator=BlockAllocator(num_blocks), cfg=cfg, tokenizer=tokenizer,
-            max_model_len=self.vllm.vllm_config.model_config.max_model_len)
+            kv=kv, cache=staging[0].cache, allocator=BlockAllocator(num_blocks), cfg=cfg,
+            tokenizer=tokenizer, max_model_len=self.vllm.vllm_config.model_config.max_model_len,
+            shards=[Shard(rank, KVReceiver(rank)) for rank in staging[1:]])
         self.receiver = KVReceiver(self.engine)
-        self.tp = 1
+        self.tp = kv.tp_size
         self.generating: dict[str, asyncio.Task] = {}
-        log.info("%s: vLLM decode, KV %s block %d (%s), staging %s", self.instance_id,
-                 kv.layout, kv.block_size, kv.id, self.staging_file)
+        self.shards_done: dict[str, asyncio.Event] = {}
+        log.info("%s: vLLM decode, KV %s block %d tp %d (%s)", self.instance_id,
+                 kv.layout, kv.block_size, kv.tp_size, kv.id)
         s = self.bus.subjects
         await self.subscribe(s.reserve(self.instance_id), self._on_reserve)
-        await self.subscribe(s.kv_frames(self.instance_id, kv.tp_rank), self._on_frame)
+        await self.subscribe(s.kv_frames(self.instance_id, 0), self._on_frame)
+        for shard in self.engine.shards:
+            await self.subscribe(s.kv_frames(self.instance_id, shard.staging.kv.tp_rank),
+                                 partial(self._on_shard_frame, shard))
         await self.subscribe(s.aborts, self._on_abort)
         self.spawn(self._expire_reservations(), "reservation-expiry")
 
@@ -126,6 +167,45 @@ class VllmDecodeService(DecodeService):
     def _blocks_to_hold(self, req: ReserveRequest) -> int:
         """Staging holds the transferred context only; vLLM grows the sequence itself."""
         return self.engine.blocks_for(len(req.request.context_token_ids))
+
+    # -- tensor parallel > 1: the other ranks' streams ----------------------------------
+
+    async def _on_shard_frame(self, shard: Shard, msg: Msg) -> None:
+        await self._take_frame(msg, shard.receiver, shard.inbound,
+                               partial(self._shard_ended, shard))
+
+    def _shard_ended(self, shard: Shard, inbound: Inbound, frame: Frame, msg: Msg,
+                     complete: bool) -> None:
+        rid = frame.request_id
+        del shard.inbound[rid]
+        if not complete:  # its sender failed: the request cannot run here
+            self.spawn(self._fail(rid, f"rank {shard.staging.kv.tp_rank}'s KV stream failed: "
+                                       f"{frame.extra.get('error', '')}"))
+            return
+        shard.complete.add(rid)
+        if self.engine.complete_everywhere(rid) and rid in self.shards_done:
+            self.shards_done[rid].set()
+
+    async def _all_ranks_ready(self, entry: Running) -> None:
+        """Rank 0's stream is complete; wait for the other ranks' until the deadline."""
+        rid = entry.seq.request_id
+        if self.engine.complete_everywhere(rid):
+            return
+        done = self.shards_done.setdefault(rid, asyncio.Event())
+        try:
+            await asyncio.wait_for(done.wait(), max(0.0, entry.deadline - time.monotonic()))
+        except TimeoutError:
+            raise RuntimeError(f"{self.instance_id}: KV never completed on every rank") from None
+        finally:
+            self.shards_done.pop(rid, None)
+
+    async def _fail(self, rid: str, message: str) -> None:
+        task = self.generating.get(rid)
+        if task is not None and rid not in self.inbound:  # failed on a rank >= 1 only
+            task.cancel()
+            await self.bus.publish(self.bus.subjects.request_events(rid), ErrorEvent(
+                request_id=rid, message=message, instance_id=self.instance_id))
+        await super()._fail(rid, message)
 
     def _kv_loaded(self, num_tokens: int) -> None:
         """Counted when vLLM reports the tokens it took from the connector, not on arrival."""
@@ -152,6 +232,7 @@ class VllmDecodeService(DecodeService):
             seq.params, seq.params.max_tokens - seq.completion_offset - len(seq.output_ids),
             {"rid": rid, "staged_blocks": seq.block_table, "num_tokens": len(seq.context_ids)})
         try:
+            await self._all_ranks_ready(entry)
             async for out in self.vllm.generate({"prompt_token_ids": seq.all_ids}, params,
                                                 request_id=rid):
                 if seq.block_table:  # the connector copied them in the step that started it

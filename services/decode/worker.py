@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nats.aio.msg import Msg
@@ -167,16 +168,22 @@ class DecodeService(Service):
     # -- KV frames ----------------------------------------------------------------------
 
     async def _on_frame(self, msg: Msg) -> None:
+        await self._take_frame(msg, self.receiver, self.inbound, self._transfer_ended)
+
+    async def _take_frame(self, msg: Msg, receiver: KVReceiver, inbound_by_id: dict[str, Inbound],
+                          on_end: Callable[[Inbound, Frame, Msg, bool], None]) -> None:
+        """Check and store one frame of a stream this rank receives; ack it; a bad frame fails
+        its request (every rank's blocks come back)."""
         try:
             frame = decode_frame(msg.data, self.bus.nc.max_payload)
         except FrameError as exc:
             log.warning("%s rejected a KV frame of %s: %s", self.instance_id,
                         exc.request_id or "an unknown request", exc)
             await acknowledge(msg, False, str(exc))
-            if exc.request_id in self.inbound:
+            if exc.request_id in inbound_by_id:
                 await self._fail(exc.request_id, f"bad KV frame: {exc}")
             return
-        inbound = self.inbound.get(frame.request_id)
+        inbound = inbound_by_id.get(frame.request_id)
         if inbound is None:
             reason = f"frame for unknown request {frame.request_id!r}"
             log.warning("%s rejected a KV frame: %s", self.instance_id, reason)
@@ -185,9 +192,9 @@ class DecodeService(Service):
         try:
             # The copy into the cache runs off the event loop (frames stay in order: this
             # subscription's handler is awaited frame by frame).
-            complete = await asyncio.to_thread(self.receiver.take, inbound, frame)
+            complete = await asyncio.to_thread(receiver.take, inbound, frame)
             if frame.kind == "end":
-                self._transfer_ended(inbound, frame, msg, complete)
+                on_end(inbound, frame, msg, complete)
         except (FrameError, ValueError) as exc:
             log.warning("%s rejected a KV frame of %s: %s", self.instance_id, frame.request_id, exc)
             await acknowledge(msg, False, str(exc))

@@ -127,9 +127,11 @@ class HetserveConnector(KVConnectorBase_V1):
         )
         self._layers = {name: physical_layer(kv_caches[name], self.desc.layout) for name in names}
 
-    def attach_staging(self, path: str, num_blocks: int) -> None:
+    def attach_staging(self, path_template: str, num_blocks: int) -> None:
+        """Map this rank's staging cache: `path_template` with {rank} filled in."""
         assert self.desc is not None, "register_kv_caches comes first"
-        self._staging = open_staging(path, self.desc, num_blocks)
+        self._staging = open_staging(path_template.format(rank=self.desc.tp_rank), self.desc,
+                                     num_blocks)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -272,5 +274,5 @@ class HetserveWorkerExtension:
             raise RuntimeError("vLLM has not registered its KV caches yet")
         return desc.model_dump()
 
-    def hetserve_attach_staging(self, path: str, num_blocks: int) -> None:
-        _connector().attach_staging(path, num_blocks)
+    def hetserve_attach_staging(self, path_template: str, num_blocks: int) -> None:
+        _connector().attach_staging(path_template, num_blocks)

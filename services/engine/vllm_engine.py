@@ -36,8 +36,6 @@ def vllm_missing_reason() -> str | None:
 def check_model(settings: WorkerSettings) -> ModelConfig:
     """What vLLM would only find out at the first request, refused at start-up instead."""
     cfg = load_model_config(settings.model)
-    if settings.tp_size != 1:
-        raise ValueError("engine vllm runs tp 1 only so far")
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
@@ -66,6 +64,7 @@ def engine_args(settings: WorkerSettings, role: str, asynchronous: bool) -> Any:
         block_size=settings.block_size,
         max_model_len=settings.max_model_len or None,
         tensor_parallel_size=settings.tp_size,
+        distributed_executor_backend="mp" if settings.tp_size > 1 else None,
         kv_cache_memory_bytes=int(gib * 2**30) if gib else None,
         gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
         enforce_eager=settings.vllm_enforce_eager,
@@ -117,6 +116,16 @@ def sampling_params(params: SamplingParams, max_tokens: int, kv: dict[str, Any])
         output_kind=RequestOutputKind.DELTA,
         extra_args={"kv_transfer_params": {"hetserve": kv}},
     )
+
+
+def rank_descriptors(kv: KVDescriptor, ranks: list[dict]) -> list[KVDescriptor]:
+    """Every rank's descriptor, in rank order, checked against what hetserve derives from rank
+    0's (the converter and direct routes address rank r with tp_rank=r: same heads, same id)."""
+    read = sorted((KVDescriptor.model_validate(d) for d in ranks), key=lambda d: d.tp_rank)
+    derived = [kv.model_copy(update={"tp_rank": r}) for r in range(kv.tp_size)]
+    if read != derived:
+        raise ValueError(f"vLLM's ranks hold {read}, hetserve expects {derived}")
+    return derived
 
 
 def descriptor_from_ranks(ranks: list[dict], expected_layout: str) -> KVDescriptor:

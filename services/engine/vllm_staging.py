@@ -62,9 +62,10 @@ def open_staging(path: str | Path, desc: KVDescriptor, num_blocks: int,
     return PagedKVCache(desc, num_blocks, tensor_factory=carve)
 
 
-def staging_path(instance_id: str) -> Path:
-    """Per process, in /dev/shm where there is one (RAM, not disk)."""
+def staging_path(instance_id: str, rank: int | str = 0) -> Path:
+    """Per process and tensor-parallel rank, in /dev/shm where there is one (RAM, not disk).
+    rank="{rank}" gives a template for str.format."""
     shm = Path("/dev/shm")
     base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path("/tmp")
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in instance_id)
-    return base / f"hetserve-staging-{safe}-{os.getpid()}.kv"
+    return base / f"hetserve-staging-{safe}-{os.getpid()}-rank{rank}.kv"

@@ -43,6 +43,8 @@ class VllmFeed:
 
 class VllmPrefillService(PrefillService):
     async def start(self) -> None:
+        if self.settings.tp_size != 1:
+            raise ValueError("a vLLM prefill runs at tp 1 only so far")
         vllm_engine.apply_threads(self.settings)
         vllm_engine.in_process_engine()
         self.engine_thread = ThreadPoolExecutor(1, thread_name_prefix="vllm-engine")
