@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
+import aiohttp
 import nats
 import openai
 import pytest
@@ -246,3 +250,86 @@ async def test_sixteen_concurrent_streams_through_vllm_decode(vllm_system: Runni
     stats = await vllm_system.stats("d-vllm-0")
     assert stats.peak_running > 1, stats  # vLLM's scheduler ran them as one batch
     assert stats.running == 0 and stats.free_blocks == stats.total_blocks
+
+
+async def test_client_disconnect_aborts_the_vllm_request(vllm_system: RunningSystem) -> None:
+    body = {"model": "tiny-llama", "prompt": prompt_of(100, "disconnect"), "max_tokens": 400,
+            "stream": True, "ignore_eos": True,
+            "hetserve_route": {"prefill_instance": "p-vllm-0", "decode_instance": "d-vllm-0"}}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(vllm_system.base_url + "/completions", json=body) as reply:
+            assert reply.status == 200
+            seen = 0
+            async for line in reply.content:
+                seen += line.startswith(b"data:")
+                if seen >= 5:
+                    break
+            assert (await vllm_system.stats("d-vllm-0")).running == 1
+        # leaving the response block closes the connection mid-stream
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        stats = await vllm_system.stats("d-vllm-0")
+        if not stats.running:
+            break
+        await asyncio.sleep(0.2)
+    assert stats.running == 0 and stats.free_blocks == stats.total_blocks, stats
+    prompt = prompt_of(30, "after-abort")  # vLLM goes on serving
+    assert await complete(vllm_system, prompt, "p-vllm", "d-vllm") == hf_greedy(
+        vllm_system.model_dir, prompt, MAX_TOKENS)
+
+
+async def test_killed_vllm_decode_request_resumes_elsewhere(vllm_system: RunningSystem) -> None:
+    """Runs last in this module: d-vllm-0 does not come back."""
+    client = openai.AsyncOpenAI(base_url=vllm_system.base_url, api_key="unused", max_retries=0,
+                                timeout=180)
+    prompt = prompt_of(60, "killed")
+    started = asyncio.Event()
+
+    async def stream() -> list[int]:
+        reply = await client.completions.create(
+            model="tiny-llama", prompt=prompt, max_tokens=300, temperature=0, stream=True,
+            extra_body={"return_token_ids": True, "ignore_eos": True,
+                        "hetserve_route": {"prefill_instance": "p-vllm-0"}})
+        tokens: list[int] = []
+        async for chunk in reply:
+            for choice in chunk.choices:
+                tokens += choice.model_extra.get("token_ids") or []
+            if len(tokens) >= 10:
+                started.set()
+        return tokens
+
+    victim = asyncio.create_task(stream())
+    await asyncio.wait_for(started.wait(), 60)
+    serving = [d for d in ("d-vllm-0", "d-vllm-tp2-0", "d-ascend-0")
+               if (await vllm_system.stats(d)).running]
+    assert serving == ["d-vllm-0"], serving  # the scheduler's choice: most free blocks
+    service_pid = (await vllm_system.stats("d-vllm-0")).pid
+    engine_core = children(service_pid)  # vLLM's engine core, which started its worker
+    assert engine_core
+    os.kill(service_pid, signal.SIGKILL)
+    other = prompt_of(20, "bystander")  # served meanwhile by the others, unaffected
+    assert await complete(vllm_system, other, "p-vllm", "d-vllm-tp2") == hf_greedy(
+        vllm_system.model_dir, other, MAX_TOKENS)
+    assert await asyncio.wait_for(victim, 180) == hf_greedy(vllm_system.model_dir, prompt, 300)
+    for _ in range(60):  # vLLM's processes do not outlive the service (30 s at most)
+        if not alive(engine_core):
+            break
+        await asyncio.sleep(0.5)
+    assert not alive(engine_core)
+
+
+def alive(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out

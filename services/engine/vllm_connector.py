@@ -24,6 +24,10 @@ process: they share only the metadata built here (plain dataclasses, pickled by 
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -94,10 +98,36 @@ def _params(source: Any) -> dict:
     return params.get("hetserve") or {}
 
 
+_watching = False
+
+
+def _exit_with_parent() -> None:
+    """In a process vLLM spawned (engine core, worker): stop when its parent is gone. A
+    SIGKILLed service would otherwise leave its vLLM processes (and their shared memory)
+    behind. SIGTERM first: vLLM's own shutdown releases what it holds."""
+    global _watching
+    if _watching:
+        return
+    _watching = True
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(15.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="hetserve-parent-watch", daemon=True).start()
+
+
 class HetserveConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig | None = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
+        if extra.get("owner_pid") not in (None, os.getpid()):
+            _exit_with_parent()
         self._block_size = vllm_config.cache_config.block_size
         # scheduler side
         self._producing: dict[str, _Producing] = {}

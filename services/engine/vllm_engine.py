@@ -78,7 +78,7 @@ def engine_args(settings: WorkerSettings, role: str, asynchronous: bool) -> Any:
         worker_extension_cls=WORKER_EXTENSION,
         kv_transfer_config=KVTransferConfig(
             kv_connector=CONNECTOR, kv_connector_module_path=CONNECTOR_MODULE,
-            kv_role="kv_both"),
+            kv_role="kv_both", kv_connector_extra_config={"owner_pid": os.getpid()}),
     )
 
 
