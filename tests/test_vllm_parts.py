@@ -12,7 +12,7 @@ import torch
 
 from proto.layouts import gather_payload, payload_to_tokens
 from services.common.settings import WorkerSettings
-from services.common.topology import Topology, WorkerSpec
+from services.common.topology import WorkerSpec
 from services.engine.vllm_engine import vllm_missing_reason
 from services.engine.vllm_layout import UnsupportedCache, descriptor_from_cache, physical_layer
 from services.engine.vllm_staging import open_staging, staging_path
@@ -101,9 +101,6 @@ def test_topology_checks_vllm_instances() -> None:
     assert spec.kv_layout == ""  # vLLM's cache decides
     assert WorkerSpec(name="n").kv_layout == "vllm-flash"
     assert WorkerSpec(name="d", engine="vllm", block_size=32, tp=2).tp == 2  # vLLM's own TP
-    with pytest.raises(ValueError, match="a vLLM prefill runs at tp 1 only"):
-        Topology(model="m", prefill=[{"name": "p", "engine": "vllm", "block_size": 32, "tp": 2}],
-                 decode=[])
     with pytest.raises(ValueError, match=r"unknown vllm options \['kv_cache'\]"):
         WorkerSpec(name="p", engine="vllm", block_size=32, vllm={"kv_cache": 1})
     with pytest.raises(ValueError, match="vllm options on a native instance"):

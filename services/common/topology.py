@@ -73,12 +73,6 @@ class Topology(BaseModel):
     prefill: list[WorkerSpec]
     decode: list[WorkerSpec]
 
-    def model_post_init(self, _context: object) -> None:
-        for spec in self.prefill:
-            if spec.engine == "vllm" and spec.tp > 1:
-                raise ValueError(f"{spec.name}: a vLLM prefill runs at tp 1 only so far (its "
-                                 "layer-wise KV hook hands frames to the service in-process)")
-
 
 def load_topology(path: Path) -> Topology:
     try:

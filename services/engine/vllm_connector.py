@@ -4,12 +4,14 @@ vLLM loads it by name: KVTransferConfig(kv_connector="HetserveConnector",
 kv_connector_module_path="services.engine.vllm_connector", kv_role="kv_both"). One class
 serves both sides; a request's `kv_transfer_params["hetserve"]` says what to do with it:
 
-producer (prefill): {"rid": id, "produce": True}
+producer (prefill): {"rid": id, "produce": True, "route": KVRoute}
     Every step that computes prompt tokens of the request, `save_kv_layer` copies the
     request's blocks of that layer out of vLLM's cache (while the next layer computes) and
-    hands them, frame-sized, to the sink the prefill service registered (`set_kv_sink`).
-    Token ranges are contiguous and block aligned: a chunk that ends inside a block sends
-    its complete blocks only; the last chunk sends up to the end of the prompt.
+    hands them, frame-sized, to this rank's KV streams (services/engine/vllm_kv_streams.py),
+    which send them to the route's receiver. Token ranges are contiguous and block aligned:
+    a chunk that ends inside a block sends its complete blocks only; the last chunk sends up
+    to the end of the prompt. The service ends every rank's stream with
+    collective_rpc("hetserve_end_stream", ...) once vLLM returned the first token.
 
 consumer (decode): {"rid": id, "staged_blocks": [...], "num_tokens": P}
     The decode service received the KV of the first P prompt tokens into a shared-memory
@@ -28,7 +30,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +40,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from proto.layouts import KVDescriptor, gather_payload, scatter_payload
+from proto.layouts import KVDescriptor, gather_payload, payload_to_bytes, scatter_payload
+from proto.messages import KVRoute
+from services.common.settings import WorkerSettings
+from services.engine.vllm_kv_streams import KVStreams
 from services.engine.vllm_layout import descriptor_from_cache, physical_layer
 from services.engine.vllm_staging import open_staging
 
@@ -51,21 +55,11 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-# (request id, layer, first token, stop token, payload of the blocks holding those tokens)
-KVSink = Callable[[str, int, int, int, dict[str, torch.Tensor]], None]
-_sink: tuple[KVSink, int] | None = None
-
-
-def set_kv_sink(sink: KVSink | None, blocks_per_frame: int = 1) -> None:
-    """Where a producer's KV goes. The prefill service runs vLLM in its own process (the
-    worker is in-process at tp 1), so the worker-side connector calls it directly."""
-    global _sink
-    _sink = None if sink is None else (sink, max(1, blocks_per_frame))
-
-
 @dataclass
 class SaveSpec:
     rid: str
+    route: dict  # KVRoute: where this request's frames go
+    num_tokens: int  # of the prompt
     block_ids: list[int]  # the blocks holding tokens [token_start, token_stop)
     token_start: int  # block aligned
     token_stop: int
@@ -88,6 +82,7 @@ class HetserveMeta(KVConnectorMetadata):
 @dataclass
 class _Producing:
     rid: str
+    route: dict
     prompt_len: int
     block_ids: list[int]
     sent: int = 0  # tokens sent so far
@@ -138,6 +133,8 @@ class HetserveConnector(KVConnectorBase_V1):
         self._layers: dict[str, torch.Tensor] = {}  # by layer name, in storage order
         self._layer_index: dict[str, int] = {}
         self._staging = None
+        self._streams: KVStreams | None = None
+        self._settings = extra.get("settings", {})
 
     # -- worker side ------------------------------------------------------------------
 
@@ -187,29 +184,39 @@ class HetserveConnector(KVConnectorBase_V1):
         """Loads are whole before the forward (start_load_kv): nothing to wait for. A load here
         would run after this step's tokens were written into the cache."""
 
+    def streams(self) -> KVStreams:
+        """This rank's sender, connected on first use (only producers need one)."""
+        if self._streams is None:
+            assert self.desc is not None
+            self._streams = KVStreams(WorkerSettings(**self._settings), self.desc)
+        return self._streams
+
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
                       **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, HetserveMeta) and self.desc is not None
         if not meta.saves:
             return
-        if _sink is None:
-            raise RuntimeError("hetserve prefill on vLLM needs its KV sink in the worker "
-                               "process (tensor parallel 1, in-process engine)")
-        sink, per_frame = _sink
+        streams = self.streams()
         layer, cache = self._layer_index[layer_name], {"kv": self._layers[layer_name]}
-        block = self.desc.block_size
+        first_layer, last_layer = self.desc.layers[0], self.desc.layers[-1]
+        block, per_frame = self.desc.block_size, streams.blocks_per_frame
         for spec in meta.saves:
+            if spec.token_start == 0 and layer == first_layer:
+                streams.open(spec.rid, KVRoute.model_validate(spec.route), spec.num_tokens)
             for i in range(0, len(spec.block_ids), per_frame):
                 chunk = spec.block_ids[i : i + per_frame]
                 ids = torch.tensor(chunk, dtype=torch.long, device=cache["kv"].device)
                 start = spec.token_start + i * block
                 stop = min(spec.token_stop, start + len(chunk) * block)
-                # gather_payload copies: vLLM may reuse the blocks once the request is done.
-                sink(spec.rid, layer, start, stop, gather_payload(self.desc, cache, ids))
+                # a copy now: vLLM may reuse the blocks once the request is done
+                payload = payload_to_bytes(gather_payload(self.desc, cache, ids))
+                streams.put(spec.rid, layer, start, stop, payload)
+            if spec.token_stop == spec.num_tokens and layer == last_layer:
+                streams.layers_done(spec.rid)
 
     def wait_for_save(self) -> None:
-        """The sink took copies synchronously: nothing is in flight here."""
+        """Saves were copied synchronously; sending them does not hold vLLM's step."""
 
     # -- scheduler side ---------------------------------------------------------------
 
@@ -244,8 +251,8 @@ class HetserveConnector(KVConnectorBase_V1):
             params = _params(extra.get("kv_transfer_params"))
             if params.get("produce"):
                 self._producing[req.req_id] = _Producing(
-                    rid=params.get("rid", req.req_id), prompt_len=len(req.prompt_token_ids),
-                    block_ids=list(req.block_ids[0]))
+                    rid=params.get("rid", req.req_id), route=params["route"],
+                    prompt_len=len(req.prompt_token_ids), block_ids=list(req.block_ids[0]))
                 self._add_save(meta, req.req_id, req.num_computed_tokens
                                + scheduler_output.num_scheduled_tokens[req.req_id])
         cached = scheduler_output.scheduled_cached_reqs
@@ -270,7 +277,7 @@ class HetserveConnector(KVConnectorBase_V1):
         if stop <= state.sent:
             return
         meta.saves.append(SaveSpec(
-            rid=state.rid, block_ids=state.block_ids[state.sent // block : -(-stop // block)],
+            rid=state.rid, route=state.route, num_tokens=state.prompt_len, block_ids=state.block_ids[state.sent // block : -(-stop // block)],
             token_start=state.sent, token_stop=stop))
         state.sent = stop
         if stop >= state.prompt_len:
@@ -306,3 +313,9 @@ class HetserveWorkerExtension:
 
     def hetserve_attach_staging(self, path_template: str, num_blocks: int) -> None:
         _connector().attach_staging(path_template, num_blocks)
+
+    def hetserve_end_stream(self, request_id: str, route: dict, num_tokens: int,
+                            first_token: int | None, extra: dict, error: str = "") -> None:
+        """The prefill service ends this rank's stream of a request (see KVStreams.end)."""
+        _connector().streams().end(request_id, KVRoute.model_validate(route), num_tokens,
+                                   first_token, extra, error)

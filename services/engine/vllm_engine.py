@@ -78,7 +78,10 @@ def engine_args(settings: WorkerSettings, role: str, asynchronous: bool) -> Any:
         worker_extension_cls=WORKER_EXTENSION,
         kv_transfer_config=KVTransferConfig(
             kv_connector=CONNECTOR, kv_connector_module_path=CONNECTOR_MODULE,
-            kv_role="kv_both", kv_connector_extra_config={"owner_pid": os.getpid()}),
+            kv_role="kv_both",
+            # the workers send KV themselves: they connect to NATS with these settings
+            kv_connector_extra_config={"owner_pid": os.getpid(),
+                                       "settings": settings.model_dump(mode="json")}),
     )
 
 
@@ -93,8 +96,9 @@ def apply_threads(settings: WorkerSettings) -> None:
 
 
 def in_process_engine() -> None:
-    """The prefill service runs vLLM's engine core and worker in its own process: the
-    connector's layer-wise saves then reach the service's KV sink directly."""
+    """The prefill service runs vLLM's engine core in its own process (and its worker, at tp
+    1): it steps the engine itself, one step per call, and reaches the workers with
+    collective_rpc."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 

@@ -1,10 +1,12 @@
 """Prefill on vLLM: concurrent jobs batch in vLLM's scheduler; each layer's KV leaves as
-frames while the next layer computes (through hetserve's connector), in vLLM's own layout.
+frames while the next layer computes, in vLLM's own layout, sent by hetserve's connector from
+each vLLM worker (every tensor-parallel rank its own stream, as native prefill ranks do).
 
-vLLM runs in this process (engine core and worker, tensor parallel 1), built and stepped in
-one dedicated thread: the engine is not thread-safe, and OpenMP's thread count is a per-thread
-setting that vLLM's CPU attention checks between planning and running a step. Every request
-asks for one token (max_tokens=1): the first token, the TTFT.
+vLLM's engine core runs in this process, built and stepped in one dedicated thread: the engine
+is not thread-safe, and OpenMP's thread count is a per-thread setting that vLLM's CPU attention
+checks between planning and running a step. Its workers are in this process too at tensor
+parallel 1, vLLM's own worker processes above that. Every request asks for one token
+(max_tokens=1): the first token, the TTFT; it then ends every rank's stream.
 """
 
 from __future__ import annotations
@@ -13,38 +15,23 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
 
-from proto.layouts import KVDescriptor, payload_to_bytes
+from proto.layouts import KVDescriptor
 from proto.messages import PrefillJob
 from services.common import metrics
-from services.common.telemetry import tracer
 from services.engine import vllm_engine
 from services.engine.tokenizer import Tokenizer
-from services.prefill.shard_stream import LAYERS_DONE, stream_shard
 from services.prefill.worker import PrefillService
 
 log = logging.getLogger(__name__)
-_tracer = tracer("hetserve.prefill")
 T = TypeVar("T")
-
-
-@dataclass
-class VllmFeed:
-    """One request's frames as the connector saves them, and its vLLM output."""
-
-    num_tokens: int
-    output: asyncio.Future
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
 
 
 class VllmPrefillService(PrefillService):
     async def start(self) -> None:
-        if self.settings.tp_size != 1:
-            raise ValueError("a vLLM prefill runs at tp 1 only so far")
         vllm_engine.apply_threads(self.settings)
         vllm_engine.in_process_engine()
         self.engine_thread = ThreadPoolExecutor(1, thread_name_prefix="vllm-engine")
@@ -53,24 +40,21 @@ class VllmPrefillService(PrefillService):
         self.llm = await self._in_engine_thread(self._build_engine)
         ranks = await self._in_engine_thread(self.llm.collective_rpc, "hetserve_descriptor")
         self.kv: KVDescriptor = vllm_engine.descriptor_from_ranks(ranks, self.settings.kv_layout)
+        vllm_engine.rank_descriptors(self.kv, ranks)
         self.num_blocks = self.llm.vllm_config.cache_config.num_gpu_blocks or 0
-        self.loop = asyncio.get_running_loop()
-        self.feeds: dict[str, VllmFeed] = {}
+        self.outputs: dict[str, asyncio.Future] = {}
         self.new: list[tuple[str, list[int], object]] = []
         self.aborted: list[str] = []
         self.wake = asyncio.Event()
-        from services.engine.vllm_connector import set_kv_sink
-
-        per_frame = max(1, (self.bus.frame_limit - 1024) // self.kv.payload_nbytes(1))
-        set_kv_sink(self._on_kv, per_frame)
-        log.info("%s: vLLM prefill, KV %s block %d (%s)", self.instance_id, self.kv.layout,
-                 self.kv.block_size, self.kv.id)
+        log.info("%s: vLLM prefill, KV %s block %d tp %d (%s)", self.instance_id, self.kv.layout,
+                 self.kv.block_size, self.kv.tp_size, self.kv.id)
         await self.subscribe(self.bus.subjects.prefill_jobs(self.instance_id), self._on_job)
         self.spawn(self._take_jobs(), "prefill-jobs")
         self.spawn(self._engine_loop(), "vllm-steps")
 
-    async def _in_engine_thread(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.engine_thread, fn, *args)
+    async def _in_engine_thread(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.engine_thread, lambda: fn(*args, **kwargs))
 
     def _build_engine(self):  # noqa: ANN202 - vllm.v1.engine.llm_engine.LLMEngine
         from vllm.v1.engine.llm_engine import LLMEngine
@@ -99,14 +83,6 @@ class VllmPrefillService(PrefillService):
 
     # -- the engine thread ------------------------------------------------------------
 
-    def _on_kv(self, rid: str, layer: int, start: int, stop: int,
-               payload: dict[str, torch.Tensor]) -> None:
-        """In vLLM's step (the engine thread): one frame's blocks, copied, to the stream."""
-        feed = self.feeds.get(rid)
-        if feed is not None:
-            piece = (layer, [(start, stop, payload_to_bytes(payload))])
-            self.loop.call_soon_threadsafe(feed.queue.put_nowait, piece)
-
     def _step(self, new: list[tuple[str, list[int], object]],
               aborted: list[str]) -> tuple[list, dict[str, Exception]]:
         if aborted:
@@ -133,7 +109,7 @@ class VllmPrefillService(PrefillService):
                     outputs, refused = await self._in_engine_thread(self._step, new, aborted)
             except Exception as exc:  # noqa: BLE001 - fail what is in flight, keep serving
                 log.exception("%s: vLLM step failed", self.instance_id)
-                for rid in list(self.feeds):
+                for rid in list(self.outputs):
                     self._settle(rid, exc)
                 continue
             for rid, exc in refused.items():
@@ -143,60 +119,47 @@ class VllmPrefillService(PrefillService):
                     self._settle(output.request_id, output)
 
     def _settle(self, rid: str, result: object) -> None:
-        """Every frame of `rid` is queued (saved during earlier steps): close its stream."""
-        feed = self.feeds.get(rid)
-        if feed is None or feed.output.done():
+        future = self.outputs.get(rid)
+        if future is None or future.done():
             return
-        feed.queue.put_nowait(LAYERS_DONE)
         if isinstance(result, Exception):
-            feed.output.set_exception(result)
+            future.set_exception(result)
         else:
-            feed.output.set_result(result)
+            future.set_result(result)
 
     # -- one job ----------------------------------------------------------------------
 
     async def _run(self, job: PrefillJob) -> None:
         request, route = job.request, job.route
         rid = request.request_id
-        if rid in self.feeds:
+        if rid in self.outputs:
             raise RuntimeError(f"{rid} is already being prefilled here")
         seq = vllm_engine.new_sequence(request, self.cfg, self.tokenizer)
-        feed = VllmFeed(len(seq.context_ids), self.loop.create_future())
-        self.feeds[rid] = feed
-        params = vllm_engine.sampling_params(request.sampling, 1, {"rid": rid, "produce": True})
+        output = self.outputs[rid] = asyncio.get_running_loop().create_future()
+        stream = {"route": route.model_dump(mode="json"), "num_tokens": len(seq.context_ids)}
+        params = vllm_engine.sampling_params(request.sampling, 1, {"rid": rid, "produce": True,
+                                                                   "route": stream["route"]})
         self.new.append((rid, seq.context_ids, params))
         self.wake.set()
-
-        async def announce() -> int:
-            output = await feed.output
-            seq.append(output.outputs[0].token_ids[0])
-            await self._announce_first(job, seq)
-            return seq.output_ids[-1]
-
-        first = asyncio.ensure_future(announce())
-
-        async def finish() -> tuple[int | None, dict]:
-            return await first, {"finished": seq.finished}
-
+        error = ""
         try:
-            with _tracer.start_as_current_span("kv.send") as span:
-                span.set_attribute("request.id", rid)
-                span.set_attribute("kv.layout", self.kv.layout)
-                span.set_attribute("kv.receiver", route.send_to)
-                sender = await stream_shard(self.bus, self.settings, self.kv, rid, route, feed,
-                                            finish)
-                span.set_attribute("kv.bytes", sender.bytes_sent)
-                span.set_attribute("kv.frames", sender.frames_sent)
+            seq.append((await output).outputs[0].token_ids[0])
+            await self._announce_first(job, seq)
+        except BaseException as exc:
+            error = f"prefill failed: {exc!r}"
+            self.aborted.append(rid)  # vLLM is only touched from the engine thread
+            self.wake.set()
+            raise
         finally:
-            if not feed.output.done():  # the stream failed first: vLLM need not go on
-                self.aborted.append(rid)  # vLLM is only touched from the engine thread
-                self.wake.set()
-                self._settle(rid, RuntimeError("KV stream failed"))
-            await asyncio.gather(first, return_exceptions=True)
-            self.feeds.pop(rid, None)
+            self.outputs.pop(rid, None)
+            # Every rank's stream gets its end: the first token, or the error (when stopping,
+            # the engine thread is gone; the receivers' reservations expire).
+            if not self.stopping.is_set():
+                await self._in_engine_thread(
+                    self.llm.collective_rpc, "hetserve_end_stream",
+                    args=(rid, stream["route"], stream["num_tokens"],
+                          seq.output_ids[-1] if seq.output_ids else None,
+                          {"finished": seq.finished}, error))
 
     async def stop(self) -> None:
-        from services.engine.vllm_connector import set_kv_sink
-
-        set_kv_sink(None)
         self.engine_thread.shutdown(wait=False)
