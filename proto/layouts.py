@@ -380,6 +380,16 @@ def payload_to_bytes(payload: dict[str, torch.Tensor]) -> bytes:
                     for t in payload.values())
 
 
+def payload_buffer(payload: dict[str, torch.Tensor]) -> bytes | memoryview:
+    """A frame's payload without copying it again: for a one-tensor layout, a view of the
+    tensor's memory (a GPU tensor is copied to host once). Only for a payload nothing writes
+    to afterwards, as gather_payload and PagedKVCache.export_blocks return."""
+    if len(payload) != 1:
+        return payload_to_bytes(payload)
+    (tensor,) = payload.values()
+    return tensor.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data
+
+
 def _silence_readonly_warning() -> None:
     """torch warns once per process that a read-only buffer makes a read-only tensor; frames
     are never written through, so spend that one warning here, quietly (once, since

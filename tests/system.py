@@ -14,8 +14,8 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -59,6 +59,23 @@ def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> li
             do_sample=False, pad_token_id=0, eos_token_id=None,
         )
     return out[0, len(prompt_ids):].tolist()
+
+
+@asynccontextmanager
+async def connected_stream(base_url: str, body: dict, events: int = 5) -> AsyncIterator[None]:
+    """POST a streamed completion and read `events` SSE events; the block runs while the
+    stream is open, and leaving it drops the connection mid-stream (a client going away)."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base_url + "/completions", json=body) as reply:
+            assert reply.status == 200, await reply.text()
+            seen = 0
+            async for line in reply.content:
+                seen += line.startswith(b"data:")
+                if seen >= events:
+                    break
+            yield
 
 
 class RunningSystem:

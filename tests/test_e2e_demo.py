@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from services.common.topology import DEMO_TOPOLOGY
-from tests.system import RunningSystem, hf_greedy, run_system
+from tests.system import RunningSystem, connected_stream, hf_greedy, run_system
 
 pytestmark = pytest.mark.slow
 
@@ -146,17 +146,9 @@ async def test_bad_input_gets_openai_error_and_server_stays_healthy(
 async def test_client_disconnect_frees_kv_blocks(demo: RunningSystem) -> None:
     body = {"model": "tiny-llama", "prompt": list(range(5, 205)), "max_tokens": 1500,
             "stream": True, "ignore_eos": True}
-    async with aiohttp.ClientSession() as http:
-        async with http.post(demo.base_url + "/completions", json=body) as reply:
-            assert reply.status == 200
-            seen = 0
-            async for line in reply.content:
-                seen += line.startswith(b"data:")
-                if seen >= 5:
-                    break
-            busy = await demo.stats(DECODE)
-            assert busy.free_blocks < busy.total_blocks  # the request holds blocks now
-        # leaving the response block closes the connection mid-stream
+    async with connected_stream(demo.base_url, body):
+        busy = await demo.stats(DECODE)
+        assert busy.free_blocks < busy.total_blocks  # the request holds blocks now
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         stats = await demo.stats(DECODE)

@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
-import aiohttp
 import nats
 import openai
 import pytest
@@ -40,7 +39,14 @@ from proto.messages import (
     unpack_request_event,
 )
 from services.engine.vllm_engine import vllm_missing_reason
-from tests.system import ROOT, RunningSystem, _hf_model, hf_greedy, run_system
+from tests.system import (
+    ROOT,
+    RunningSystem,
+    _hf_model,
+    connected_stream,
+    hf_greedy,
+    run_system,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -256,20 +262,31 @@ async def test_sixteen_concurrent_streams_through_vllm_decode(vllm_system: Runni
     assert stats.running == 0 and stats.free_blocks == stats.total_blocks
 
 
+async def test_hetserve_stops_the_vllm_decode_at_a_stop_token(vllm_system: RunningSystem) -> None:
+    """Stopping stays hetserve's: vLLM samples, hetserve's stop checker ends the sequence
+    (here at a stop token id) and vLLM lets go of the request."""
+    prompt = prompt_of(50, "stop-token")
+    expected = hf_greedy(vllm_system.model_dir, prompt, MAX_TOKENS)
+    stop_at = next(i for i in range(2, MAX_TOKENS) if expected[i] not in expected[:i])
+    client = openai.AsyncOpenAI(base_url=vllm_system.base_url, api_key="unused", max_retries=0)
+    reply = await client.completions.create(
+        model="tiny-llama", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+        extra_body={"return_token_ids": True, "ignore_eos": True,
+                    "stop_token_ids": [expected[stop_at]],
+                    "hetserve_route": {"prefill_instance": "p-vllm-0",
+                                       "decode_instance": "d-vllm-0"}})
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop"
+    assert choice.model_extra["token_ids"] == expected[: stop_at + 1]
+    assert (await vllm_system.stats("d-vllm-0")).running == 0
+
+
 async def test_client_disconnect_aborts_the_vllm_request(vllm_system: RunningSystem) -> None:
     body = {"model": "tiny-llama", "prompt": prompt_of(100, "disconnect"), "max_tokens": 400,
             "stream": True, "ignore_eos": True,
             "hetserve_route": {"prefill_instance": "p-vllm-0", "decode_instance": "d-vllm-0"}}
-    async with aiohttp.ClientSession() as http:
-        async with http.post(vllm_system.base_url + "/completions", json=body) as reply:
-            assert reply.status == 200
-            seen = 0
-            async for line in reply.content:
-                seen += line.startswith(b"data:")
-                if seen >= 5:
-                    break
-            assert (await vllm_system.stats("d-vllm-0")).running == 1
-        # leaving the response block closes the connection mid-stream
+    async with connected_stream(vllm_system.base_url, body):
+        assert (await vllm_system.stats("d-vllm-0")).running == 1
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         stats = await vllm_system.stats("d-vllm-0")

@@ -26,6 +26,7 @@ from proto.layouts import (
     get_layout,
     kv_views,
     new_payload,
+    payload_buffer,
     payload_from_bytes,
     payload_from_tokens,
     payload_to_bytes,
@@ -331,6 +332,12 @@ def test_payload_matches_published_formula(desc: KVDescriptor, num_tokens: int, 
     assert len(data) == desc.payload_nbytes(num_blocks)
     back = payload_from_bytes(desc, data, num_blocks)
     assert all(same_bits(back[name], written[name]) for name in written)
+    # a frame's payload buffer: the same bytes, and no copy of a one-tensor payload
+    buffer = payload_buffer(written)
+    assert bytes(buffer) == data
+    if len(written) == 1:
+        (tensor,) = written.values()
+        assert torch.frombuffer(buffer, dtype=torch.uint8).data_ptr() == tensor.data_ptr()
 
 
 @pytest.mark.parametrize("layout", sorted(ISSUE_LAYOUTS))

@@ -74,7 +74,8 @@ PREFILL_REQUESTS = Counter("hetserve_prefill_requests_total", "Prompts prefilled
 PREFILL_TOKENS = Counter("hetserve_prefill_tokens_total", "Context tokens prefilled.")
 PREFILL_SECONDS = Histogram(
     "hetserve_prefill_seconds",
-    "Model time of one prefill (all layers, first token).",
+    "Time of one prefill, from the engine taking the prompt to its first token (vLLM: "
+    "including its batching with other prompts).",
     buckets=_LATENCY_BUCKETS,
 )
 RESERVATIONS = Counter(

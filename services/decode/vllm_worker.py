@@ -117,13 +117,14 @@ class VllmDecodeService(DecodeService):
         tokenizer = await asyncio.to_thread(Tokenizer.from_model_dir, self.settings.model)
         self.vllm = await asyncio.to_thread(self._build_engine)
         ranks = await self.vllm.collective_rpc("hetserve_descriptor")
-        kv = vllm_engine.descriptor_from_ranks(ranks, self.settings.kv_layout)
+        descriptors = vllm_engine.rank_descriptors(ranks, self.settings.kv_layout)
+        kv = descriptors[0]
         num_blocks = self.settings.num_blocks
         template = str(staging_path(self.instance_id, "{rank}"))
         files = [staging_path(self.instance_id, r) for r in range(kv.tp_size)]
         staging = [RankStaging(desc, await asyncio.to_thread(
                        open_staging, files[desc.tp_rank], desc, num_blocks, True))
-                   for desc in vllm_engine.rank_descriptors(kv, ranks)]
+                   for desc in descriptors]
         try:
             await self.vllm.collective_rpc("hetserve_attach_staging",
                                            args=(template, num_blocks))
@@ -248,8 +249,6 @@ class VllmDecodeService(DecodeService):
                     break
             if not seq.finished:
                 raise RuntimeError(f"vLLM ended {rid} after {len(seq.output_ids)} tokens")
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
             log.exception("%s: vLLM decode of %s failed", self.instance_id, rid)
             await self.bus.publish(self.bus.subjects.request_events(rid), ErrorEvent(

@@ -46,6 +46,14 @@ def _split_symbols(dims: tuple[str, ...]) -> list[str]:
 TensorFactory = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 
 
+def storage_plan(desc: KVDescriptor, num_blocks: int) -> list[dict[str, tuple[int, ...]]]:
+    """The storage tensors a PagedKVCache of `desc` holds, in the order it creates them: one
+    set for all layers (a multi-layer layout), else one set per layer."""
+    if desc.spec.multi_layer:
+        return [desc.storage_shapes(num_blocks, len(desc.layers))]
+    return [desc.storage_shapes(num_blocks, 1) for _ in desc.layers]
+
+
 class PagedKVCache:
     def __init__(self, desc: KVDescriptor, num_blocks: int, device: torch.device | str = "cpu",
                  tensor_factory: TensorFactory | None = None):
@@ -59,11 +67,9 @@ class PagedKVCache:
         layers = list(desc.layers)
         self.layer_ids = layers
         self._slot = {layer: i for i, layer in enumerate(layers)}
-        if spec.multi_layer:
-            shared = self._allocate(num_blocks, len(layers))
-            self.storage = [shared] * len(layers)
-        else:
-            self.storage = [self._allocate(num_blocks, 1) for _ in layers]
+        made = [{name: self._new_tensor(shape, desc.torch_dtype) for name, shape in plan.items()}
+                for plan in storage_plan(desc, num_blocks)]
+        self.storage = made * len(layers) if spec.multi_layer else made
         self.views = [
             kv_views(desc, store, num_blocks, layer_index=i if spec.multi_layer else 0)
             for i, store in enumerate(self.storage)
@@ -79,10 +85,6 @@ class PagedKVCache:
             for store in self.storage
         ]
         self._symbols = {name: _split_symbols(dims) for name, dims in spec.storage.items()}
-
-    def _allocate(self, num_blocks: int, layers: int) -> dict[str, torch.Tensor]:
-        shapes = self.desc.storage_shapes(num_blocks, layers)
-        return {name: self._new_tensor(shape, self.desc.torch_dtype) for name, shape in shapes.items()}
 
     @property
     def device(self) -> torch.device:

@@ -11,7 +11,7 @@ producer (prefill): {"rid": id, "produce": True, "route": KVRoute}
     which send them to the route's receiver. Token ranges are contiguous and block aligned:
     a chunk that ends inside a block sends its complete blocks only; the last chunk sends up
     to the end of the prompt. The service ends every rank's stream with
-    collective_rpc("hetserve_end_stream", ...) once vLLM returned the first token.
+    collective_rpc("hetserve_end_streams", ...) once vLLM returned the first token.
 
 consumer (decode): {"rid": id, "staged_blocks": [...], "num_tokens": P}
     The decode service received the KV of the first P prompt tokens into a shared-memory
@@ -40,7 +40,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from proto.layouts import KVDescriptor, gather_payload, payload_to_bytes, scatter_payload
+from proto.layouts import KVDescriptor, gather_payload, payload_buffer, scatter_payload
 from proto.messages import KVRoute
 from services.common.settings import WorkerSettings
 from services.engine.vllm_kv_streams import KVStreams
@@ -209,8 +209,8 @@ class HetserveConnector(KVConnectorBase_V1):
                 ids = torch.tensor(chunk, dtype=torch.long, device=cache["kv"].device)
                 start = spec.token_start + i * block
                 stop = min(spec.token_stop, start + len(chunk) * block)
-                # a copy now: vLLM may reuse the blocks once the request is done
-                payload = payload_to_bytes(gather_payload(self.desc, cache, ids))
+                # a copy now (the only one): vLLM may reuse the blocks once the request is done
+                payload = payload_buffer(gather_payload(self.desc, cache, ids))
                 streams.put(spec.rid, layer, start, stop, payload)
             if spec.token_stop == spec.num_tokens and layer == last_layer:
                 streams.layers_done(spec.rid)
@@ -314,8 +314,9 @@ class HetserveWorkerExtension:
     def hetserve_attach_staging(self, path_template: str, num_blocks: int) -> None:
         _connector().attach_staging(path_template, num_blocks)
 
-    def hetserve_end_stream(self, request_id: str, route: dict, num_tokens: int,
-                            first_token: int | None, extra: dict, error: str = "") -> None:
-        """The prefill service ends this rank's stream of a request (see KVStreams.end)."""
-        _connector().streams().end(request_id, KVRoute.model_validate(route), num_tokens,
-                                   first_token, extra, error)
+    def hetserve_end_streams(self, ends: list[tuple]) -> None:
+        """The prefill service ends this rank's streams: (request id, route, prompt tokens,
+        first token, extra, error) each (see KVStreams.end)."""
+        streams = _connector().streams()
+        for rid, route, num_tokens, first_token, extra, error in ends:
+            streams.end(rid, KVRoute.model_validate(route), num_tokens, first_token, extra, error)

@@ -122,24 +122,19 @@ def sampling_params(params: SamplingParams, max_tokens: int, kv: dict[str, Any])
     )
 
 
-def rank_descriptors(kv: KVDescriptor, ranks: list[dict]) -> list[KVDescriptor]:
-    """Every rank's descriptor, in rank order, checked against what hetserve derives from rank
-    0's (the converter and direct routes address rank r with tp_rank=r: same heads, same id)."""
+def rank_descriptors(ranks: list[dict], expected_layout: str) -> list[KVDescriptor]:
+    """Every rank's descriptor as its worker read it (collective_rpc results), in rank order;
+    rank 0's is the instance's. Checked against what hetserve derives for rank r (the converter
+    and direct routes address rank r with tp_rank=r: same heads, same id)."""
     read = sorted((KVDescriptor.model_validate(d) for d in ranks), key=lambda d: d.tp_rank)
+    kv = read[0]
+    if expected_layout and kv.layout != expected_layout:
+        raise ValueError(f"the topology says kv_layout {expected_layout}, vLLM's cache is "
+                         f"{kv.layout}; leave kv_layout empty to accept what vLLM allocates")
     derived = [kv.model_copy(update={"tp_rank": r}) for r in range(kv.tp_size)]
     if read != derived:
         raise ValueError(f"vLLM's ranks hold {read}, hetserve expects {derived}")
     return derived
-
-
-def descriptor_from_ranks(ranks: list[dict], expected_layout: str) -> KVDescriptor:
-    """The instance's descriptor from what its workers read (collective_rpc results)."""
-    descs = [KVDescriptor.model_validate(d) for d in ranks]
-    desc = next(d for d in descs if d.tp_rank == 0)
-    if expected_layout and desc.layout != expected_layout:
-        raise ValueError(f"the topology says kv_layout {expected_layout}, vLLM's cache is "
-                         f"{desc.layout}; leave kv_layout empty to accept what vLLM allocates")
-    return desc
 
 
 def new_sequence(request: GenerateRequest, cfg: ModelConfig, tokenizer: Tokenizer) -> Sequence:

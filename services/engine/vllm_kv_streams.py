@@ -52,7 +52,8 @@ class KVStreams:
         stream = self.streams[request_id] = _Stream(num_tokens)
         asyncio.run_coroutine_threadsafe(self._send(request_id, route, stream), self.loop)
 
-    def put(self, request_id: str, layer: int, start: int, stop: int, payload: bytes) -> None:
+    def put(self, request_id: str, layer: int, start: int, stop: int,
+            payload: bytes | memoryview) -> None:
         stream = self.streams.get(request_id)
         if stream is None or stream.closed:  # the service gave up on it: vLLM may still save
             return

@@ -17,17 +17,9 @@ from pathlib import Path
 import torch
 
 from proto.layouts import KVDescriptor
-from services.engine.kv_cache import PagedKVCache
+from services.engine.kv_cache import PagedKVCache, storage_plan
 
 ALIGN = 64
-
-
-def _tensor_shapes(desc: KVDescriptor, num_blocks: int) -> list[tuple[int, ...]]:
-    """Every storage tensor PagedKVCache asks for, in its order."""
-    layers = len(desc.layers)
-    if desc.spec.multi_layer:
-        return list(desc.storage_shapes(num_blocks, layers).values())
-    return [shape for _ in range(layers) for shape in desc.storage_shapes(num_blocks, 1).values()]
 
 
 def _aligned(nbytes: int) -> int:
@@ -36,7 +28,8 @@ def _aligned(nbytes: int) -> int:
 
 def staging_nbytes(desc: KVDescriptor, num_blocks: int) -> int:
     item = desc.torch_dtype.itemsize
-    return sum(_aligned(math.prod(shape) * item) for shape in _tensor_shapes(desc, num_blocks))
+    return sum(_aligned(math.prod(shape) * item)
+               for plan in storage_plan(desc, num_blocks) for shape in plan.values())
 
 
 def open_staging(path: str | Path, desc: KVDescriptor, num_blocks: int,

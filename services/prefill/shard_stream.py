@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from proto.frames import Frame
-from proto.layouts import KVDescriptor, payload_to_bytes
+from proto.layouts import KVDescriptor, payload_buffer
 from proto.messages import KVRoute
 from services.common.bus import Bus
 from services.common.kv_stream import FrameSender
@@ -16,7 +16,7 @@ from services.common.settings import WorkerSettings
 from services.engine.engine import NativeEngine
 
 LAYERS_DONE = object()
-Piece = tuple[int, int, bytes]
+Piece = tuple[int, int, bytes | memoryview]
 
 
 class LayerFeed:
@@ -37,7 +37,7 @@ class LayerFeed:
         pieces: list[Piece] = []
         for first in range(0, len(table), self.blocks_per_frame):
             chunk = table[first : first + self.blocks_per_frame]
-            payload = payload_to_bytes(self.engine.cache.export_blocks(layer, chunk))
+            payload = payload_buffer(self.engine.cache.export_blocks(layer, chunk))
             stop = min(self.num_tokens, (first + len(chunk)) * kv.block_size)
             pieces.append((first * kv.block_size, stop, payload))
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (layer, pieces))

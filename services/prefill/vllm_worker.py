@@ -39,12 +39,12 @@ class VllmPrefillService(PrefillService):
         self.tokenizer = await asyncio.to_thread(Tokenizer.from_model_dir, self.settings.model)
         self.llm = await self._in_engine_thread(self._build_engine)
         ranks = await self._in_engine_thread(self.llm.collective_rpc, "hetserve_descriptor")
-        self.kv: KVDescriptor = vllm_engine.descriptor_from_ranks(ranks, self.settings.kv_layout)
-        vllm_engine.rank_descriptors(self.kv, ranks)
+        self.kv: KVDescriptor = vllm_engine.rank_descriptors(ranks, self.settings.kv_layout)[0]
         self.num_blocks = self.llm.vllm_config.cache_config.num_gpu_blocks or 0
         self.outputs: dict[str, asyncio.Future] = {}
         self.new: list[tuple[str, list[int], object]] = []
         self.aborted: list[str] = []
+        self.ends: list[tuple] = []  # for hetserve_end_streams, delivered before the next step
         self.wake = asyncio.Event()
         log.info("%s: vLLM prefill, KV %s block %d tp %d (%s)", self.instance_id, self.kv.layout,
                  self.kv.block_size, self.kv.tp_size, self.kv.id)
@@ -83,10 +83,12 @@ class VllmPrefillService(PrefillService):
 
     # -- the engine thread ------------------------------------------------------------
 
-    def _step(self, new: list[tuple[str, list[int], object]],
-              aborted: list[str]) -> tuple[list, dict[str, Exception]]:
+    def _step(self, new: list[tuple[str, list[int], object]], aborted: list[str],
+              ends: list[tuple]) -> tuple[list, dict[str, Exception]]:
         if aborted:
             self.llm.abort_request(aborted)
+        if ends:  # every worker ends its rank's streams (rank 0's end has the first token)
+            self.llm.collective_rpc("hetserve_end_streams", args=(ends,))
         refused: dict[str, Exception] = {}
         for rid, prompt, params in new:
             try:
@@ -98,15 +100,15 @@ class VllmPrefillService(PrefillService):
 
     async def _engine_loop(self) -> None:
         while True:
-            if not self.new and not self.aborted and not self.llm.has_unfinished_requests():
+            if not (self.new or self.aborted or self.ends or self.llm.has_unfinished_requests()):
                 self.wake.clear()
                 await self.wake.wait()
                 continue
             new, self.new = self.new, []
             aborted, self.aborted = self.aborted, []
+            ends, self.ends = self.ends, []
             try:
-                with metrics.PREFILL_SECONDS.time():
-                    outputs, refused = await self._in_engine_thread(self._step, new, aborted)
+                outputs, refused = await self._in_engine_thread(self._step, new, aborted, ends)
             except Exception as exc:  # noqa: BLE001 - fail what is in flight, keep serving
                 log.exception("%s: vLLM step failed", self.instance_id)
                 for rid in list(self.outputs):
@@ -143,23 +145,21 @@ class VllmPrefillService(PrefillService):
         self.wake.set()
         error = ""
         try:
-            seq.append((await output).outputs[0].token_ids[0])
+            with metrics.PREFILL_SECONDS.time():  # vLLM may batch it with others
+                first = (await output).outputs[0].token_ids[0]
+            seq.append(first)
             await self._announce_first(job, seq)
         except BaseException as exc:
             error = f"prefill failed: {exc!r}"
             self.aborted.append(rid)  # vLLM is only touched from the engine thread
-            self.wake.set()
             raise
         finally:
             self.outputs.pop(rid, None)
-            # Every rank's stream gets its end: the first token, or the error (when stopping,
-            # the engine thread is gone; the receivers' reservations expire).
-            if not self.stopping.is_set():
-                await self._in_engine_thread(
-                    self.llm.collective_rpc, "hetserve_end_stream",
-                    args=(rid, stream["route"], stream["num_tokens"],
-                          seq.output_ids[-1] if seq.output_ids else None,
-                          {"finished": seq.finished}, error))
+            # Every rank's stream gets its end: the first token, or the error.
+            self.ends.append((rid, stream["route"], stream["num_tokens"],
+                              seq.output_ids[-1] if seq.output_ids else None,
+                              {"finished": seq.finished}, error))
+            self.wake.set()
 
     async def stop(self) -> None:
         self.engine_thread.shutdown(wait=False)
