@@ -39,6 +39,7 @@ run: $(VENV)/.installed $(MODEL)/config.json
 
 test: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # docker compose for real: engine, images, the stack scaled to 2+2, checks, teardown.

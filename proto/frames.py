@@ -105,8 +105,13 @@ def decode_frame(data: bytes, max_bytes: int) -> Frame:
         raise FrameError(f"frame of {len(data)} bytes exceeds the limit of {max_bytes}")
     try:
         outer = msgpack.unpackb(
-            data, raw=False, use_list=True, max_bin_len=max_bytes, max_str_len=1 << 16,
-            max_array_len=1 << 16, max_map_len=256,
+            data,
+            raw=False,
+            use_list=True,
+            max_bin_len=max_bytes,
+            max_str_len=1 << 16,
+            max_array_len=1 << 16,
+            max_map_len=256,
         )
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise FrameError(f"not a msgpack frame: {type(exc).__name__}: {exc}") from exc
@@ -126,7 +131,9 @@ def decode_frame(data: bytes, max_bytes: int) -> Frame:
 def _decode_checked(header: dict, payload: bytes) -> Frame:
     version = header.get("v")
     if version != FRAME_VERSION:
-        raise FrameError(f"unsupported frame version {version!r} (this build speaks {FRAME_VERSION})")
+        raise FrameError(
+            f"unsupported frame version {version!r} (this build speaks {FRAME_VERSION})"
+        )
     kind = _field(header, "kind", str, "frame")
     if kind not in _KINDS:
         raise FrameError(f"unknown frame kind {kind!r}")
@@ -155,8 +162,11 @@ def _decode_checked(header: dict, payload: bytes) -> Frame:
             raise FrameError(f"data: negative layer {frame.layer}")
         scale = header.get("scale")
         if scale is not None:
-            if (not isinstance(scale, list) or len(scale) != 2
-                    or not all(isinstance(x, float) and x > 0 for x in scale)):
+            if (
+                not isinstance(scale, list)
+                or len(scale) != 2
+                or not all(isinstance(x, float) and x > 0 for x in scale)
+            ):
                 raise FrameError(f"data: bad fp8 scales {scale!r}")
             frame.scales = (scale[0], scale[1])
         frame.payload = payload

@@ -132,8 +132,10 @@ register(
 # vLLM >= 0.32 on CUDA: FLASH_ATTN and TRITON_ATTN read one standardized per-layer tensor of
 # shape [N, H, B, 2*D] (K then V in each token-head row); its strides follow the resolved
 # KVCacheLayout, so memory is [N, B, H, 2*D] (LBNHC, the default) or [N, H, B, 2*D] (LBHNC).
-for _name, _order, _layout in (("vllm-lbnhc", ("N", "B", "H"), "LBNHC (NHD, the default)"),
-                               ("vllm-lbhnc", ("N", "H", "B"), "LBHNC (HND)")):
+for _name, _order, _layout in (
+    ("vllm-lbnhc", ("N", "B", "H"), "LBNHC (NHD, the default)"),
+    ("vllm-lbhnc", ("N", "H", "B"), "LBHNC (HND)"),
+):
     register(
         LayoutSpec(
             name=_name,

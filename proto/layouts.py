@@ -376,8 +376,9 @@ def payload_to_tokens(
 
 def payload_to_bytes(payload: dict[str, torch.Tensor]) -> bytes:
     """Storage tensors in the spec's order, contiguous, concatenated (copied off a GPU)."""
-    return b"".join(t.contiguous().cpu().view(torch.uint8).numpy().tobytes()
-                    for t in payload.values())
+    return b"".join(
+        t.contiguous().cpu().view(torch.uint8).numpy().tobytes() for t in payload.values()
+    )
 
 
 def payload_buffer(payload: dict[str, torch.Tensor]) -> bytes | memoryview:

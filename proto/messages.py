@@ -30,7 +30,9 @@ class Message(BaseModel):
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            raise MessageError(f"{cls.__name__}: {exc.errors()[0]['loc']} {exc.errors()[0]['msg']}") from exc
+            raise MessageError(
+                f"{cls.__name__}: {exc.errors()[0]['loc']} {exc.errors()[0]['msg']}"
+            ) from exc
 
 
 M = TypeVar("M", bound=Message)

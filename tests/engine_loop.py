@@ -7,8 +7,9 @@ from proto.messages import GenerateRequest
 from services.engine.engine import NativeEngine
 
 
-def generate_batched(engine: NativeEngine, requests: list[GenerateRequest],
-                     join_every: int = 0) -> list[list[int]]:
+def generate_batched(
+    engine: NativeEngine, requests: list[GenerateRequest], join_every: int = 0
+) -> list[list[int]]:
     """Prefill each request (staggered by `join_every` decode steps), decode as one batch."""
     waiting = list(requests)
     running, done = [], {}
@@ -18,7 +19,8 @@ def generate_batched(engine: NativeEngine, requests: list[GenerateRequest],
             req = waiting.pop(0)
             seq = engine.new_sequence(req)
             seq.block_table = engine.allocator.allocate(
-                engine.blocks_for(len(req.prompt_token_ids) + req.sampling.max_tokens))
+                engine.blocks_for(len(req.prompt_token_ids) + req.sampling.max_tokens)
+            )
             engine.prefill(seq)
             running.append(seq)
         live = [s for s in running if not s.finished]

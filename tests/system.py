@@ -32,7 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_model(out_dir: Path, arch: str = "llama", **kwargs: object) -> Path:
-    spec = importlib.util.spec_from_file_location("make_tiny_model", ROOT / "scripts/make_tiny_model.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_tiny_model", ROOT / "scripts/make_tiny_model.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("make_tiny_model", module)  # dataclasses look their module up
     spec.loader.exec_module(module)
@@ -55,10 +57,14 @@ def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> li
     model = _hf_model(str(model_dir))
     with torch.inference_mode():
         out = model.generate(
-            torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=0, eos_token_id=None,
+            torch.tensor([prompt_ids]),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
         )
-    return out[0, len(prompt_ids):].tolist()
+    return out[0, len(prompt_ids) :].tolist()
 
 
 @asynccontextmanager
@@ -79,8 +85,15 @@ async def connected_stream(base_url: str, body: dict, events: int = 5) -> AsyncI
 
 
 class RunningSystem:
-    def __init__(self, process: subprocess.Popen, port: int, prefix: str, nats_url: str,
-                 model_dir: Path, log_path: Path):
+    def __init__(
+        self,
+        process: subprocess.Popen,
+        port: int,
+        prefix: str,
+        nats_url: str,
+        model_dir: Path,
+        log_path: Path,
+    ):
         self.process = process
         self.port = port
         self.prefix = prefix
@@ -125,7 +138,10 @@ def wait_healthy(port: int, process: subprocess.Popen, timeout_s: float, log_pat
 
 @contextmanager
 def run_system(
-    topology: dict, nats_url: str, workdir: Path, env: dict[str, str] | None = None,
+    topology: dict,
+    nats_url: str,
+    workdir: Path,
+    env: dict[str, str] | None = None,
     timeout_s: float = 180.0,
 ) -> Iterator[RunningSystem]:
     """`hetserve up` on a topology, against the test's NATS server, until the block ends."""
@@ -137,10 +153,22 @@ def run_system(
     log_path = workdir / f"system-{prefix}.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "services.common.cli", "up", "--topology", str(path),
-             "--nats-url", nats_url, "--prefix", prefix],
-            cwd=ROOT, env={**os.environ, "HETSERVE_LOG_LEVEL": "INFO", **(env or {})},
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "services.common.cli",
+                "up",
+                "--topology",
+                str(path),
+                "--nats-url",
+                nats_url,
+                "--prefix",
+                prefix,
+            ],
+            cwd=ROOT,
+            env={**os.environ, "HETSERVE_LOG_LEVEL": "INFO", **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     try:
         wait_healthy(port, process, timeout_s, log_path)
@@ -158,8 +186,12 @@ def run_system(
 
 def instance_ids(topology: dict) -> list[str]:
     """The ids `hetserve up` gives a topology's workers (name-index)."""
-    return [f"{spec['name']}-{i}" for role in ("prefill", "decode")
-            for spec in topology[role] for i in range(spec.get("replicas", 1))]
+    return [
+        f"{spec['name']}-{i}"
+        for role in ("prefill", "decode")
+        for spec in topology[role]
+        for i in range(spec.get("replicas", 1))
+    ]
 
 
 async def wait_all_instances(system: RunningSystem, topology: dict, timeout_s: float) -> None:
@@ -208,18 +240,29 @@ class OtlpReceiver:
         with self._lock:
             for resource_spans in request.resource_spans:
                 service = next(
-                    (a.value.string_value for a in resource_spans.resource.attributes
-                     if a.key == "service.name"), "",
+                    (
+                        a.value.string_value
+                        for a in resource_spans.resource.attributes
+                        if a.key == "service.name"
+                    ),
+                    "",
                 )
                 for scope in resource_spans.scope_spans:
                     for span in scope.spans:
-                        attrs = {a.key: a.value.string_value or a.value.int_value
-                                 for a in span.attributes}
-                        self.spans.append({"service": service, "name": span.name,
-                                           "trace_id": span.trace_id.hex(),
-                                           "span_id": span.span_id.hex(),
-                                           "parent_id": span.parent_span_id.hex(),
-                                           "attributes": attrs})
+                        attrs = {
+                            a.key: a.value.string_value or a.value.int_value
+                            for a in span.attributes
+                        }
+                        self.spans.append(
+                            {
+                                "service": service,
+                                "name": span.name,
+                                "trace_id": span.trace_id.hex(),
+                                "span_id": span.span_id.hex(),
+                                "parent_id": span.parent_span_id.hex(),
+                                "attributes": attrs,
+                            }
+                        )
 
     @property
     def endpoint(self) -> str:

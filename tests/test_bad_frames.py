@@ -50,9 +50,17 @@ async def _serve(service) -> asyncio.Task:  # noqa: ANN001
 @pytest.fixture(scope="module")
 async def services(nats_server, tiny_llama: Path) -> AsyncIterator[DecodeService]:  # noqa: ANN001
     common = {"nats_url": nats_server.url, "prefix": PREFIX}
-    decode = DecodeService(WorkerSettings(
-        **common, instance_id=DECODE, model=str(tiny_llama), kv_layout="vllm-flash",
-        block_size=16, num_blocks=64, torch_threads=1))
+    decode = DecodeService(
+        WorkerSettings(
+            **common,
+            instance_id=DECODE,
+            model=str(tiny_llama),
+            kv_layout="vllm-flash",
+            block_size=16,
+            num_blocks=64,
+            torch_threads=1,
+        )
+    )
     converter = ConverterService(ConverterSettings(**common, instance_id=CONVERTER))
     tasks = [await _serve(decode), await _serve(converter)]
     yield decode
@@ -80,10 +88,14 @@ async def reserve(nc: nats.NATS, rid: str, hold_s: float = 30.0) -> asyncio.Queu
         events.put_nowait(unpack_request_event(msg.data))
 
     await nc.subscribe(SUBJECTS.request_events(rid), cb=on_event)
-    request = GenerateRequest(request_id=rid, prompt_token_ids=list(range(5, 45)),
-                              sampling=SamplingParams(max_tokens=8))
-    reply = await nc.request(SUBJECTS.reserve(DECODE), ReserveRequest(
-        request=request, num_tokens=48, hold_seconds=hold_s).pack(), timeout=5)
+    request = GenerateRequest(
+        request_id=rid, prompt_token_ids=list(range(5, 45)), sampling=SamplingParams(max_tokens=8)
+    )
+    reply = await nc.request(
+        SUBJECTS.reserve(DECODE),
+        ReserveRequest(request=request, num_tokens=48, hold_seconds=hold_s).pack(),
+        timeout=5,
+    )
     assert ReserveReply.unpack(reply.data).ok
     return events
 
@@ -94,13 +106,32 @@ async def send(nc: nats.NATS, receiver: str, data: bytes) -> dict:
 
 
 def begin(desc: KVDescriptor, rid: str, **extra: object) -> bytes:
-    return encode_frame(Frame(kind="begin", request_id=rid, seq=0, shard=0, layout_id=desc.id,
-                              descriptor=desc, num_tokens=40, **extra))
+    return encode_frame(
+        Frame(
+            kind="begin",
+            request_id=rid,
+            seq=0,
+            shard=0,
+            layout_id=desc.id,
+            descriptor=desc,
+            num_tokens=40,
+            **extra,
+        )
+    )
 
 
 def data(desc: KVDescriptor, rid: str, seq: int = 1, **overrides: object) -> Frame:
-    fields = dict(kind="data", request_id=rid, seq=seq, shard=0, layout_id=desc.id, layer=0,
-                  token_start=0, token_stop=16, payload=bytes(desc.payload_nbytes(1)))
+    fields = dict(
+        kind="data",
+        request_id=rid,
+        seq=seq,
+        shard=0,
+        layout_id=desc.id,
+        layer=0,
+        token_start=0,
+        token_stop=16,
+        payload=bytes(desc.payload_nbytes(1)),
+    )
     fields.update(overrides)
     return Frame(**fields)
 
@@ -114,17 +145,34 @@ def tampered(frame: Frame, **header: object) -> bytes:
 CASES: list[tuple[str, Callable[[KVDescriptor, str], list[bytes]], str]] = [
     ("truncated payload", lambda d, r: [tampered(data(d, r), n=99999)], "truncated payload"),
     ("wrong checksum", lambda d, r: [tampered(data(d, r), xxh=12345)], "checksum mismatch"),
-    ("unknown layout", lambda d, r: [encode_frame(data(d, r, layout_id="0" * 12))],
-     "is not this instance's"),
-    ("shape not matching the descriptor", lambda d, r: [encode_frame(data(d, r, payload=b"x" * 100))],
-     "payload is 100 bytes"),
-    ("out-of-order sequence number", lambda d, r: [encode_frame(data(d, r, seq=5))],
-     "sequence number 5, expected 1"),
-    ("duplicate sequence number",
-     lambda d, r: [encode_frame(data(d, r)), encode_frame(data(d, r, token_start=16, token_stop=32))],
-     "sequence number 1, expected 2"),
-    ("tokens that skip a block", lambda d, r: [encode_frame(data(d, r, token_start=16, token_stop=32))],
-     "do not continue"),
+    (
+        "unknown layout",
+        lambda d, r: [encode_frame(data(d, r, layout_id="0" * 12))],
+        "is not this instance's",
+    ),
+    (
+        "shape not matching the descriptor",
+        lambda d, r: [encode_frame(data(d, r, payload=b"x" * 100))],
+        "payload is 100 bytes",
+    ),
+    (
+        "out-of-order sequence number",
+        lambda d, r: [encode_frame(data(d, r, seq=5))],
+        "sequence number 5, expected 1",
+    ),
+    (
+        "duplicate sequence number",
+        lambda d, r: [
+            encode_frame(data(d, r)),
+            encode_frame(data(d, r, token_start=16, token_stop=32)),
+        ],
+        "sequence number 1, expected 2",
+    ),
+    (
+        "tokens that skip a block",
+        lambda d, r: [encode_frame(data(d, r, token_start=16, token_stop=32))],
+        "do not continue",
+    ),
 ]
 
 
@@ -167,16 +215,26 @@ async def test_unreadable_frame_fails_the_request_when_its_kv_never_completes(
 async def test_bad_frame_at_the_converter_frees_the_decode_side(
     services: DecodeService, nc: nats.NATS
 ) -> None:
-    source = KVDescriptor(layout="ascend", block_size=128, dtype="float32",
-                          num_layers=desc_layers(services), num_kv_heads=2, head_dim=32)
+    source = KVDescriptor(
+        layout="ascend",
+        block_size=128,
+        dtype="float32",
+        num_layers=desc_layers(services),
+        num_kv_heads=2,
+        head_dim=32,
+    )
     await reserve(nc, "via-converter")
-    ack = await send(nc, CONVERTER, begin(source, "via-converter", dest_instance=DECODE,
-                                          dest_descriptor=descriptor(services)))
+    ack = await send(
+        nc,
+        CONVERTER,
+        begin(source, "via-converter", dest_instance=DECODE, dest_descriptor=descriptor(services)),
+    )
     assert ack["ok"]
     await asyncio.sleep(0.2)
     assert services.status().free_blocks < services.status().total_blocks
-    bad = tampered(data(source, "via-converter", token_stop=40,
-                        payload=bytes(source.payload_nbytes(1))), xxh=1)
+    bad = tampered(
+        data(source, "via-converter", token_stop=40, payload=bytes(source.payload_nbytes(1))), xxh=1
+    )
     ack = await send(nc, CONVERTER, bad)
     assert ack["ok"] is False and "checksum mismatch" in ack["reason"]
     for _ in range(50):  # the converter ends the decode stream with the error

@@ -16,8 +16,20 @@ from services.bench.kv_convert import ConvertCase, pair_blocks, plan_cases
 from services.common.cli import main
 from services.common.nats_server import NatsServer
 
-TINY_CONVERT = ["--layouts", "vllm-flash,ascend", "--dtypes", "float32,bfloat16:float32",
-                "--tokens", "256", "--kv-heads", "2", "--head-dim", "32", "--repeats", "1"]
+TINY_CONVERT = [
+    "--layouts",
+    "vllm-flash,ascend",
+    "--dtypes",
+    "float32,bfloat16:float32",
+    "--tokens",
+    "256",
+    "--kv-heads",
+    "2",
+    "--head-dim",
+    "32",
+    "--repeats",
+    "1",
+]
 
 
 def test_pairs_share_a_block_size_where_they_can() -> None:
@@ -44,15 +56,32 @@ def test_convert_table(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_every_section_reported(
-    nats_server: NatsServer, tiny_llama: Path, tmp_path: Path,
+    nats_server: NatsServer,
+    tiny_llama: Path,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "kv.json"
-    code = main([
-        "bench", "kv", *TINY_CONVERT, "--nats-url", nats_server.url, "--model", str(tiny_llama),
-        "--transfer-requests", "2", "--prompt-tokens", "64",
-        "--exposed-repeats", "1", "--json", "--output", str(out),
-    ])
+    code = main(
+        [
+            "bench",
+            "kv",
+            *TINY_CONVERT,
+            "--nats-url",
+            nats_server.url,
+            "--model",
+            str(tiny_llama),
+            "--transfer-requests",
+            "2",
+            "--prompt-tokens",
+            "64",
+            "--exposed-repeats",
+            "1",
+            "--json",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     report = json.loads(capsys.readouterr().out)
     assert report == json.loads(out.read_text())

@@ -54,31 +54,45 @@ async def test_chat_completion_streamed_and_not(client: openai.AsyncOpenAI) -> N
     prompt_ids = whole.model_extra["prompt_token_ids"]
     assert whole.usage.prompt_tokens == len(prompt_ids)
     stream = await client.chat.completions.create(
-        model="tiny-llama", messages=messages, max_tokens=16, stream=True,
-        stream_options={"include_usage": True}, **GREEDY,
+        model="tiny-llama",
+        messages=messages,
+        max_tokens=16,
+        stream=True,
+        stream_options={"include_usage": True},
+        **GREEDY,
     )
     chunks = [chunk async for chunk in stream]
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == choice.message.content
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
-    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finish == ["length"]
 
 
-async def test_greedy_tokens_equal_transformers(client: openai.AsyncOpenAI, demo: RunningSystem) -> None:
+async def test_greedy_tokens_equal_transformers(
+    client: openai.AsyncOpenAI, demo: RunningSystem
+) -> None:
     rng = random.Random(7)
     for length in (1, 17, 130, 300):  # inside one block, across 16- and 128-token blocks
         prompt = [rng.randrange(5, 1000) for _ in range(length)]
-        reply = await client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=32, **GREEDY)
+        reply = await client.completions.create(
+            model="tiny-llama", prompt=prompt, max_tokens=32, **GREEDY
+        )
         got = reply.choices[0].model_extra["token_ids"]
         assert got == hf_greedy(demo.model_dir, prompt, 32), f"prompt of {length} tokens"
         assert reply.usage.prompt_tokens == length
 
 
-async def test_chat_tokens_equal_transformers(client: openai.AsyncOpenAI, demo: RunningSystem) -> None:
+async def test_chat_tokens_equal_transformers(
+    client: openai.AsyncOpenAI, demo: RunningSystem
+) -> None:
     reply = await client.chat.completions.create(
-        model="tiny-llama", messages=[{"role": "user", "content": "What is a small model?"}],
-        max_tokens=32, **GREEDY,
+        model="tiny-llama",
+        messages=[{"role": "user", "content": "What is a small model?"}],
+        max_tokens=32,
+        **GREEDY,
     )
     prompt_ids = reply.model_extra["prompt_token_ids"]
     assert reply.choices[0].model_extra["token_ids"] == hf_greedy(demo.model_dir, prompt_ids, 32)
@@ -88,16 +102,22 @@ async def test_32_concurrent_streams_batch_and_match(
     client: openai.AsyncOpenAI, demo: RunningSystem
 ) -> None:
     rng = random.Random(11)
-    jobs = [([rng.randrange(5, 1000) for _ in range(rng.randrange(3, 200))], rng.randrange(8, 40))
-            for _ in range(32)]
+    jobs = [
+        ([rng.randrange(5, 1000) for _ in range(rng.randrange(3, 200))], rng.randrange(8, 40))
+        for _ in range(32)
+    ]
 
     async def one(prompt: list[int], max_tokens: int) -> list[int]:
         stream = await client.completions.create(
             model="tiny-llama", prompt=prompt, max_tokens=max_tokens, stream=True, **GREEDY
         )
         # vLLM's streamed chunks carry token_ids; a chunk that only closes the stream may not
-        return [t async for chunk in stream for choice in chunk.choices
-                for t in (choice.model_extra.get("token_ids") or [])]
+        return [
+            t
+            async for chunk in stream
+            for choice in chunk.choices
+            for t in (choice.model_extra.get("token_ids") or [])
+        ]
 
     results = await asyncio.gather(*(one(p, n) for p, n in jobs))
     for (prompt, max_tokens), got in zip(jobs, results, strict=True):
@@ -113,9 +133,19 @@ BAD_REQUESTS = [
     ("/completions", {"model": "tiny-llama"}, 400, "prompt"),
     ("/chat/completions", {"model": "tiny-llama"}, 400, "messages"),
     ("/completions", {"model": "tiny-llama", "prompt": 5}, 400, "prompt"),
-    ("/completions", {"model": "tiny-llama", "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
+    (
+        "/completions",
+        {"model": "tiny-llama", "prompt": "hi", "max_tokens": "many"},
+        400,
+        "max_tokens",
+    ),
     ("/completions", {"model": "tiny-llama", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
-    ("/completions", {"model": "tiny-llama", "prompt": "hi", "temperature": -1}, 400, "temperature"),
+    (
+        "/completions",
+        {"model": "tiny-llama", "prompt": "hi", "temperature": -1},
+        400,
+        "temperature",
+    ),
     ("/completions", {"model": "tiny-llama", "prompt": [1] * 3000}, 400, "prompt"),
     ("/completions", {"model": "tiny-llama", "prompt": "hi", "max_tokens": 5000}, 400, None),
     ("/completions", {"model": "no-such-model", "prompt": "hi"}, 404, "model"),
@@ -131,8 +161,9 @@ async def test_bad_input_gets_openai_error_and_server_stays_healthy(
 ) -> None:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     async with aiohttp.ClientSession() as http:
-        async with http.post(demo.base_url + path, data=data,
-                             headers={"Content-Type": "application/json"}) as reply:
+        async with http.post(
+            demo.base_url + path, data=data, headers={"Content-Type": "application/json"}
+        ) as reply:
             assert reply.status == status
             error = (await reply.json())["error"]
             assert error["message"] and error["type"]
@@ -144,8 +175,13 @@ async def test_bad_input_gets_openai_error_and_server_stays_healthy(
 
 
 async def test_client_disconnect_frees_kv_blocks(demo: RunningSystem) -> None:
-    body = {"model": "tiny-llama", "prompt": list(range(5, 205)), "max_tokens": 1500,
-            "stream": True, "ignore_eos": True}
+    body = {
+        "model": "tiny-llama",
+        "prompt": list(range(5, 205)),
+        "max_tokens": 1500,
+        "stream": True,
+        "ignore_eos": True,
+    }
     async with connected_stream(demo.base_url, body):
         busy = await demo.stats(DECODE)
         assert busy.free_blocks < busy.total_blocks  # the request holds blocks now
@@ -162,17 +198,27 @@ async def test_client_disconnect_frees_kv_blocks(demo: RunningSystem) -> None:
 
 
 async def test_one_trace_spans_all_five_services(
-    client: openai.AsyncOpenAI, otlp_receiver  # noqa: ANN001
+    client: openai.AsyncOpenAI,
+    otlp_receiver,  # noqa: ANN001
 ) -> None:
-    reply = await client.completions.create(model="tiny-llama", prompt="one trace", max_tokens=4,
-                                            **GREEDY)
-    services = {"hetserve-gateway", "hetserve-scheduler", "hetserve-prefill",
-                "hetserve-converter", "hetserve-decode"}
+    reply = await client.completions.create(
+        model="tiny-llama", prompt="one trace", max_tokens=4, **GREEDY
+    )
+    services = {
+        "hetserve-gateway",
+        "hetserve-scheduler",
+        "hetserve-prefill",
+        "hetserve-converter",
+        "hetserve-decode",
+    }
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         spans = otlp_receiver.snapshot()
-        roots = [s for s in spans if s["name"] == "gateway.request"
-                 and s["attributes"].get("request.id") == reply.id]
+        roots = [
+            s
+            for s in spans
+            if s["name"] == "gateway.request" and s["attributes"].get("request.id") == reply.id
+        ]
         if roots:
             trace = [s for s in spans if s["trace_id"] == roots[0]["trace_id"]]
             if {s["service"] for s in trace} >= services:
@@ -181,8 +227,14 @@ async def test_one_trace_spans_all_five_services(
     assert roots, "no gateway.request span for this request"
     names = {(s["service"], s["name"]) for s in trace}
     assert {s for s, _ in names} >= services, names
-    for expected in ("scheduler.route", "prefill.run", "kv.send", "converter.convert",
-                     "decode.admit", "decode.generate"):
+    for expected in (
+        "scheduler.route",
+        "prefill.run",
+        "kv.send",
+        "converter.convert",
+        "decode.admit",
+        "decode.generate",
+    ):
         assert expected in {n for _, n in names}, names
     # One tree: gateway.request is the root and every other span hangs from a span of the
     # trace, following the request's path across processes.

@@ -26,8 +26,10 @@ def pair_system(nats_server, tiny_llama: Path, tmp_path_factory) -> Iterator[Run
     topology = {
         "model": str(tiny_llama),
         "prefill": [{"name": "p", "kv_layout": "vllm-flash", "block_size": 16}],
-        "decode": [{"name": "d-a", "kv_layout": "vllm-flash", "block_size": 16},
-                   {"name": "d-b", "kv_layout": "vllm-flash", "block_size": 16}],
+        "decode": [
+            {"name": "d-a", "kv_layout": "vllm-flash", "block_size": 16},
+            {"name": "d-b", "kv_layout": "vllm-flash", "block_size": 16},
+        ],
         "converter": {"replicas": 1},
     }
     with run_system(topology, nats_server.url, tmp_path_factory.mktemp("failover")) as system:
@@ -35,15 +37,24 @@ def pair_system(nats_server, tiny_llama: Path, tmp_path_factory) -> Iterator[Run
 
 
 def _client(system: RunningSystem) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=system.base_url, api_key="unused", max_retries=0,
-                              timeout=120)
+    return openai.AsyncOpenAI(
+        base_url=system.base_url, api_key="unused", max_retries=0, timeout=120
+    )
 
 
-async def _stream_tokens(client: openai.AsyncOpenAI, prompt: list[int], n: int,
-                         started: asyncio.Event | None = None,
-                         arrivals: list[float] | None = None) -> list[int]:
+async def _stream_tokens(
+    client: openai.AsyncOpenAI,
+    prompt: list[int],
+    n: int,
+    started: asyncio.Event | None = None,
+    arrivals: list[float] | None = None,
+) -> list[int]:
     stream = await client.completions.create(
-        model="tiny-llama", prompt=prompt, max_tokens=n, temperature=0, stream=True,
+        model="tiny-llama",
+        prompt=prompt,
+        max_tokens=n,
+        temperature=0,
+        stream=True,
         extra_body={"return_token_ids": True, "ignore_eos": True},
     )
     tokens: list[int] = []

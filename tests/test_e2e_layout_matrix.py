@@ -30,8 +30,13 @@ def block_size(layout: str, side: str) -> int:
 
 
 def instance(layout: str, side: str) -> dict:
-    return {"name": f"{side[0]}-{layout}", "kv_layout": layout, "block_size": block_size(layout, side),
-            "num_blocks": 64, "dtype": "float32"}
+    return {
+        "name": f"{side[0]}-{layout}",
+        "kv_layout": layout,
+        "block_size": block_size(layout, side),
+        "num_blocks": 64,
+        "dtype": "float32",
+    }
 
 
 PAIRS = [(NAMES[i], NAMES[(i + 1) % len(NAMES)]) for i in range(len(NAMES))]
@@ -43,12 +48,13 @@ def matrix(nats_server, tiny_llama: Path, tmp_path_factory) -> Iterator[RunningS
     topology = {
         "model": str(tiny_llama),
         "prefill": [instance(name, "prefill") for name in NAMES],
-        "decode": [instance(name, "decode") for name in NAMES] + [
-            {**instance("vllm-flash", "prefill"), "name": "d-vllm-flash-same"}],
+        "decode": [instance(name, "decode") for name in NAMES]
+        + [{**instance("vllm-flash", "prefill"), "name": "d-vllm-flash-same"}],
         "converter": {"replicas": 1},
     }
-    with run_system(topology, nats_server.url, tmp_path_factory.mktemp("matrix"),
-                    timeout_s=400) as system:
+    with run_system(
+        topology, nats_server.url, tmp_path_factory.mktemp("matrix"), timeout_s=400
+    ) as system:
         yield system
 
 
@@ -58,16 +64,22 @@ def test_pairs_cover_every_layout_on_both_sides() -> None:
 
 
 @pytest.mark.parametrize(("prefill", "decode"), PAIRS, ids=[f"{p}->{d}" for p, d in PAIRS])
-async def test_pair_gives_transformers_tokens(matrix: RunningSystem, prefill: str,
-                                              decode: str) -> None:
+async def test_pair_gives_transformers_tokens(
+    matrix: RunningSystem, prefill: str, decode: str
+) -> None:
     client = openai.AsyncOpenAI(base_url=matrix.base_url, api_key="unused", max_retries=0)
     decode_id = "d-vllm-flash-same-0" if prefill == decode else f"d-{decode}-0"
     prompt = [random.Random(prefill + decode).randrange(5, 1000) for _ in range(150)]
     reply = await client.completions.create(
-        model="tiny-llama", prompt=prompt, max_tokens=16, temperature=0,
-        extra_body={"return_token_ids": True, "ignore_eos": True,
-                    "hetserve_route": {"prefill_instance": f"p-{prefill}-0",
-                                       "decode_instance": decode_id}},
+        model="tiny-llama",
+        prompt=prompt,
+        max_tokens=16,
+        temperature=0,
+        extra_body={
+            "return_token_ids": True,
+            "ignore_eos": True,
+            "hetserve_route": {"prefill_instance": f"p-{prefill}-0", "decode_instance": decode_id},
+        },
     )
     assert reply.choices[0].model_extra["token_ids"] == hf_greedy(matrix.model_dir, prompt, 16)
     stats = await matrix.stats(decode_id)

@@ -21,8 +21,15 @@ def small_decode(nats_server, tiny_llama: Path, tmp_path_factory) -> Iterator[Ru
         "model": str(tiny_llama),
         "prefill": [{"name": "p", "kv_layout": "vllm-flash", "block_size": 16}],
         # 24 blocks of 16 tokens; each request below needs 9 blocks by its end
-        "decode": [{"name": "d", "kv_layout": "vllm-flash", "block_size": 16, "num_blocks": 24,
-                    "env": {"HETSERVE_RESERVE_AHEAD_TOKENS": "16"}}],
+        "decode": [
+            {
+                "name": "d",
+                "kv_layout": "vllm-flash",
+                "block_size": 16,
+                "num_blocks": 24,
+                "env": {"HETSERVE_RESERVE_AHEAD_TOKENS": "16"},
+            }
+        ],
         "converter": {"replicas": 1},
     }
     with run_system(topology, nats_server.url, tmp_path_factory.mktemp("preempt")) as system:
@@ -35,7 +42,10 @@ async def test_out_of_blocks_preempts_and_resumes(small_decode: RunningSystem) -
 
     async def one(prompt: list[int]) -> list[int]:
         reply = await client.completions.create(
-            model="tiny-llama", prompt=prompt, max_tokens=100, temperature=0,
+            model="tiny-llama",
+            prompt=prompt,
+            max_tokens=100,
+            temperature=0,
             extra_body={"return_token_ids": True, "ignore_eos": True},
         )
         return reply.choices[0].model_extra["token_ids"]

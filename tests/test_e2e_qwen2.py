@@ -34,7 +34,10 @@ async def test_qwen2_greedy_tokens_equal_transformers(qwen2_system: RunningSyste
     for length in (2, 33, 129, 260):
         prompt = [rng.randrange(0, 1000) for _ in range(length)]
         reply = await client.completions.create(
-            model="tiny-qwen2", prompt=prompt, max_tokens=32, temperature=0,
+            model="tiny-qwen2",
+            prompt=prompt,
+            max_tokens=32,
+            temperature=0,
             extra_body={"return_token_ids": True, "ignore_eos": True},
         )
         got = reply.choices[0].model_extra["token_ids"]
@@ -44,8 +47,11 @@ async def test_qwen2_greedy_tokens_equal_transformers(qwen2_system: RunningSyste
 async def test_qwen2_chat_streamed_equals_transformers(qwen2_system: RunningSystem) -> None:
     client = openai.AsyncOpenAI(base_url=qwen2_system.base_url, api_key="unused", max_retries=0)
     stream = await client.chat.completions.create(
-        model="tiny-qwen2", messages=[{"role": "user", "content": "Name a colour."}],
-        max_tokens=32, temperature=0, stream=True,
+        model="tiny-qwen2",
+        messages=[{"role": "user", "content": "Name a colour."}],
+        max_tokens=32,
+        temperature=0,
+        stream=True,
         extra_body={"return_token_ids": True, "ignore_eos": True},
     )
     chunks = [chunk async for chunk in stream]

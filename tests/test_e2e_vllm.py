@@ -50,8 +50,10 @@ from tests.system import (
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(vllm_missing_reason() is not None,
-                       reason=f"the vllm extra is not installed: {vllm_missing_reason()}"),
+    pytest.mark.skipif(
+        vllm_missing_reason() is not None,
+        reason=f"the vllm extra is not installed: {vllm_missing_reason()}",
+    ),
 ]
 
 VLLM = {"engine": "vllm", "block_size": 32, "max_model_len": 512}
@@ -77,10 +79,20 @@ def vllm_system(nats_server, tiny_llama: Path, tmp_path_factory) -> Iterator[Run
             {"name": "p-vllm", **VLLM, "vllm": {"max_num_batched_tokens": 64}},
             {"name": "p-vllm-tp2", **VLLM, "tp": 2},
             {"name": "p-flash16", "kv_layout": "vllm-lbnhc", "block_size": 16, "num_blocks": 64},
-            {"name": "p-tp2", "tp": 2, "kv_layout": "vllm-flash", "block_size": 16,
-             "num_blocks": 64},
-            {"name": "p-tp2-cpu", "tp": 2, "kv_layout": "vllm-cpu", "block_size": 32,
-             "num_blocks": 32},
+            {
+                "name": "p-tp2",
+                "tp": 2,
+                "kv_layout": "vllm-flash",
+                "block_size": 16,
+                "num_blocks": 64,
+            },
+            {
+                "name": "p-tp2-cpu",
+                "tp": 2,
+                "kv_layout": "vllm-cpu",
+                "block_size": 32,
+                "num_blocks": 32,
+            },
         ],
         "decode": [
             {"name": "d-vllm", **VLLM, "num_blocks": 256},
@@ -89,8 +101,9 @@ def vllm_system(nats_server, tiny_llama: Path, tmp_path_factory) -> Iterator[Run
         ],
         "converter": {"replicas": 1},
     }
-    with run_system(topology, nats_server.url, tmp_path_factory.mktemp("vllm"),
-                    timeout_s=400) as system:
+    with run_system(
+        topology, nats_server.url, tmp_path_factory.mktemp("vllm"), timeout_s=400
+    ) as system:
         yield system
 
 
@@ -104,26 +117,41 @@ def vllm_colocated(model_dir: Path, prompts: tuple[tuple[int, ...], ...], max_to
     """vLLM's own greedy tokens, no connector, in a process of its own."""
     out = subprocess.run(
         [sys.executable, "-m", "tests.vllm_colocated", str(model_dir), str(max_tokens)],
-        input=json.dumps([list(p) for p in prompts]), capture_output=True, text=True, cwd=ROOT,
-        timeout=300, check=True,
+        input=json.dumps([list(p) for p in prompts]),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-async def complete(system: RunningSystem, prompt: list[int], prefill: str, decode: str) -> list[int]:
+async def complete(
+    system: RunningSystem, prompt: list[int], prefill: str, decode: str
+) -> list[int]:
     client = openai.AsyncOpenAI(base_url=system.base_url, api_key="unused", max_retries=0)
     reply = await client.completions.create(
-        model="tiny-llama", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
-        extra_body={"return_token_ids": True, "ignore_eos": True,
-                    "hetserve_route": {"prefill_instance": f"{prefill}-0",
-                                       "decode_instance": f"{decode}-0"}},
+        model="tiny-llama",
+        prompt=prompt,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        extra_body={
+            "return_token_ids": True,
+            "ignore_eos": True,
+            "hetserve_route": {
+                "prefill_instance": f"{prefill}-0",
+                "decode_instance": f"{decode}-0",
+            },
+        },
     )
     return reply.choices[0].model_extra["token_ids"]
 
 
 @pytest.mark.parametrize(("prefill", "decode"), PAIRS, ids=[f"{p}->{d}" for p, d in PAIRS])
-async def test_pair_gives_transformers_and_vllm_tokens(vllm_system: RunningSystem, prefill: str,
-                                                       decode: str) -> None:
+async def test_pair_gives_transformers_and_vllm_tokens(
+    vllm_system: RunningSystem, prefill: str, decode: str
+) -> None:
     prompts = [prompt_of(n, prefill + decode) for n in PROMPT_LENGTHS]
     colocated = vllm_colocated(vllm_system.model_dir, tuple(map(tuple, prompts)), MAX_TOKENS)
     for prompt, vllm_tokens in zip(prompts, colocated, strict=True):
@@ -137,9 +165,14 @@ async def test_pair_gives_transformers_and_vllm_tokens(vllm_system: RunningSyste
 
 
 async def test_instances_announce_the_layout_read_from_vllms_cache(
-        vllm_system: RunningSystem) -> None:
-    for instance, tp in (("p-vllm-0", 1), ("d-vllm-0", 1), ("d-vllm-tp2-0", 2),
-                         ("p-vllm-tp2-0", 2)):
+    vllm_system: RunningSystem,
+) -> None:
+    for instance, tp in (
+        ("p-vllm-0", 1),
+        ("d-vllm-0", 1),
+        ("d-vllm-tp2-0", 2),
+        ("p-vllm-tp2-0", 2),
+    ):
         stats = await vllm_system.stats(instance)
         assert stats.engine == "vllm"
         assert (stats.kv.layout, stats.kv.block_size, stats.kv.dtype) == ("vllm-cpu", 32, "float32")
@@ -148,18 +181,21 @@ async def test_instances_announce_the_layout_read_from_vllms_cache(
 
 
 async def test_vllm_decode_counts_the_prompt_as_loaded_not_computed(
-        vllm_system: RunningSystem) -> None:
+    vllm_system: RunningSystem,
+) -> None:
     before = (await vllm_system.stats("d-vllm-0")).kv_loaded_tokens
     prompt = prompt_of(90, "loaded")
     assert await complete(vllm_system, prompt, "p-vllm", "d-vllm") == hf_greedy(
-        vllm_system.model_dir, prompt, MAX_TOKENS)
+        vllm_system.model_dir, prompt, MAX_TOKENS
+    )
     # vLLM's own count (RequestOutput.num_cached_tokens): every prompt token came from the
     # connector; prefix caching is off at decode, so none can be a local hit.
     assert (await vllm_system.stats("d-vllm-0")).kv_loaded_tokens - before == len(prompt)
 
 
 async def test_prefix_cache_hit_on_vllm_prefill_still_sends_the_whole_prompt(
-        vllm_system: RunningSystem) -> None:
+    vllm_system: RunningSystem,
+) -> None:
     """The second time, vLLM prefill finds the prompt's full blocks in its prefix cache and
     computes only the rest; the frames must still carry every prompt token's KV."""
     for length in (96, 100):  # whole blocks only, and a partial last block
@@ -174,13 +210,23 @@ def hf_kv(model_dir: Path, prompt: list[int]) -> tuple[list[torch.Tensor], list[
     model = _hf_model(str(model_dir))
     with torch.inference_mode():
         out = model(torch.tensor([prompt]), use_cache=True)
-    cache_ = out["cache"] if "cache" in out else out["past_key_values"]  # transformers 5.2x renamed it
-    return ([layer.keys[0].transpose(0, 1) for layer in cache_.layers],
-            [layer.values[0].transpose(0, 1) for layer in cache_.layers])
+    cache_ = (
+        out["cache"] if "cache" in out else out["past_key_values"]
+    )  # transformers 5.2x renamed it
+    return (
+        [layer.keys[0].transpose(0, 1) for layer in cache_.layers],
+        [layer.values[0].transpose(0, 1) for layer in cache_.layers],
+    )
 
 
-async def decode_from_frames(system: RunningSystem, rid: str, prompt: list[int], first: int,
-                             keys: list[torch.Tensor], values: list[torch.Tensor]) -> list[int]:
+async def decode_from_frames(
+    system: RunningSystem,
+    rid: str,
+    prompt: list[int],
+    first: int,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+) -> list[int]:
     """Act as a prefill instance: reserve on the vLLM decode, send the given KV as frames in
     its descriptor, and collect the tokens it streams back."""
     decode = "d-vllm-0"
@@ -194,19 +240,37 @@ async def decode_from_frames(system: RunningSystem, rid: str, prompt: list[int],
             events.put_nowait(unpack_request_event(msg.data))
 
         await nc.subscribe(subjects.request_events(rid), cb=on_event)
-        request = GenerateRequest(request_id=rid, prompt_token_ids=prompt, sampling=SamplingParams(
-            max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
-        reply = await nc.request(subjects.reserve(decode), ReserveRequest(
-            request=request, num_tokens=len(prompt) + MAX_TOKENS, hold_seconds=30).pack(), timeout=5)
+        request = GenerateRequest(
+            request_id=rid,
+            prompt_token_ids=prompt,
+            sampling=SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True),
+        )
+        reply = await nc.request(
+            subjects.reserve(decode),
+            ReserveRequest(
+                request=request, num_tokens=len(prompt) + MAX_TOKENS, hold_seconds=30
+            ).pack(),
+            timeout=5,
+        )
         assert ReserveReply.unpack(reply.data).ok
         head = {"request_id": rid, "shard": 0, "layout_id": desc.id}
         frames = [Frame(kind="begin", seq=0, descriptor=desc, num_tokens=len(prompt), **head)]
         for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
             payload = payload_to_bytes(payload_from_tokens(desc, k, v))
-            frames.append(Frame(kind="data", seq=layer + 1, layer=layer, token_start=0,
-                                token_stop=len(prompt), payload=payload, **head))
-        frames.append(Frame(kind="end", seq=len(frames), data_frames=len(keys),
-                            first_token=first, **head))
+            frames.append(
+                Frame(
+                    kind="data",
+                    seq=layer + 1,
+                    layer=layer,
+                    token_start=0,
+                    token_stop=len(prompt),
+                    payload=payload,
+                    **head,
+                )
+            )
+        frames.append(
+            Frame(kind="end", seq=len(frames), data_frames=len(keys), first_token=first, **head)
+        )
         for frame in frames:
             await nc.request(subjects.kv_frames(decode), encode_frame(frame), timeout=5)
         tokens = [first]
@@ -232,9 +296,13 @@ async def test_vllm_decode_really_uses_the_transferred_kv(vllm_system: RunningSy
     assert got == expected
     noise = torch.Generator().manual_seed(0)
     corrupted = await decode_from_frames(
-        vllm_system, "kv-corrupt", prompt, expected[0],
+        vllm_system,
+        "kv-corrupt",
+        prompt,
+        expected[0],
         [k + torch.randn(k.shape, generator=noise) for k in keys],
-        [v + torch.randn(v.shape, generator=noise) for v in values])
+        [v + torch.randn(v.shape, generator=noise) for v in values],
+    )
     assert corrupted[0] == expected[0] and corrupted[1:] != expected[1:]
 
 
@@ -245,16 +313,26 @@ async def test_sixteen_concurrent_streams_through_vllm_decode(vllm_system: Runni
 
     async def one(prompt: list[int], max_tokens: int, prefill: str) -> list[int]:
         stream = await client.completions.create(
-            model="tiny-llama", prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
-            extra_body={"return_token_ids": True, "ignore_eos": True,
-                        "hetserve_route": {"prefill_instance": prefill,
-                                           "decode_instance": "d-vllm-0"}})
-        return [t async for chunk in stream for choice in chunk.choices
-                for t in (choice.model_extra.get("token_ids") or [])]
+            model="tiny-llama",
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            extra_body={
+                "return_token_ids": True,
+                "ignore_eos": True,
+                "hetserve_route": {"prefill_instance": prefill, "decode_instance": "d-vllm-0"},
+            },
+        )
+        return [
+            t
+            async for chunk in stream
+            for choice in chunk.choices
+            for t in (choice.model_extra.get("token_ids") or [])
+        ]
 
     prefills = ["p-vllm-0", "p-flash16-0"]  # direct and through the converter, interleaved
-    results = await asyncio.gather(*(one(p, n, prefills[i % 2])
-                                     for i, (p, n) in enumerate(jobs)))
+    results = await asyncio.gather(*(one(p, n, prefills[i % 2]) for i, (p, n) in enumerate(jobs)))
     for (prompt, max_tokens), got in zip(jobs, results, strict=True):
         assert got == hf_greedy(vllm_system.model_dir, prompt, max_tokens)
     stats = await vllm_system.stats("d-vllm-0")
@@ -270,11 +348,17 @@ async def test_hetserve_stops_the_vllm_decode_at_a_stop_token(vllm_system: Runni
     stop_at = next(i for i in range(2, MAX_TOKENS) if expected[i] not in expected[:i])
     client = openai.AsyncOpenAI(base_url=vllm_system.base_url, api_key="unused", max_retries=0)
     reply = await client.completions.create(
-        model="tiny-llama", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
-        extra_body={"return_token_ids": True, "ignore_eos": True,
-                    "stop_token_ids": [expected[stop_at]],
-                    "hetserve_route": {"prefill_instance": "p-vllm-0",
-                                       "decode_instance": "d-vllm-0"}})
+        model="tiny-llama",
+        prompt=prompt,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        extra_body={
+            "return_token_ids": True,
+            "ignore_eos": True,
+            "stop_token_ids": [expected[stop_at]],
+            "hetserve_route": {"prefill_instance": "p-vllm-0", "decode_instance": "d-vllm-0"},
+        },
+    )
     choice = reply.choices[0]
     assert choice.finish_reason == "stop"
     assert choice.model_extra["token_ids"] == expected[: stop_at + 1]
@@ -282,9 +366,14 @@ async def test_hetserve_stops_the_vllm_decode_at_a_stop_token(vllm_system: Runni
 
 
 async def test_client_disconnect_aborts_the_vllm_request(vllm_system: RunningSystem) -> None:
-    body = {"model": "tiny-llama", "prompt": prompt_of(100, "disconnect"), "max_tokens": 400,
-            "stream": True, "ignore_eos": True,
-            "hetserve_route": {"prefill_instance": "p-vllm-0", "decode_instance": "d-vllm-0"}}
+    body = {
+        "model": "tiny-llama",
+        "prompt": prompt_of(100, "disconnect"),
+        "max_tokens": 400,
+        "stream": True,
+        "ignore_eos": True,
+        "hetserve_route": {"prefill_instance": "p-vllm-0", "decode_instance": "d-vllm-0"},
+    }
     async with connected_stream(vllm_system.base_url, body):
         assert (await vllm_system.stats("d-vllm-0")).running == 1
     deadline = time.monotonic() + 15
@@ -296,21 +385,31 @@ async def test_client_disconnect_aborts_the_vllm_request(vllm_system: RunningSys
     assert stats.running == 0 and stats.free_blocks == stats.total_blocks, stats
     prompt = prompt_of(30, "after-abort")  # vLLM goes on serving
     assert await complete(vllm_system, prompt, "p-vllm", "d-vllm") == hf_greedy(
-        vllm_system.model_dir, prompt, MAX_TOKENS)
+        vllm_system.model_dir, prompt, MAX_TOKENS
+    )
 
 
 async def test_killed_vllm_decode_request_resumes_elsewhere(vllm_system: RunningSystem) -> None:
     """Runs last in this module: d-vllm-0 does not come back."""
-    client = openai.AsyncOpenAI(base_url=vllm_system.base_url, api_key="unused", max_retries=0,
-                                timeout=180)
+    client = openai.AsyncOpenAI(
+        base_url=vllm_system.base_url, api_key="unused", max_retries=0, timeout=180
+    )
     prompt = prompt_of(60, "killed")
     started = asyncio.Event()
 
     async def stream() -> list[int]:
         reply = await client.completions.create(
-            model="tiny-llama", prompt=prompt, max_tokens=300, temperature=0, stream=True,
-            extra_body={"return_token_ids": True, "ignore_eos": True,
-                        "hetserve_route": {"prefill_instance": "p-vllm-0"}})
+            model="tiny-llama",
+            prompt=prompt,
+            max_tokens=300,
+            temperature=0,
+            stream=True,
+            extra_body={
+                "return_token_ids": True,
+                "ignore_eos": True,
+                "hetserve_route": {"prefill_instance": "p-vllm-0"},
+            },
+        )
         tokens: list[int] = []
         async for chunk in reply:
             for choice in chunk.choices:
@@ -321,8 +420,11 @@ async def test_killed_vllm_decode_request_resumes_elsewhere(vllm_system: Running
 
     victim = asyncio.create_task(stream())
     await asyncio.wait_for(started.wait(), 60)
-    serving = [d for d in ("d-vllm-0", "d-vllm-tp2-0", "d-ascend-0")
-               if (await vllm_system.stats(d)).running]
+    serving = [
+        d
+        for d in ("d-vllm-0", "d-vllm-tp2-0", "d-ascend-0")
+        if (await vllm_system.stats(d)).running
+    ]
     assert serving == ["d-vllm-0"], serving  # the scheduler's choice: most free blocks
     service_pid = (await vllm_system.stats("d-vllm-0")).pid
     engine_core = children(service_pid)  # vLLM's engine core, which started its worker
@@ -330,7 +432,8 @@ async def test_killed_vllm_decode_request_resumes_elsewhere(vllm_system: Running
     os.kill(service_pid, signal.SIGKILL)
     other = prompt_of(20, "bystander")  # served meanwhile by the others, unaffected
     assert await complete(vllm_system, other, "p-vllm", "d-vllm-tp2") == hf_greedy(
-        vllm_system.model_dir, other, MAX_TOKENS)
+        vllm_system.model_dir, other, MAX_TOKENS
+    )
     assert await asyncio.wait_for(victim, 180) == hf_greedy(vllm_system.model_dir, prompt, 300)
     for _ in range(60):  # vLLM's processes do not outlive the service (30 s at most)
         if not alive(engine_core):

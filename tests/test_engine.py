@@ -76,8 +76,10 @@ def test_prefill_logits_match_transformers(tiny_qwen2: Path) -> None:
 
 def test_batch_joins_and_leaves_without_changing_tokens(tiny_llama: Path) -> None:
     engine = engine_for(tiny_llama, "vllm-flash")
-    requests = [greedy_request(i, p, n) for i, (p, n) in
-                enumerate(zip(PROMPTS * 2, [5, 30, 12, 20, 8, 16], strict=True))]
+    requests = [
+        greedy_request(i, p, n)
+        for i, (p, n) in enumerate(zip(PROMPTS * 2, [5, 30, 12, 20, 8, 16], strict=True))
+    ]
     together = generate_batched(engine, requests, join_every=2)
     alone = [generate_batched(engine, [r])[0] for r in requests]
     assert together == alone
@@ -89,8 +91,9 @@ def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(tiny_llama: Path)
 
     def run(**sampling: object) -> list[int]:
         params = SamplingParams(max_tokens=20, ignore_eos=True, **sampling)
-        return generate_batched(engine, [GenerateRequest(
-            request_id="s", prompt_token_ids=prompt, sampling=params)])[0]
+        return generate_batched(
+            engine, [GenerateRequest(request_id="s", prompt_token_ids=prompt, sampling=params)]
+        )[0]
 
     first = run(temperature=1.0, top_p=0.9, top_k=50, seed=123)
     assert first == run(temperature=1.0, top_p=0.9, top_k=50, seed=123)
@@ -117,7 +120,8 @@ def test_stop_token_ids_stop_strings_and_eos(tiny_llama: Path) -> None:
     assert len(seq.output_ids) <= 10
     eos = engine.cfg.eos_token_ids[0]
     params = SamplingParams(max_tokens=5, temperature=0)
-    seq = engine.new_sequence(GenerateRequest(request_id="e", prompt_token_ids=prompt,
-                                              sampling=params))
+    seq = engine.new_sequence(
+        GenerateRequest(request_id="e", prompt_token_ids=prompt, sampling=params)
+    )
     assert seq.stopper.check(eos, 1) == ("stop", None)
     assert seq.stopper.check(eos + 1, 5) == ("length", None)

@@ -11,28 +11,63 @@ from proto.frames import Frame, FrameError, decode_frame, encode_frame
 from proto.layouts import KVDescriptor
 
 LIMIT = 1 << 20
-DESC = KVDescriptor(layout="vllm-flash", block_size=16, dtype="float32", num_layers=2,
-                    num_kv_heads=2, head_dim=32)
+DESC = KVDescriptor(
+    layout="vllm-flash", block_size=16, dtype="float32", num_layers=2, num_kv_heads=2, head_dim=32
+)
 
 
 def data_frame(**overrides: object) -> Frame:
-    fields = dict(kind="data", request_id="r1", seq=1, shard=0, layout_id=DESC.id, layer=1,
-                  token_start=16, token_stop=20, payload=b"\x01\x02" * 100)
+    fields = dict(
+        kind="data",
+        request_id="r1",
+        seq=1,
+        shard=0,
+        layout_id=DESC.id,
+        layer=1,
+        token_start=16,
+        token_stop=20,
+        payload=b"\x01\x02" * 100,
+    )
     fields.update(overrides)
     return Frame(**fields)
 
 
 def test_round_trip_of_each_kind() -> None:
-    begin = Frame(kind="begin", request_id="r1", seq=0, shard=0, layout_id=DESC.id,
-                  descriptor=DESC, num_tokens=20, dest_instance="d-0", dest_descriptor=DESC)
+    begin = Frame(
+        kind="begin",
+        request_id="r1",
+        seq=0,
+        shard=0,
+        layout_id=DESC.id,
+        descriptor=DESC,
+        num_tokens=20,
+        dest_instance="d-0",
+        dest_descriptor=DESC,
+    )
     got = decode_frame(encode_frame(begin), LIMIT)
     assert (got.descriptor, got.num_tokens, got.dest_instance, got.dest_descriptor) == (
-        DESC, 20, "d-0", DESC)
+        DESC,
+        20,
+        "d-0",
+        DESC,
+    )
     data = decode_frame(encode_frame(data_frame()), LIMIT)
     assert (data.layer, data.token_start, data.token_stop, bytes(data.payload)) == (
-        1, 16, 20, b"\x01\x02" * 100)
-    end = Frame(kind="end", request_id="r1", seq=2, shard=0, layout_id=DESC.id, data_frames=1,
-                first_token=42, extra={"finished": False})
+        1,
+        16,
+        20,
+        b"\x01\x02" * 100,
+    )
+    end = Frame(
+        kind="end",
+        request_id="r1",
+        seq=2,
+        shard=0,
+        layout_id=DESC.id,
+        data_frames=1,
+        first_token=42,
+        extra={"finished": False},
+    )
     got = decode_frame(encode_frame(end), LIMIT)
     assert (got.data_frames, got.first_token, got.extra) == (1, 42, {"finished": False})
 
@@ -55,11 +90,35 @@ def _tamper(frame: Frame, **header: object) -> bytes:
         (_tamper(data_frame(), seq="one"), "'seq' has type str"),
         (_tamper(data_frame(), layer=-1), "negative layer"),
         (msgpack.packb({"v": 1}), "not a [header, payload] pair"),
-        (_tamper(Frame(kind="begin", request_id="r", seq=0, shard=0, layout_id=DESC.id,
-                       descriptor=DESC, num_tokens=3), desc={**DESC.model_dump(), "layout": "x"}),
-         "unknown KV layout"),
-        (_tamper(Frame(kind="begin", request_id="r", seq=0, shard=0, layout_id="0" * 12,
-                       descriptor=DESC, num_tokens=3)), "layout id does not match"),
+        (
+            _tamper(
+                Frame(
+                    kind="begin",
+                    request_id="r",
+                    seq=0,
+                    shard=0,
+                    layout_id=DESC.id,
+                    descriptor=DESC,
+                    num_tokens=3,
+                ),
+                desc={**DESC.model_dump(), "layout": "x"},
+            ),
+            "unknown KV layout",
+        ),
+        (
+            _tamper(
+                Frame(
+                    kind="begin",
+                    request_id="r",
+                    seq=0,
+                    shard=0,
+                    layout_id="0" * 12,
+                    descriptor=DESC,
+                    num_tokens=3,
+                )
+            ),
+            "layout id does not match",
+        ),
     ],
 )
 def test_malformed_frames_are_rejected_with_reason(raw: bytes, reason: str) -> None:
@@ -82,13 +141,40 @@ def test_decoder_never_crashes_on_garbage(raw: bytes) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.sampled_from(["v", "kind", "rid", "seq", "shard", "layout", "layer",
-                                        "tok", "n", "xxh", "desc", "ntok", "frames", "first",
-                                        "extra", "dest", "dest_desc"]),
-                       st.one_of(st.integers(-5, 5), st.text(max_size=5), st.binary(max_size=4),
-                                 st.lists(st.integers(-3, 3), max_size=3), st.none(),
-                                 st.dictionaries(st.text(max_size=3), st.integers(-9, 9), max_size=2))),
-       st.binary(max_size=64))
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "v",
+                "kind",
+                "rid",
+                "seq",
+                "shard",
+                "layout",
+                "layer",
+                "tok",
+                "n",
+                "xxh",
+                "desc",
+                "ntok",
+                "frames",
+                "first",
+                "extra",
+                "dest",
+                "dest_desc",
+            ]
+        ),
+        st.one_of(
+            st.integers(-5, 5),
+            st.text(max_size=5),
+            st.binary(max_size=4),
+            st.lists(st.integers(-3, 3), max_size=3),
+            st.none(),
+            st.dictionaries(st.text(max_size=3), st.integers(-9, 9), max_size=2),
+        ),
+    ),
+    st.binary(max_size=64),
+)
 def test_decoder_rejects_any_header_it_cannot_trust(header: dict, payload: bytes) -> None:
     raw = msgpack.packb([header, payload], use_bin_type=True)
     try:

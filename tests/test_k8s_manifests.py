@@ -115,8 +115,9 @@ def _validate(obj: dict) -> None:
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             where = ".".join(str(p) for p in exc.path)
-            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} (k8s {version}): "
-                        f"{where}: {exc.message}")
+            pytest.fail(
+                f"{obj['kind']}/{obj['metadata']['name']} (k8s {version}): {where}: {exc.message}"
+            )
 
 
 def test_every_manifest_file_is_listed_and_valid_against_the_kubernetes_schemas(
@@ -236,7 +237,8 @@ def test_gateway_service_and_readiness_on_health(objects: list[dict]) -> None:
     (port,) = service["spec"]["ports"]
     assert port["port"] == 8000 and port["targetPort"] in ("http", ports["http"])
     assert service["spec"]["selector"].items() <= (
-        deployment["spec"]["template"]["metadata"]["labels"].items())
+        deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
 
 
 def test_every_pod_is_annotated_for_prometheus_on_the_metrics_port(
@@ -289,15 +291,20 @@ def test_nats_is_a_cluster_of_3_with_jetstream_on_volumes(
     assert [p["port"] for p in client["ports"]] == [4222]
     assert _by_kind(objects, "PodDisruptionBudget")["nats"]["spec"]["maxUnavailable"] == 1
     for path in ("/healthz?js-enabled-only=true", "/healthz?js-server-only=true"):
-        assert path in {container[p]["httpGet"]["path"] for p in
-                        ("startupProbe", "readinessProbe", "livenessProbe")}
+        assert path in {
+            container[p]["httpGet"]["path"]
+            for p in ("startupProbe", "readinessProbe", "livenessProbe")
+        }
 
 
 def test_nats_server_accepts_the_config(nats_conf: str, tmp_path: Path) -> None:
     (tmp_path / "nats.conf").write_text(nats_conf)
     done = subprocess.run(
         [find_nats_server(), "-t", "-c", str(tmp_path / "nats.conf")],
-        env={**os.environ, "POD_NAME": "nats-0"}, capture_output=True, text=True, timeout=30,
+        env={**os.environ, "POD_NAME": "nats-0"},
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -318,17 +325,23 @@ class LoopbackCluster:
                 ("\nhttp_port: 8222\n", f"\nhttp: 127.0.0.1:{http}\n"),
                 ("  port: 6222\n", f"  listen: 127.0.0.1:{cluster}\n"),
                 ("store_dir: /data/jetstream", f'store_dir: "{self.tmp.name}/{i}"'),
-                *((route, f"nats://127.0.0.1:{node[1]}") for route, node in
-                  zip(routes, self.nodes, strict=True)),
+                *(
+                    (route, f"nats://127.0.0.1:{node[1]}")
+                    for route, node in zip(routes, self.nodes, strict=True)
+                ),
             ):
                 assert text.count(old) == 1, old
                 text = text.replace(old, new)
             path = Path(self.tmp.name) / f"nats-{i}.conf"
             path.write_text(text)
-            self.processes.append(subprocess.Popen(
-                [find_nats_server(), "-c", str(path)], env={**os.environ, "POD_NAME": f"nats-{i}"},
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            ))
+            self.processes.append(
+                subprocess.Popen(
+                    [find_nats_server(), "-c", str(path)],
+                    env={**os.environ, "POD_NAME": f"nats-{i}"},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
 
     def url(self, i: int) -> str:
         return f"nats://127.0.0.1:{self.nodes[i][0]}"
@@ -373,7 +386,9 @@ async def test_streams_and_registry_are_replicated_on_the_cluster(
 ) -> None:
     replicas = int(common["HETSERVE_JETSTREAM_REPLICAS"])
     settings = CommonSettings(
-        _env_file=None, nats_url=cluster.url(1), jetstream_replicas=replicas,
+        _env_file=None,
+        nats_url=cluster.url(1),
+        jetstream_replicas=replicas,
         prefix=f"k8s{os.getpid()}",
     )
     bus = await Bus.connect(settings, name="k8s-manifest-test")
@@ -411,9 +426,12 @@ def test_demo_overlay_mounts_the_model_from_a_host_path(objects: list[dict]) -> 
     (volume,) = patch["spec"]["template"]["spec"]["volumes"]
     assert volume["persistentVolumeClaim"] is None and volume["hostPath"]["path"]
     mounting = {
-        name for name, d in _by_kind(objects, "Deployment").items()
-        if any("persistentVolumeClaim" in v and v["name"] == volume["name"]
-               for v in d["spec"]["template"]["spec"].get("volumes", []))
+        name
+        for name, d in _by_kind(objects, "Deployment").items()
+        if any(
+            "persistentVolumeClaim" in v and v["name"] == volume["name"]
+            for v in d["spec"]["template"]["spec"].get("volumes", [])
+        )
     }
     assert set(patch_file["target"]["name"].split("|")) == mounting
     deleted = yaml.safe_load(delete["patch"])
@@ -423,8 +441,9 @@ def test_demo_overlay_mounts_the_model_from_a_host_path(objects: list[dict]) -> 
     if kubectl is None:  # kustomize itself is not a test dependency
         return
     for directory in (K8S, DEMO):
-        built = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True,
-                               text=True, timeout=120)
+        built = subprocess.run(
+            [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=120
+        )
         assert built.returncode == 0, built.stderr
         rendered = [d for d in yaml.safe_load_all(built.stdout) if d]
         for obj in rendered:

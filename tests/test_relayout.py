@@ -243,8 +243,9 @@ FAST_PATHS = [  # (source, target, dtype, source and target block, what the plan
 ]
 
 
-def plan_kinds(src: KVDescriptor, dst: KVDescriptor, pieces: list, num_tokens: int,
-               limit: int) -> set[str]:
+def plan_kinds(
+    src: KVDescriptor, dst: KVDescriptor, pieces: list, num_tokens: int, limit: int
+) -> set[str]:
     ranges = tuple((a, b) for a, b, _ in sorted(pieces, key=lambda p: p[0]))
     plan = relayout._plan(((src, dst.heads, ranges),), dst, num_tokens, limit)
     kinds = set()

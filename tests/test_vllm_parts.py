@@ -29,13 +29,16 @@ def strided_cache(order: tuple[int, ...]) -> torch.Tensor:
     return physical.permute(*inverse)
 
 
-@pytest.mark.parametrize(("order", "layout"), [((0, 2, 1, 3), "vllm-lbnhc"),
-                                               ((0, 1, 2, 3), "vllm-lbhnc")])
+@pytest.mark.parametrize(
+    ("order", "layout"), [((0, 2, 1, 3), "vllm-lbnhc"), ((0, 1, 2, 3), "vllm-lbhnc")]
+)
 def test_flash_attn_layout_is_read_from_strides_and_reads_what_vllm_reads(
-        order: tuple[int, ...], layout: str) -> None:
+    order: tuple[int, ...], layout: str
+) -> None:
     cache = strided_cache(order)
-    desc = descriptor_from_cache(cache, backend="FLASH_ATTN", isa=None, num_layers=1,
-                                 num_kv_heads=H)
+    desc = descriptor_from_cache(
+        cache, backend="FLASH_ATTN", isa=None, num_layers=1, num_kv_heads=H
+    )
     assert (desc.layout, desc.block_size, desc.head_dim, desc.dtype) == (layout, B, D, "float32")
     # What vLLM's FLASH_ATTN forward reads: kv_cache.transpose(1, 2).split(head_size, dim=-1)
     key_cache, value_cache = cache.transpose(1, 2).split(D, dim=-1)  # [N, B, H, D] each
@@ -49,33 +52,46 @@ def test_flash_attn_layout_is_read_from_strides_and_reads_what_vllm_reads(
 def test_cpu_attention_cache_is_vllm_cpu_only_for_its_vec_isas() -> None:
     cache = strided_cache((0, 1, 2, 3)).to(torch.bfloat16)
     for isa in ("vec", "vec16"):
-        desc = descriptor_from_cache(cache, backend="CPU_ATTN", isa=isa, num_layers=4,
-                                     num_kv_heads=H)
+        desc = descriptor_from_cache(
+            cache, backend="CPU_ATTN", isa=isa, num_layers=4, num_kv_heads=H
+        )
         assert (desc.layout, desc.dtype, desc.num_layers) == ("vllm-cpu", "bfloat16", 4)
     with pytest.raises(UnsupportedCache, match="ISA 'amx' packs its cache unlike vllm-cpu"):
         descriptor_from_cache(cache, backend="CPU_ATTN", isa="amx", num_layers=4, num_kv_heads=H)
 
 
-@pytest.mark.parametrize(("cache", "backend", "reason"), [
-    (strided_cache((1, 0, 2, 3)), "FLASH_ATTN", "match no known layout"),
-    (strided_cache((0, 1, 2, 3)), "FLASHINFER", "has no hetserve layout"),
-    (torch.randn(N, H, B, 4 * D)[..., : 2 * D], "CPU_ATTN", "not dense"),
-    (torch.randn(N, H, B), "CPU_ATTN", "expected a [N, H, B, 2*D] cache"),
-])
-def test_unknown_caches_are_refused_with_the_reason(cache: torch.Tensor, backend: str,
-                                                    reason: str) -> None:
+@pytest.mark.parametrize(
+    ("cache", "backend", "reason"),
+    [
+        (strided_cache((1, 0, 2, 3)), "FLASH_ATTN", "match no known layout"),
+        (strided_cache((0, 1, 2, 3)), "FLASHINFER", "has no hetserve layout"),
+        (torch.randn(N, H, B, 4 * D)[..., : 2 * D], "CPU_ATTN", "not dense"),
+        (torch.randn(N, H, B), "CPU_ATTN", "expected a [N, H, B, 2*D] cache"),
+    ],
+)
+def test_unknown_caches_are_refused_with_the_reason(
+    cache: torch.Tensor, backend: str, reason: str
+) -> None:
     with pytest.raises(UnsupportedCache, match=reason.replace("[", r"\[").replace("*", r"\*")):
         descriptor_from_cache(cache, backend=backend, isa="vec", num_layers=1, num_kv_heads=H)
 
 
 def test_tensor_parallel_rank_must_hold_its_share_of_heads() -> None:
     cache = strided_cache((0, 2, 1, 3))  # 2 heads
-    desc = descriptor_from_cache(cache, backend="FLASH_ATTN", isa=None, num_layers=1,
-                                 num_kv_heads=4, tp_size=2, tp_rank=1)
+    desc = descriptor_from_cache(
+        cache, backend="FLASH_ATTN", isa=None, num_layers=1, num_kv_heads=4, tp_size=2, tp_rank=1
+    )
     assert list(desc.heads) == [2, 3]
     with pytest.raises(UnsupportedCache, match="should hold 1"):
-        descriptor_from_cache(cache, backend="FLASH_ATTN", isa=None, num_layers=1,
-                              num_kv_heads=4, tp_size=4, tp_rank=0)
+        descriptor_from_cache(
+            cache,
+            backend="FLASH_ATTN",
+            isa=None,
+            num_layers=1,
+            num_kv_heads=4,
+            tp_size=4,
+            tp_rank=0,
+        )
 
 
 def test_staging_cache_is_shared_between_two_mappings_of_the_file() -> None:
@@ -107,14 +123,20 @@ def test_topology_checks_vllm_instances() -> None:
         WorkerSpec(name="p", vllm={"kv_cache_gib": 1})
 
 
-@pytest.mark.skipif(vllm_missing_reason() is not None,
-                    reason=f"the vllm extra is not installed: {vllm_missing_reason()}")
-@pytest.mark.parametrize(("block_size", "head_dim", "reason"), [
-    (16, 32, "block size multiple of 32, not 16"),
-    (32, 16, "head_dim in"),
-])
+@pytest.mark.skipif(
+    vllm_missing_reason() is not None,
+    reason=f"the vllm extra is not installed: {vllm_missing_reason()}",
+)
+@pytest.mark.parametrize(
+    ("block_size", "head_dim", "reason"),
+    [
+        (16, 32, "block size multiple of 32, not 16"),
+        (32, 16, "head_dim in"),
+    ],
+)
 def test_vllm_cpu_refuses_at_start_up_what_it_would_fail_on_later(
-        tiny_llama: Path, tmp_path: Path, block_size: int, head_dim: int, reason: str) -> None:
+    tiny_llama: Path, tmp_path: Path, block_size: int, head_dim: int, reason: str
+) -> None:
     from services.engine.vllm_engine import check_model
 
     model = tmp_path / "model"

@@ -15,8 +15,15 @@ def main() -> None:
 
     model, max_tokens = sys.argv[1], int(sys.argv[2])
     prompts = json.load(sys.stdin)
-    llm = LLM(model=model, dtype="float32", block_size=32, max_model_len=512,
-              kv_cache_memory_bytes=64 << 20, enforce_eager=True, seed=0)
+    llm = LLM(
+        model=model,
+        dtype="float32",
+        block_size=32,
+        max_model_len=512,
+        kv_cache_memory_bytes=64 << 20,
+        enforce_eager=True,
+        seed=0,
+    )
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     print(json.dumps([list(o.outputs[0].token_ids) for o in outputs]))

@@ -81,8 +81,7 @@ class KVBenchConfig:
             raise ValueError("the converter route needs two different layouts")
         if min(self.kv_heads, self.head_dim, self.repeats, *self.tp, *self.tokens) < 1:
             raise ValueError("kv heads, head dim, repeats, tp and tokens must be >= 1")
-        if min(self.transfer_requests, self.prompt_tokens, self.exposed_repeats,
-               self.window) < 1:
+        if min(self.transfer_requests, self.prompt_tokens, self.exposed_repeats, self.window) < 1:
             raise ValueError("requests, prompt tokens, repeats and window must be >= 1")
         parse_dtype_pairs(self.dtypes)
 
@@ -100,24 +99,29 @@ class KVReport:
 
 def machine_info(threads: int) -> dict[str, Any]:
     try:
-        nats_version = subprocess.run([find_nats_server(), "--version"], capture_output=True,
-                                      text=True, timeout=10).stdout.strip()
+        nats_version = subprocess.run(
+            [find_nats_server(), "--version"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         nats_version = "unknown"
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "platform": platform.platform(), "machine": platform.machine(), "cpus": cpus,
-        "python": platform.python_version(), "torch": torch.__version__,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpus": cpus,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
         "torch_threads_convert": threads or torch.get_num_threads(),
-        "nats_server": nats_version, "load_average_start": list(os.getloadavg()),
+        "nats_server": nats_version,
+        "load_average_start": list(os.getloadavg()),
     }
 
 
-def run_conversions(config: KVBenchConfig, progress: Progress) -> tuple[list[ConvertResult],
-                                                                        list[str]]:
+def run_conversions(
+    config: KVBenchConfig, progress: Progress
+) -> tuple[list[ConvertResult], list[str]]:
     layouts = config.layouts or tuple(LAYOUTS)
-    cases, skipped = plan_cases(layouts, parse_dtype_pairs(config.dtypes), config.tokens,
-                                config.tp)
+    cases, skipped = plan_cases(layouts, parse_dtype_pairs(config.dtypes), config.tokens, config.tp)
     before = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -126,15 +130,19 @@ def run_conversions(config: KVBenchConfig, progress: Progress) -> tuple[list[Con
         for i, case in enumerate(cases):
             if i % 20 == 0:
                 progress(f"convert: case {i + 1}/{len(cases)}")
-            results.append(measure_case(case, config.kv_heads, config.head_dim,
-                                        config.max_frame_bytes, config.repeats))
+            results.append(
+                measure_case(
+                    case, config.kv_heads, config.head_dim, config.max_frame_bytes, config.repeats
+                )
+            )
         return results, skipped
     finally:
         torch.set_num_threads(before)
 
 
-async def run_bus_sections(config: KVBenchConfig, report: KVReport, workdir: Path,
-                           progress: Progress) -> None:
+async def run_bus_sections(
+    config: KVBenchConfig, report: KVReport, workdir: Path, progress: Progress
+) -> None:
     server = None
     url = config.nats_url
     if url is None:
@@ -145,9 +153,15 @@ async def run_bus_sections(config: KVBenchConfig, report: KVReport, workdir: Pat
         src, dst = (LAYOUTS[n] for n in config.route)
         src_block, dst_block = pair_blocks(src, dst)
         topology = TopologyConfig(
-            nats_url=url, model_dir=model, log_dir=workdir, source_layout=src.name,
-            target_layout=dst.name, source_block=src_block, target_block=dst_block,
-            kv_dtype=config.service_dtype, max_frame_bytes=config.max_frame_bytes,
+            nats_url=url,
+            model_dir=model,
+            log_dir=workdir,
+            source_layout=src.name,
+            target_layout=dst.name,
+            source_block=src_block,
+            target_block=dst_block,
+            kv_dtype=config.service_dtype,
+            max_frame_bytes=config.max_frame_bytes,
             kv_window=config.window,
         )
         progress("starting prefill, two decode instances, converter and echo")
@@ -155,11 +169,13 @@ async def run_bus_sections(config: KVBenchConfig, report: KVReport, workdir: Pat
             if "transfer" in config.sections:
                 progress("transfer: ceiling, direct, converter")
                 report.transfer = await measure_transfer(
-                    topo, config.transfer_tokens, config.transfer_requests)
+                    topo, config.transfer_tokens, config.transfer_requests
+                )
             if "exposed" in config.sections:
                 progress("exposed: prompts through the real prefill worker")
-                report.exposed = await measure_exposed(topo, config.prompt_tokens,
-                                                       config.exposed_repeats)
+                report.exposed = await measure_exposed(
+                    topo, config.prompt_tokens, config.exposed_repeats
+                )
     finally:
         if server is not None:
             server.stop()
@@ -184,4 +200,3 @@ def run_kv_bench(config: KVBenchConfig, progress: Progress | None = None) -> KVR
     report.machine["load_average_end"] = list(os.getloadavg())
     report.seconds = time.perf_counter() - started
     return report
-

@@ -28,7 +28,8 @@ def _ints(text: str) -> tuple[int, ...]:
         return tuple(int(s) for s in _names(text))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected integers separated by commas: {text!r}") from None
+            f"expected integers separated by commas: {text!r}"
+        ) from None
 
 
 def _pair(text: str) -> tuple[str, str]:
@@ -49,18 +50,26 @@ def _int_pair(text: str) -> tuple[int, int]:
 def register(subparsers: Any) -> None:
     """Add `kv` to the `bench` command's subparsers."""
     p = subparsers.add_parser(
-        "kv", help="KV conversion, transfer and exposed-transfer benchmark",
+        "kv",
+        help="KV conversion, transfer and exposed-transfer benchmark",
         description="In one run: (a) convert_layer throughput per layout pair vs a torch "
         "clone; (b) KV goodput direct and via the converter vs the raw NATS ceiling; "
         "(c) transfer left exposed after the real prefill worker's compute.",
     )
     env = os.environ.get
-    p.add_argument("--sections", type=_names, default=("convert", "transfer", "exposed"),
-                   help="which parts to run (default: convert,transfer,exposed)")
+    p.add_argument(
+        "--sections",
+        type=_names,
+        default=("convert", "transfer", "exposed"),
+        help="which parts to run (default: convert,transfer,exposed)",
+    )
     a = p.add_argument_group("(a) conversion")
     a.add_argument("--layouts", type=_names, default=(), help="layouts to pair (default: all)")
-    a.add_argument("--dtypes", default="bfloat16,float32",
-                   help="'dtype' or 'source:target' items (default %(default)s)")
+    a.add_argument(
+        "--dtypes",
+        default="bfloat16,float32",
+        help="'dtype' or 'source:target' items (default %(default)s)",
+    )
     a.add_argument("--tokens", type=_ints, default=(2048,), help="tokens per layer, e.g. 1024,4096")
     a.add_argument("--kv-heads", type=int, default=8)
     a.add_argument("--head-dim", type=int, default=128)
@@ -68,19 +77,38 @@ def register(subparsers: Any) -> None:
     a.add_argument("--repeats", type=int, default=7, help="timed rounds per case (best of)")
     a.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     b = p.add_argument_group("(b) transfer and (c) exposed transfer")
-    b.add_argument("--nats-url", default=env("HETSERVE_BENCH_NATS_URL"),
-                   help="use this server (env HETSERVE_BENCH_NATS_URL; default: embedded)")
+    b.add_argument(
+        "--nats-url",
+        default=env("HETSERVE_BENCH_NATS_URL"),
+        help="use this server (env HETSERVE_BENCH_NATS_URL; default: embedded)",
+    )
     b.add_argument("--model", help="model directory (default: build the tiny Llama)")
-    b.add_argument("--route", type=_pair, default=("vllm-flash", "ascend"),
-                   help="prefill layout:converted-to layout (default vllm-flash:ascend)")
+    b.add_argument(
+        "--route",
+        type=_pair,
+        default=("vllm-flash", "ascend"),
+        help="prefill layout:converted-to layout (default vllm-flash:ascend)",
+    )
     b.add_argument("--service-dtype", default="float32", help="KV dtype of the services")
-    b.add_argument("--frame-bytes", type=int, default=_SERVICE_DEFAULTS["max_frame_bytes"].default,
-                   help="max KV frame bytes (default: the services' default)")
-    b.add_argument("--window", type=int, default=_SERVICE_DEFAULTS["kv_window"].default,
-                   help="unacknowledged frames per stream (default: the services' default)")
+    b.add_argument(
+        "--frame-bytes",
+        type=int,
+        default=_SERVICE_DEFAULTS["max_frame_bytes"].default,
+        help="max KV frame bytes (default: the services' default)",
+    )
+    b.add_argument(
+        "--window",
+        type=int,
+        default=_SERVICE_DEFAULTS["kv_window"].default,
+        help="unacknowledged frames per stream (default: the services' default)",
+    )
     b.add_argument("--transfer-tokens", type=int, help="tokens per request (default: auto)")
-    b.add_argument("--transfer-requests", type=int, default=40,
-                   help="requests per route, the routes taking turns (default %(default)s)")
+    b.add_argument(
+        "--transfer-requests",
+        type=int,
+        default=40,
+        help="requests per route, the routes taking turns (default %(default)s)",
+    )
     b.add_argument("--prompt-tokens", type=int, default=1024, help="(c) prompt length")
     b.add_argument("--exposed-repeats", type=int, default=5, help="(c) prompts per route")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -94,13 +122,25 @@ def run_kv_command(args: argparse.Namespace) -> int:
     from services.bench.kv_services import ServicesFailed
 
     config = KVBenchConfig(
-        sections=args.sections, layouts=args.layouts, dtypes=args.dtypes, tokens=args.tokens,
-        kv_heads=args.kv_heads, head_dim=args.head_dim, tp=args.tp, repeats=args.repeats,
-        threads=args.threads, nats_url=args.nats_url, model=args.model, route=args.route,
-        service_dtype=args.service_dtype, max_frame_bytes=args.frame_bytes,
-        window=args.window, transfer_tokens=args.transfer_tokens,
+        sections=args.sections,
+        layouts=args.layouts,
+        dtypes=args.dtypes,
+        tokens=args.tokens,
+        kv_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        tp=args.tp,
+        repeats=args.repeats,
+        threads=args.threads,
+        nats_url=args.nats_url,
+        model=args.model,
+        route=args.route,
+        service_dtype=args.service_dtype,
+        max_frame_bytes=args.frame_bytes,
+        window=args.window,
+        transfer_tokens=args.transfer_tokens,
         transfer_requests=args.transfer_requests,
-        prompt_tokens=args.prompt_tokens, exposed_repeats=args.exposed_repeats,
+        prompt_tokens=args.prompt_tokens,
+        exposed_repeats=args.exposed_repeats,
     )
     try:
         config.check()

@@ -76,7 +76,6 @@ class ConvertResult:
             "copy_gbps": self.copy_gbps,
             "ratio_to_copy": self.ratio,
             "frame_bytes": self.frame_bytes,
-
         }
 
 
@@ -130,15 +129,25 @@ def plan_cases(
                     continue
                 block_a, block_b = pair_blocks(spec_a, spec_b)
                 for n in tokens:
-                    cases.append(ConvertCase(a, b, src_dtype, dst_dtype, block_a, block_b,
-                                             tp[0], tp[1], n))
+                    cases.append(
+                        ConvertCase(a, b, src_dtype, dst_dtype, block_a, block_b, tp[0], tp[1], n)
+                    )
     return cases, skipped
 
 
-def _descriptor(layout: str, dtype: str, block: int, tp: int, rank: int, heads: int,
-                head_dim: int) -> KVDescriptor:
-    return KVDescriptor(layout=layout, block_size=block, dtype=dtype, num_layers=1,
-                        num_kv_heads=heads, head_dim=head_dim, tp_size=tp, tp_rank=rank)
+def _descriptor(
+    layout: str, dtype: str, block: int, tp: int, rank: int, heads: int, head_dim: int
+) -> KVDescriptor:
+    return KVDescriptor(
+        layout=layout,
+        block_size=block,
+        dtype=dtype,
+        num_layers=1,
+        num_kv_heads=heads,
+        head_dim=head_dim,
+        tp_size=tp,
+        tp_rank=rank,
+    )
 
 
 def frame_payload_limit(desc: KVDescriptor, max_frame_bytes: int) -> int:
@@ -170,13 +179,15 @@ def prepare_case(
     v = torch.randn(case.tokens, heads, head_dim, generator=gen)
     sources = []
     for rank in range(case.source_tp):
-        desc = _descriptor(case.source, case.source_dtype, case.source_block, case.source_tp,
-                           rank, heads, head_dim)
+        desc = _descriptor(
+            case.source, case.source_dtype, case.source_block, case.source_tp, rank, heads, head_dim
+        )
         pieces = pieces_for(desc, k, v, frame_payload_limit(desc, max_frame_bytes))
         sources.append(ShardLayer(desc, pieces))
     targets = [
-        _descriptor(case.target, case.target_dtype, case.target_block, case.target_tp, rank,
-                    heads, head_dim)
+        _descriptor(
+            case.target, case.target_dtype, case.target_block, case.target_tp, rank, heads, head_dim
+        )
         for rank in range(case.target_tp)
     ]
     source_bytes = sum(memoryview(p[2]).nbytes for s in sources for p in s.pieces)

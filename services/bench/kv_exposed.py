@@ -61,7 +61,9 @@ class ExposedRoute:
         transfer, exposed = self.median("transfer_s"), self.median("exposed_s")
         alone = statistics.median(self.transfer_alone_s)
         return {
-            "ttft_s": self.median("ttft_s"), "transfer_s": transfer, "exposed_s": exposed,
+            "ttft_s": self.median("ttft_s"),
+            "transfer_s": transfer,
+            "exposed_s": exposed,
             "transfer_alone_s": alone,
             "exposed_over_transfer": exposed / transfer if transfer else 0.0,
             "exposed_over_transfer_alone": exposed / alone if alone else 0.0,
@@ -83,8 +85,12 @@ class ExposedResult:
             # the issue's literal measure: TTFT disaggregated minus TTFT colocated
             d["ttft_minus_colocated_s"] = d["ttft_s"] - self.colocated_prefill_s
             routes[name] = d
-        return {"num_tokens": self.num_tokens, "kv_bytes": self.kv_bytes,
-                "colocated_prefill_s": self.colocated_prefill_s, "routes": routes}
+        return {
+            "num_tokens": self.num_tokens,
+            "kv_bytes": self.kv_bytes,
+            "colocated_prefill_s": self.colocated_prefill_s,
+            "routes": routes,
+        }
 
 
 class AckTap:
@@ -104,8 +110,9 @@ class AckTap:
         return later[-1]
 
 
-async def _one_prompt(topo: BenchTopology, route: str, tap: AckTap, num_tokens: int,
-                      timeout_s: float) -> ExposedSample:
+async def _one_prompt(
+    topo: BenchTopology, route: str, tap: AckTap, num_tokens: int, timeout_s: float
+) -> ExposedSample:
     bus, ids = topo.bus, topo.ids
     decode = ids["direct"] if route == "direct" else ids["conv_decode"]
     first_hop = decode if route == "direct" else ids["converter"]
@@ -128,13 +135,20 @@ async def _one_prompt(topo: BenchTopology, route: str, tap: AckTap, num_tokens: 
     await bus.nc.flush()
     try:
         await reserve(bus, decode, request)
-        job = PrefillJob(request=request, events_subject=subject, route=KVRoute(
-            send_to=first_hop, decode_instance=decode, decode_kv=topo.kv(
-                "direct" if route == "direct" else "conv_decode"),
-            via_converter=route == "converter"))
+        job = PrefillJob(
+            request=request,
+            events_subject=subject,
+            route=KVRoute(
+                send_to=first_hop,
+                decode_instance=decode,
+                decode_kv=topo.kv("direct" if route == "direct" else "conv_decode"),
+                via_converter=route == "converter",
+            ),
+        )
         t_submit = time.perf_counter()
-        reply = await bus.nc.request(bus.subjects.prefill_jobs(ids["prefill"]), job.pack(),
-                                     timeout=5)
+        reply = await bus.nc.request(
+            bus.subjects.prefill_jobs(ids["prefill"]), job.pack(), timeout=5
+        )
         if reply.data != b"ok":
             raise RuntimeError(f"prefill refused the job: {reply.data[:200]!r}")
         t_compute = await _token_times(events, timeout_s)
@@ -144,8 +158,11 @@ async def _one_prompt(topo: BenchTopology, route: str, tap: AckTap, num_tokens: 
     if len(frames) < 2:
         raise RuntimeError(f"the tap on {first_hop} saw {len(frames)} frame(s), not 2")
     t_complete = tap.last_since(t_submit)
-    return ExposedSample(ttft_s=t_compute - t_submit, transfer_s=t_complete - frames[1],
-                         exposed_s=t_complete - t_compute)
+    return ExposedSample(
+        ttft_s=t_compute - t_submit,
+        transfer_s=t_complete - frames[1],
+        exposed_s=t_complete - t_compute,
+    )
 
 
 async def _token_times(events: asyncio.Queue, timeout_s: float) -> float:
@@ -171,10 +188,18 @@ class ColocatedPrefill:
 
         c, kv = topo.config, topo.kv("prefill")
         self.num_tokens = num_tokens
-        self.engine, _world = build_engine(WorkerSettings(
-            model=str(c.model_dir), kv_layout=kv.layout, block_size=kv.block_size,
-            kv_dtype=kv.dtype, num_blocks=-(-num_tokens // kv.block_size) + 4,  # + reserved
-            device="cpu", torch_threads=1, nats_url=c.nats_url))
+        self.engine, _world = build_engine(
+            WorkerSettings(
+                model=str(c.model_dir),
+                kv_layout=kv.layout,
+                block_size=kv.block_size,
+                kv_dtype=kv.dtype,
+                num_blocks=-(-num_tokens // kv.block_size) + 4,  # + reserved
+                device="cpu",
+                torch_threads=1,
+                nats_url=c.nats_url,
+            )
+        )
 
     def time_once(self) -> float:
         engine = self.engine
@@ -188,8 +213,9 @@ class ColocatedPrefill:
             engine.allocator.free(seq.block_table)
 
 
-async def measure_exposed(topo: BenchTopology, num_tokens: int = 1024, repeats: int = 5,
-                          timeout_s: float = 120.0) -> ExposedResult:
+async def measure_exposed(
+    topo: BenchTopology, num_tokens: int = 1024, repeats: int = 5, timeout_s: float = 120.0
+) -> ExposedResult:
     """Colocated prefill, direct and converter routes take turns, after one warm-up each."""
     threads = torch.get_num_threads()
     kv = SyntheticKV.build(topo.kv("prefill"), num_tokens, topo.config.max_frame_bytes)

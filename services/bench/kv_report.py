@@ -10,8 +10,14 @@ from typing import Any
 from services.bench.kv import KVReport
 
 _WIDTH = 100
-_SHORT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float8_e4m3fn": "e4m3fn",
-          "float8_e4m3fnuz": "e4m3fnuz", "float8_e5m2": "e5m2"}
+_SHORT = {
+    "float32": "f32",
+    "bfloat16": "bf16",
+    "float16": "f16",
+    "float8_e4m3fn": "e4m3fn",
+    "float8_e4m3fnuz": "e4m3fnuz",
+    "float8_e5m2": "e5m2",
+}
 
 
 @dataclass(frozen=True)
@@ -35,31 +41,57 @@ def targets(report: KVReport) -> list[Target]:
     permute = [r.ratio for r in report.convert if r.case.permute_only]
     if permute:
         met = sum(r >= 0.5 for r in permute)
-        out.append(Target("conversion / copy, permute-only pairs (worst)", ">=", 0.5,
-                          min(permute), f"median {statistics.median(permute):.2f}, "
-                          f"best {max(permute):.2f}; {met}/{len(permute)} pairs meet it"))
+        out.append(
+            Target(
+                "conversion / copy, permute-only pairs (worst)",
+                ">=",
+                0.5,
+                min(permute),
+                f"median {statistics.median(permute):.2f}, "
+                f"best {max(permute):.2f}; {met}/{len(permute)} pairs meet it",
+            )
+        )
     if report.transfer is not None:
         t = report.transfer
         for name, route, limit in (("direct", "direct", 0.8), ("via-converter", "converter", 0.4)):
-            out.append(Target(f"{name} goodput / NATS ceiling", ">=", limit, t.ratio(route),
-                              f"median per-turn ratio {t.paired_ratio(route):.2f}"))
+            out.append(
+                Target(
+                    f"{name} goodput / NATS ceiling",
+                    ">=",
+                    limit,
+                    t.ratio(route),
+                    f"median per-turn ratio {t.paired_ratio(route):.2f}",
+                )
+            )
     if report.exposed is not None:
         for name, route in report.exposed.routes.items():
             d = route.to_dict()
-            out.append(Target(f"exposed / transfer, {name}", "<=", 0.3,
-                              d["exposed_over_transfer"],
-                              f"vs the transfer alone: {d['exposed_over_transfer_alone']:.2f}"))
+            out.append(
+                Target(
+                    f"exposed / transfer, {name}",
+                    "<=",
+                    0.3,
+                    d["exposed_over_transfer"],
+                    f"vs the transfer alone: {d['exposed_over_transfer_alone']:.2f}",
+                )
+            )
     return out
 
 
 def to_dict(report: KVReport) -> dict[str, Any]:
     c = report.config
-    out: dict[str, Any] = {"machine": report.machine, "config": asdict(c),
-                           "seconds": report.seconds}
+    out: dict[str, Any] = {
+        "machine": report.machine,
+        "config": asdict(c),
+        "seconds": report.seconds,
+    }
     if report.convert or report.convert_skipped:
-        out["convert"] = {"kv_heads": c.kv_heads, "head_dim": c.head_dim,
-                          "cases": [r.to_dict() for r in report.convert],
-                          "skipped": report.convert_skipped}
+        out["convert"] = {
+            "kv_heads": c.kv_heads,
+            "head_dim": c.head_dim,
+            "cases": [r.to_dict() for r in report.convert],
+            "skipped": report.convert_skipped,
+        }
     if report.transfer is not None:
         out["transfer"] = report.transfer.to_dict()
     if report.exposed is not None:
@@ -80,8 +112,10 @@ def _convert_rows(report: KVReport) -> list[str]:
     c = report.config
     threads = report.machine.get("torch_threads_convert")
     lines = [
-        _heading(f"(a) conversion: convert_layer vs torch clone, {c.kv_heads} KV heads x "
-                 f"{c.head_dim}, tp {c.tp[0]}->{c.tp[1]}, {threads} torch thread(s)"),
+        _heading(
+            f"(a) conversion: convert_layer vs torch clone, {c.kv_heads} KV heads x "
+            f"{c.head_dim}, tp {c.tp[0]}->{c.tp[1]}, {threads} torch thread(s)"
+        ),
         f"{'source -> target':<34}{'dtype':<14}{'tokens':>7}{'blocks':>9}{'perm':>6}"
         f"{'conv GB/s':>11}{'copy GB/s':>11}{'ratio':>7}",
     ]
@@ -96,12 +130,15 @@ def _convert_rows(report: KVReport) -> list[str]:
             f"{r.convert_gbps:>11.2f}{r.copy_gbps:>11.2f}{r.ratio:>7.2f}{big}"
         )
     if any(r.frame_bytes > c.max_frame_bytes for r in report.convert):
-        lines.append(f"* a target block is larger than a {c.max_frame_bytes}-byte frame: measured "
-                     "with frames of one block + header; the converter refuses the pair at "
-                     "the set frame size")
+        lines.append(
+            f"* a target block is larger than a {c.max_frame_bytes}-byte frame: measured "
+            "with frames of one block + header; the converter refuses the pair at "
+            "the set frame size"
+        )
     if report.convert_skipped:
-        lines.append(f"skipped {len(report.convert_skipped)} pairs whose layout does not store "
-                     "the dtype")
+        lines.append(
+            f"skipped {len(report.convert_skipped)} pairs whose layout does not store the dtype"
+        )
     return lines
 
 
@@ -109,18 +146,24 @@ def _transfer_rows(report: KVReport) -> list[str]:
     t = report.transfer
     assert t is not None
     lines = [
-        _heading(f"(b) transfer: {t.source.layout} -> decode, and via converter -> "
-                 f"{t.target.layout} ({t.num_tokens} tokens, {t.data_frames_per_request} frames "
-                 f"of {t.frame_payload_bytes} B, window {report.config.window})"),
+        _heading(
+            f"(b) transfer: {t.source.layout} -> decode, and via converter -> "
+            f"{t.target.layout} ({t.num_tokens} tokens, {t.data_frames_per_request} frames "
+            f"of {t.frame_payload_bytes} B, window {report.config.window})"
+        ),
         f"{'route':<14}{'GB/s':>10}{'x ceiling':>11}{'p50 pair':>10}{'requests':>10}{'MB':>10}"
         f"{'seconds':>10}",
     ]
     for name, r in t.routes.items():
-        lines.append(f"{name:<14}{r.gbps:>10.3f}{t.ratio(name):>11.2f}"
-                     f"{t.paired_ratio(name):>10.2f}{len(r.times):>10}"
-                     f"{r.payload_bytes / 1e6:>10.1f}{r.seconds:>10.3f}")
-    lines.append("x ceiling: total goodput / the ceiling's; p50 pair: median over turns of the "
-                 "ceiling's time / the route's for the same request")
+        lines.append(
+            f"{name:<14}{r.gbps:>10.3f}{t.ratio(name):>11.2f}"
+            f"{t.paired_ratio(name):>10.2f}{len(r.times):>10}"
+            f"{r.payload_bytes / 1e6:>10.1f}{r.seconds:>10.3f}"
+        )
+    lines.append(
+        "x ceiling: total goodput / the ceiling's; p50 pair: median over turns of the "
+        "ceiling's time / the route's for the same request"
+    )
     return lines
 
 
@@ -128,8 +171,10 @@ def _exposed_rows(report: KVReport) -> list[str]:
     e = report.exposed
     assert e is not None
     lines = [
-        _heading(f"(c) exposed transfer: {e.num_tokens}-token prompt through the real prefill "
-                 f"worker, KV {e.kv_bytes / 1e6:.2f} MB"),
+        _heading(
+            f"(c) exposed transfer: {e.num_tokens}-token prompt through the real prefill "
+            f"worker, KV {e.kv_bytes / 1e6:.2f} MB"
+        ),
         f"colocated prefill (same engine in-process, no streaming): "
         f"{e.colocated_prefill_s * 1e3:.1f} ms",
         f"{'route':<12}{'TTFT ms':>9}{'-colo ms':>10}{'transfer ms':>13}{'exposed ms':>12}"
@@ -153,8 +198,10 @@ def _exposed_rows(report: KVReport) -> list[str]:
 
 def format_table(report: KVReport) -> str:
     m = report.machine
-    load = (f"load {m['load_average_start'][0]:.1f} -> "
-            f"{m.get('load_average_end', [float('nan')])[0]:.1f}")
+    load = (
+        f"load {m['load_average_start'][0]:.1f} -> "
+        f"{m.get('load_average_end', [float('nan')])[0]:.1f}"
+    )
     lines = [
         f"{' KV benchmark ':=^{_WIDTH}}",
         f"{m['platform']}, {m['cpus']} CPUs, torch {m['torch']}, {m['nats_server']}, {load}, "
@@ -168,7 +215,9 @@ def format_table(report: KVReport) -> str:
         lines += _exposed_rows(report)
     lines.append(_heading("targets (issue 3)"))
     for t in targets(report):
-        lines.append(f"{t.name:<48}{t.bound} {t.limit:<6.2f}{t.value:>8.3f}  "
-                     f"{'met' if t.met else 'MISSED'}{'  (' + t.detail + ')' if t.detail else ''}")
+        lines.append(
+            f"{t.name:<48}{t.bound} {t.limit:<6.2f}{t.value:>8.3f}  "
+            f"{'met' if t.met else 'MISSED'}{'  (' + t.detail + ')' if t.detail else ''}"
+        )
     lines.append("=" * _WIDTH)
     return "\n".join(lines)

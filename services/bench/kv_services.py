@@ -28,8 +28,12 @@ from services.common.bus import Bus
 from services.common.settings import CommonSettings
 
 ROOT = Path(__file__).resolve().parents[2]
-ROLES = {"prefill": "prefill", "direct": "decode", "conv_decode": "decode",
-         "converter": "converter"}
+ROLES = {
+    "prefill": "prefill",
+    "direct": "decode",
+    "conv_decode": "decode",
+    "converter": "converter",
+}
 
 
 class ServicesFailed(RuntimeError):
@@ -53,8 +57,12 @@ class TopologyConfig:
 
     def settings(self) -> CommonSettings:
         """What the bench's own connection (the synthetic prefill side) runs with."""
-        return CommonSettings(nats_url=self.nats_url, prefix=self.prefix,
-                              max_frame_bytes=self.max_frame_bytes, kv_window=self.kv_window)
+        return CommonSettings(
+            nats_url=self.nats_url,
+            prefix=self.prefix,
+            max_frame_bytes=self.max_frame_bytes,
+            kv_window=self.kv_window,
+        )
 
 
 def build_tiny_model(out_dir: Path) -> Path:
@@ -84,28 +92,38 @@ class BenchTopology:
     def _env(self, name: str) -> dict[str, str]:
         c = self.config
         env = {
-            "HETSERVE_NATS_URL": c.nats_url, "HETSERVE_PREFIX": c.prefix,
-            "HETSERVE_INSTANCE_ID": self.ids[name], "HETSERVE_LOG_LEVEL": "WARNING",
+            "HETSERVE_NATS_URL": c.nats_url,
+            "HETSERVE_PREFIX": c.prefix,
+            "HETSERVE_INSTANCE_ID": self.ids[name],
+            "HETSERVE_LOG_LEVEL": "WARNING",
             "HETSERVE_MAX_FRAME_BYTES": str(c.max_frame_bytes),
             "HETSERVE_KV_WINDOW": str(c.kv_window),
         }
         if ROLES[name] in ("prefill", "decode"):
             target = name == "conv_decode"
-            env.update({
-                "HETSERVE_MODEL": str(c.model_dir), "HETSERVE_ENGINE": "native",
-                "HETSERVE_KV_LAYOUT": c.target_layout if target else c.source_layout,
-                "HETSERVE_BLOCK_SIZE": str(c.target_block if target else c.source_block),
-                "HETSERVE_KV_DTYPE": c.kv_dtype, "HETSERVE_NUM_BLOCKS": str(c.num_blocks),
-                "HETSERVE_DEVICE": "cpu", "HETSERVE_TORCH_THREADS": "1",  # as `hetserve up`
-            })
+            env.update(
+                {
+                    "HETSERVE_MODEL": str(c.model_dir),
+                    "HETSERVE_ENGINE": "native",
+                    "HETSERVE_KV_LAYOUT": c.target_layout if target else c.source_layout,
+                    "HETSERVE_BLOCK_SIZE": str(c.target_block if target else c.source_block),
+                    "HETSERVE_KV_DTYPE": c.kv_dtype,
+                    "HETSERVE_NUM_BLOCKS": str(c.num_blocks),
+                    "HETSERVE_DEVICE": "cpu",
+                    "HETSERVE_TORCH_THREADS": "1",  # as `hetserve up`
+                }
+            )
         return env
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         log = open(self.config.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - child owns it
         try:
             self._procs[name] = subprocess.Popen(
-                [sys.executable, *argv], cwd=ROOT, env={**os.environ, **env},
-                stdout=log, stderr=subprocess.STDOUT,
+                [sys.executable, *argv],
+                cwd=ROOT,
+                env={**os.environ, **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         finally:
             log.close()
@@ -126,8 +144,7 @@ class BenchTopology:
             for name, role in ROLES.items():
                 self._spawn(name, ["-m", "services.common.cli", "serve", role], self._env(name))
             subject = self.config.settings().subjects.kv_frames(self.ids["echo"])
-            self._spawn("echo", ["-m", "services.bench.kv_echo", self.config.nats_url, subject],
-                        {})
+            self._spawn("echo", ["-m", "services.bench.kv_echo", self.config.nats_url, subject], {})
             self.bus = await Bus.connect(self.config.settings(), name="kv-bench")
             await self._wait_ready(subject)
         except BaseException:
@@ -137,14 +154,14 @@ class BenchTopology:
 
     async def _wait_ready(self, echo_subject: str, timeout_s: float = 180.0) -> None:
         deadline = time.monotonic() + timeout_s
-        pending = {**{n: self.bus.subjects.stats(self.ids[n]) for n in ROLES},
-                   "echo": echo_subject}
+        pending = {**{n: self.bus.subjects.stats(self.ids[n]) for n in ROLES}, "echo": echo_subject}
         while pending:
             for name, subject in list(pending.items()):
                 proc = self._procs[name]
                 if proc.poll() is not None:
-                    raise ServicesFailed(f"{name} exited with code {proc.returncode}:\n"
-                                       f"{self.log_tail(name)}")
+                    raise ServicesFailed(
+                        f"{name} exited with code {proc.returncode}:\n{self.log_tail(name)}"
+                    )
                 try:
                     reply = await self.bus.nc.request(subject, b"probe", timeout=0.5)
                 except (nats.errors.NoRespondersError, nats.errors.TimeoutError):

@@ -37,19 +37,28 @@ def bench_request(request_id: str, num_tokens: int, max_tokens: int) -> Generate
     """A greedy request of `num_tokens` prompt ids that never stops early (EOS ignored)."""
     ids = [10 + (i * 7919) % 900 for i in range(num_tokens)]
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    return GenerateRequest(request_id=request_id, prompt_token_ids=ids, sampling=sampling,
-                           submitted_at=time.time())
+    return GenerateRequest(
+        request_id=request_id, prompt_token_ids=ids, sampling=sampling, submitted_at=time.time()
+    )
 
 
-async def reserve(bus: Bus, decode_instance: str, request: GenerateRequest,
-                  hold_s: float = 30.0, timeout_s: float = 5.0) -> None:
+async def reserve(
+    bus: Bus,
+    decode_instance: str,
+    request: GenerateRequest,
+    hold_s: float = 30.0,
+    timeout_s: float = 5.0,
+) -> None:
     """Hold blocks at the decode instance exactly as the scheduler does before prefill."""
     remaining = request.sampling.max_tokens - len(request.resumed_token_ids)
-    ask = ReserveRequest(request=request,
-                         num_tokens=len(request.context_token_ids) + max(remaining, 1),
-                         hold_seconds=hold_s)
-    reply = await bus.request(bus.subjects.reserve(decode_instance), ask, ReserveReply,
-                              timeout_s=timeout_s)
+    ask = ReserveRequest(
+        request=request,
+        num_tokens=len(request.context_token_ids) + max(remaining, 1),
+        hold_seconds=hold_s,
+    )
+    reply = await bus.request(
+        bus.subjects.reserve(decode_instance), ask, ReserveReply, timeout_s=timeout_s
+    )
     if not reply.ok:
         raise ReserveRefused(f"{decode_instance} refused {request.request_id}: {reply.reason}")
 
@@ -63,8 +72,9 @@ class SyntheticKV:
     pieces: tuple[tuple[int, int, bytes], ...]  # one layer's (token_start, token_stop, payload)
 
     @classmethod
-    def build(cls, desc: KVDescriptor, num_tokens: int, max_frame_bytes: int,
-              seed: int = 0) -> SyntheticKV:
+    def build(
+        cls, desc: KVDescriptor, num_tokens: int, max_frame_bytes: int, seed: int = 0
+    ) -> SyntheticKV:
         gen = torch.Generator().manual_seed(seed)
         shape = (num_tokens, desc.num_kv_heads, desc.head_dim)
         k, v = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
@@ -81,24 +91,50 @@ class SyntheticKV:
     def data_frames(self) -> int:
         return len(self.desc.layers) * len(self.pieces)
 
-    def frames(self, request_id: str, dest_instance: str = "",
-               dest_desc: KVDescriptor | None = None, first_token: int = 11) -> Iterator[Frame]:
+    def frames(
+        self,
+        request_id: str,
+        dest_instance: str = "",
+        dest_desc: KVDescriptor | None = None,
+        first_token: int = 11,
+    ) -> Iterator[Frame]:
         desc = self.desc
         common = {"request_id": request_id, "shard": desc.tp_rank, "layout_id": desc.id}
-        yield Frame(kind="begin", seq=0, descriptor=desc, num_tokens=self.num_tokens,
-                    dest_instance=dest_instance, dest_descriptor=dest_desc or desc, **common)
+        yield Frame(
+            kind="begin",
+            seq=0,
+            descriptor=desc,
+            num_tokens=self.num_tokens,
+            dest_instance=dest_instance,
+            dest_descriptor=dest_desc or desc,
+            **common,
+        )
         seq = 0
         for layer in desc.layers:
             for start, stop, payload in self.pieces:
                 seq += 1
-                yield Frame(kind="data", seq=seq, layer=layer, token_start=start,
-                            token_stop=stop, payload=payload, **common)
-        yield Frame(kind="end", seq=seq + 1, data_frames=seq, first_token=first_token,
-                    extra={"finished": False}, **common)
+                yield Frame(
+                    kind="data",
+                    seq=seq,
+                    layer=layer,
+                    token_start=start,
+                    token_stop=stop,
+                    payload=payload,
+                    **common,
+                )
+        yield Frame(
+            kind="end",
+            seq=seq + 1,
+            data_frames=seq,
+            first_token=first_token,
+            extra={"finished": False},
+            **common,
+        )
 
 
-async def send_stream(bus: Bus, receiver: str, frames: Iterator[Frame], window: int,
-                      ack_timeout_s: float) -> float:
+async def send_stream(
+    bus: Bus, receiver: str, frames: Iterator[Frame], window: int, ack_timeout_s: float
+) -> float:
     """Seconds from the first frame sent to the last one acknowledged."""
     async with FrameSender(bus, receiver, window, ack_timeout_s) as sender:
         start = time.perf_counter()

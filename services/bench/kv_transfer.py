@@ -71,18 +71,27 @@ class TransferResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "num_tokens": self.num_tokens,
-            "source_layout": self.source.layout, "source_block": self.source.block_size,
-            "target_layout": self.target.layout, "target_block": self.target.block_size,
+            "source_layout": self.source.layout,
+            "source_block": self.source.block_size,
+            "target_layout": self.target.layout,
+            "target_block": self.target.block_size,
             "dtype": self.source.dtype,
-            "kv_geometry": {"layers": self.source.num_layers, "kv_heads": self.source.num_kv_heads,
-                            "head_dim": self.source.head_dim},
+            "kv_geometry": {
+                "layers": self.source.num_layers,
+                "kv_heads": self.source.num_kv_heads,
+                "head_dim": self.source.head_dim,
+            },
             "frame_payload_bytes": self.frame_payload_bytes,
             "data_frames_per_request": self.data_frames_per_request,
             "routes": {
-                name: {"payload_bytes": r.payload_bytes, "seconds": r.seconds,
-                       "requests": len(r.times), "gbps": r.gbps,
-                       "ratio_to_ceiling": self.ratio(name),
-                       "median_paired_ratio": self.paired_ratio(name)}
+                name: {
+                    "payload_bytes": r.payload_bytes,
+                    "seconds": r.seconds,
+                    "requests": len(r.times),
+                    "gbps": r.gbps,
+                    "ratio_to_ceiling": self.ratio(name),
+                    "median_paired_ratio": self.paired_ratio(name),
+                }
                 for name, r in self.routes.items()
             },
         }
@@ -97,8 +106,9 @@ def auto_tokens(desc: KVDescriptor, max_frame_bytes: int, max_model_len: int) ->
     return tokens or limit // desc.block_size * desc.block_size or limit
 
 
-async def send_kv_request(topo: BenchTopology, route: str, kv: SyntheticKV,
-                       timeout_s: float = 30.0) -> float:
+async def send_kv_request(
+    topo: BenchTopology, route: str, kv: SyntheticKV, timeout_s: float = 30.0
+) -> float:
     """Reserve (untimed) and send one request's frames over `route`; seconds taken."""
     ids, bus, window = topo.ids, topo.bus, topo.config.kv_window
     rid = new_request_id(route)
@@ -126,12 +136,17 @@ async def measure_transfer(
         max_len = min(topo.info[n].max_model_len for n in ("direct", "conv_decode"))
         num_tokens = auto_tokens(source, frame_bytes, max_len)
     kv = SyntheticKV.build(source, num_tokens, frame_bytes)
-    result = TransferResult(num_tokens, source, target, len(kv.pieces[0][2]), kv.data_frames,
-                            {r: RouteGoodput(r, kv.payload_bytes) for r in ROUTES})
+    result = TransferResult(
+        num_tokens,
+        source,
+        target,
+        len(kv.pieces[0][2]),
+        kv.data_frames,
+        {r: RouteGoodput(r, kv.payload_bytes) for r in ROUTES},
+    )
     for route in ROUTES:  # warm-up: connections, code paths, the decode's allocator
         await send_kv_request(topo, route, kv, ack_timeout_s)
     for _ in range(requests):
         for route in ROUTES:
-            result.routes[route].times.append(
-                await send_kv_request(topo, route, kv, ack_timeout_s))
+            result.routes[route].times.append(await send_kv_request(topo, route, kv, ack_timeout_s))
     return result

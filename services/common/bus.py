@@ -36,8 +36,11 @@ class Bus:
         for _ in range(attempts):
             try:
                 nc = await nats.connect(
-                    settings.nats_url, name=name, max_reconnect_attempts=-1,
-                    reconnect_time_wait=1, connect_timeout=2,
+                    settings.nats_url,
+                    name=name,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=1,
+                    connect_timeout=2,
                 )
                 return cls(nc, settings)
             except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
@@ -49,11 +52,20 @@ class Bus:
         """Create the request queue and completion log if absent (idempotent)."""
         s, replicas = self.subjects, self.settings.jetstream_replicas
         for config in (
-            StreamConfig(name=s.requests_stream, subjects=[s.requests],
-                         retention=RetentionPolicy.WORK_QUEUE, max_age=600.0,
-                         num_replicas=replicas),
-            StreamConfig(name=s.completions_stream, subjects=[s.completions], max_age=3600.0,
-                         max_msgs=100_000, num_replicas=replicas),
+            StreamConfig(
+                name=s.requests_stream,
+                subjects=[s.requests],
+                retention=RetentionPolicy.WORK_QUEUE,
+                max_age=600.0,
+                num_replicas=replicas,
+            ),
+            StreamConfig(
+                name=s.completions_stream,
+                subjects=[s.completions],
+                max_age=3600.0,
+                max_msgs=100_000,
+                num_replicas=replicas,
+            ),
         ):
             try:
                 await self.js.add_stream(config)
@@ -67,7 +79,9 @@ class Bus:
         except Exception:  # noqa: BLE001 - absent: create it
             try:
                 return await self.js.create_key_value(
-                    bucket=bucket, history=1, ttl=self.settings.instance_ttl_s * 10,
+                    bucket=bucket,
+                    history=1,
+                    ttl=self.settings.instance_ttl_s * 10,
                     replicas=self.settings.jetstream_replicas,
                 )
             except BadRequestError:
@@ -81,9 +95,7 @@ class Bus:
     async def publish(self, subject: str, message: Message) -> None:
         await self.nc.publish(subject, message.pack(), headers=inject())
 
-    async def request(
-        self, subject: str, message: Message, reply: type[M], timeout_s: float
-    ) -> M:
+    async def request(self, subject: str, message: Message, reply: type[M], timeout_s: float) -> M:
         msg = await self.nc.request(subject, message.pack(), timeout=timeout_s, headers=inject())
         return reply.unpack(msg.data)
 

@@ -79,8 +79,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.port:
         topology.gateway.port = args.port
     if not (Path(topology.model) / "config.json").exists():
-        print(f"hetserve up: no model at {topology.model} (config.json missing); build the demo "
-              "one with: python scripts/make_tiny_model.py models/tiny-llama", file=sys.stderr)
+        print(
+            f"hetserve up: no model at {topology.model} (config.json missing); build the demo "
+            "one with: python scripts/make_tiny_model.py models/tiny-llama",
+            file=sys.stderr,
+        )
         return 2
     return run_up(topology, args.nats_url or os.environ.get("HETSERVE_NATS_URL"), args.prefix)
 
@@ -89,9 +92,15 @@ def cmd_layouts(args: argparse.Namespace) -> int:
     from proto.layouts import LAYOUTS
 
     rows = [
-        {"name": spec.name, "engine": spec.engine, "backend": spec.backend,
-         "shape": spec.describe_shape(), "dtypes": list(spec.dtypes),
-         "block_sizes": list(spec.block_sizes), "source": spec.notes}
+        {
+            "name": spec.name,
+            "engine": spec.engine,
+            "backend": spec.backend,
+            "shape": spec.describe_shape(),
+            "dtypes": list(spec.dtypes),
+            "block_sizes": list(spec.block_sizes),
+            "source": spec.notes,
+        }
         for spec in LAYOUTS.values()
     ]
     if args.json:
@@ -100,8 +109,10 @@ def cmd_layouts(args: argparse.Namespace) -> int:
     width = max(len(r["name"]) for r in rows)
     for r in rows:
         print(f"{r['name']:<{width}}  {r['engine']} / {r['backend']}")
-        print(f"{'':<{width}}  shape {r['shape']}; dtypes {', '.join(r['dtypes'])}; "
-              f"block sizes {', '.join(map(str, r['block_sizes']))}")
+        print(
+            f"{'':<{width}}  shape {r['shape']}; dtypes {', '.join(r['dtypes'])}; "
+            f"block sizes {', '.join(map(str, r['block_sizes']))}"
+        )
     return 0
 
 

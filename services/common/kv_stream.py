@@ -38,9 +38,7 @@ async def acknowledge(msg: Msg, ok: bool = True, reason: str = "") -> None:
 
 
 class FrameSender:
-    def __init__(
-        self, bus: Bus, receiver: str, window: int, ack_timeout_s: float, rank: int = 0
-    ):
+    def __init__(self, bus: Bus, receiver: str, window: int, ack_timeout_s: float, rank: int = 0):
         self.bus = bus
         self.subject = bus.subjects.kv_frames(receiver, rank)
         self.receiver = receiver if rank == 0 else f"{receiver} rank {rank}"

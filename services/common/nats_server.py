@@ -43,15 +43,18 @@ class NatsServer:
     def config(self) -> str:
         # max_payload has no command-line flag. 8 MiB lets KV frames be large enough for one
         # block of a big model's layer, and few enough that per-frame costs stay small.
-        return (f"host: 127.0.0.1\nport: {self.port}\nmax_payload: {MAX_PAYLOAD}\n"
-                f'jetstream {{ store_dir: "{self.store_dir}" }}\n')
+        return (
+            f"host: 127.0.0.1\nport: {self.port}\nmax_payload: {MAX_PAYLOAD}\n"
+            f'jetstream {{ store_dir: "{self.store_dir}" }}\n'
+        )
 
     def start(self, timeout_s: float = 10.0) -> NatsServer:
         config = Path(self.store_dir) / "nats.conf"
         config.write_text(self.config())
         self.process = subprocess.Popen(
             [find_nats_server(), "-c", str(config)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

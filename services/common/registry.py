@@ -49,7 +49,8 @@ class Registry:
     def live(self, role: Role | None = None) -> list[InstanceInfo]:
         now = time.time()
         return [
-            info for info in self.entries.values()
+            info
+            for info in self.entries.values()
             if (role is None or info.role == role) and self.is_live(info, now)
         ]
 

@@ -50,7 +50,10 @@ class Service(ABC):
 
     def status(self) -> InstanceInfo:
         return InstanceInfo(
-            instance_id=self.instance_id, role=self.role, started_at=self.started_at, pid=os.getpid()
+            instance_id=self.instance_id,
+            role=self.role,
+            started_at=self.started_at,
+            pid=os.getpid(),
         )
 
     async def stop(self) -> None:  # noqa: B027 - optional hook, not abstract
@@ -79,8 +82,9 @@ class Service(ABC):
             except Exception:
                 log.exception("%s: handler for %s failed", self.instance_id, msg.subject)
 
-        await self.bus.nc.subscribe(subject, queue=queue, cb=guarded, pending_bytes_limit=-1,
-                                    pending_msgs_limit=-1)
+        await self.bus.nc.subscribe(
+            subject, queue=queue, cb=guarded, pending_bytes_limit=-1, pending_msgs_limit=-1
+        )
 
     async def _heartbeat(self) -> None:
         while not self.stopping.is_set():

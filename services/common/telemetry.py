@@ -22,8 +22,10 @@ def setup_tracing(role: str, instance_id: str) -> None:
     if _provider is not None:
         return
     resource = Resource.create(
-        {"service.name": os.environ.get("OTEL_SERVICE_NAME", f"hetserve-{role}"),
-         "service.instance.id": instance_id}
+        {
+            "service.name": os.environ.get("OTEL_SERVICE_NAME", f"hetserve-{role}"),
+            "service.instance.id": instance_id,
+        }
     )
     _provider = TracerProvider(resource=resource)
     exporter_names = os.environ.get("OTEL_TRACES_EXPORTER", "otlp")

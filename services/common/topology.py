@@ -38,8 +38,10 @@ class WorkerSpec(BaseModel):
         if self.kv_layout:
             spec = get_layout(self.kv_layout)
             if self.block_size not in spec.block_sizes:
-                raise ValueError(f"{self.name}: layout {self.kv_layout} takes block sizes "
-                                 f"{spec.block_sizes}, not {self.block_size}")
+                raise ValueError(
+                    f"{self.name}: layout {self.kv_layout} takes block sizes "
+                    f"{spec.block_sizes}, not {self.block_size}"
+                )
         if self.engine != "vllm":
             if self.vllm:
                 raise ValueError(f"{self.name}: vllm options on a {self.engine} instance")

@@ -538,8 +538,10 @@ def _plan(
     """Target payloads of one layer from `shards`' pieces (validated by the caller)."""
     meta = partial(torch.empty, dtype=torch.uint8, device="meta")
     runs = [
-        [_run_over(desc, a, b, meta(desc.payload_nbytes(-(-(b - a) // desc.block_size))))
-         for a, b in ranges]
+        [
+            _run_over(desc, a, b, meta(desc.payload_nbytes(-(-(b - a) // desc.block_size))))
+            for a, b in ranges
+        ]
         for desc, _, ranges in shards
     ]
     chunks = []
@@ -579,8 +581,13 @@ def _moves(shard: int, piece: int, plane: int, d: Tensor, s: Tensor, same: bool)
     if dims[k][0] <= _STRIP or dims[k][2] * item < _FAR_ROWS:
         return [_Move(shard, piece, plane, dst, src)]
     return [  # an element transpose between far rows: strips of the target's inner dim
-        _Move(shard, piece, plane, _strided(d.dtype, part, 1, dst.offset + a * dims[k][1]),
-              _strided(s.dtype, part, 2, src.offset + a * dims[k][2]))
+        _Move(
+            shard,
+            piece,
+            plane,
+            _strided(d.dtype, part, 1, dst.offset + a * dims[k][1]),
+            _strided(s.dtype, part, 2, src.offset + a * dims[k][2]),
+        )
         for a, part in _strips(dims, k)
     ]
 

@@ -79,8 +79,12 @@ class ConverterService(Service):
         try:
             frame = decode_frame(msg.data, self.bus.nc.max_payload)
         except FrameError as exc:
-            log.warning("%s rejected a KV frame of %s: %s", self.instance_id,
-                        exc.request_id or "an unknown request", exc)
+            log.warning(
+                "%s rejected a KV frame of %s: %s",
+                self.instance_id,
+                exc.request_id or "an unknown request",
+                exc,
+            )
             await acknowledge(msg, False, str(exc))
             broken = self.active.get(exc.request_id or "")
             if broken is not None and not broken.failed:
@@ -95,7 +99,9 @@ class ConverterService(Service):
                 await acknowledge(msg, False, reason)
                 return
             conv = self.active[frame.request_id] = Conversion(frame.request_id)
-            self.spawn(self._convert_stream(conv, extract(msg.headers)), f"convert-{frame.request_id}")
+            self.spawn(
+                self._convert_stream(conv, extract(msg.headers)), f"convert-{frame.request_id}"
+            )
         conv.inbox.put_nowait((frame, msg))
 
     async def _convert_stream(self, conv: Conversion, ctx) -> None:  # noqa: ANN001
@@ -113,8 +119,12 @@ class ConverterService(Service):
                     try:
                         await self._take(conv, frame, msg)
                     except (FrameError, ValueError, StreamFailed) as exc:
-                        log.warning("%s: conversion of %s failed: %s", self.instance_id,
-                                    conv.request_id, exc)
+                        log.warning(
+                            "%s: conversion of %s failed: %s",
+                            self.instance_id,
+                            conv.request_id,
+                            exc,
+                        )
                         conv.failed = str(exc)
                         metrics.error("converter", "conversion_failed")
                         await acknowledge(msg, False, str(exc))
@@ -147,7 +157,9 @@ class ConverterService(Service):
     async def _take(self, conv: Conversion, frame: Frame, msg: Msg) -> None:
         expected = conv.next_seq.get(frame.shard, 0)
         if frame.seq != expected:
-            raise FrameError(f"shard {frame.shard}: sequence number {frame.seq}, expected {expected}")
+            raise FrameError(
+                f"shard {frame.shard}: sequence number {frame.seq}, expected {expected}"
+            )
         conv.next_seq[frame.shard] = expected + 1
         if frame.kind == "begin":
             await self._begin(conv, frame)
@@ -178,23 +190,40 @@ class ConverterService(Service):
         dest = conv.dest
         conv.targets = [dest.model_copy(update={"tp_rank": r}) for r in range(dest.tp_size)]
         for target in conv.targets:
-            sender = FrameSender(self.bus, conv.dest_instance, self.settings.kv_window,
-                                 self.settings.kv_ack_timeout_s, rank=target.tp_rank)
+            sender = FrameSender(
+                self.bus,
+                conv.dest_instance,
+                self.settings.kv_window,
+                self.settings.kv_ack_timeout_s,
+                rank=target.tp_rank,
+            )
             await sender.__aenter__()
             conv.senders.append(sender)
             conv.out_seq.append(0)
             conv.out_frames.append(0)
-            await sender.send(Frame(
-                kind="begin", request_id=conv.request_id, seq=0, shard=target.tp_rank,
-                layout_id=target.id, descriptor=target, num_tokens=conv.num_tokens,
-            ))
+            await sender.send(
+                Frame(
+                    kind="begin",
+                    request_id=conv.request_id,
+                    seq=0,
+                    shard=target.tp_rank,
+                    layout_id=target.id,
+                    descriptor=target,
+                    num_tokens=conv.num_tokens,
+                )
+            )
 
     def _end_frame(self, conv: Conversion, rank: int, first: int | None, extra: dict) -> Frame:
         conv.out_seq[rank] += 1
         return Frame(
-            kind="end", request_id=conv.request_id, seq=conv.out_seq[rank], shard=rank,
-            layout_id=conv.targets[rank].id, data_frames=conv.out_frames[rank],
-            first_token=first, extra=extra,
+            kind="end",
+            request_id=conv.request_id,
+            seq=conv.out_seq[rank],
+            shard=rank,
+            layout_id=conv.targets[rank].id,
+            data_frames=conv.out_frames[rank],
+            first_token=first,
+            extra=extra,
         )
 
     async def _data(self, conv: Conversion, frame: Frame, msg: Msg) -> None:
@@ -206,8 +235,10 @@ class ConverterService(Service):
         key = (frame.layer, frame.shard)
         have = conv.tokens.get(key, 0)
         if frame.token_start != have or frame.token_stop > conv.num_tokens:
-            raise FrameError(f"layer {frame.layer}: tokens [{frame.token_start}, "
-                             f"{frame.token_stop}) do not continue [0, {have})")
+            raise FrameError(
+                f"layer {frame.layer}: tokens [{frame.token_start}, "
+                f"{frame.token_stop}) do not continue [0, {have})"
+            )
         conv.tokens[key] = frame.token_stop
         if frame.scales is not None:
             conv.scales[key] = frame.scales
@@ -233,8 +264,10 @@ class ConverterService(Service):
         limit = self.bus.frame_limit - 1024  # room for the frame header
 
         def convert() -> list[list]:
-            return [convert_layer(sources, target, conv.num_tokens, limit, layer=layer)
-                    for target in conv.targets]
+            return [
+                convert_layer(sources, target, conv.num_tokens, limit, layer=layer)
+                for target in conv.targets
+            ]
 
         with metrics.CONVERSION_SECONDS.time():
             per_rank = await asyncio.to_thread(convert)
@@ -246,18 +279,28 @@ class ConverterService(Service):
                 self.converted_bytes += len(payload)
                 metrics.KV_CONVERTED_BYTES.inc(len(payload))
                 metrics.KV_CONVERTED_FRAMES.inc()
-                await conv.senders[rank].send(Frame(
-                    kind="data", request_id=conv.request_id, seq=conv.out_seq[rank],
-                    shard=rank, layout_id=target.id, layer=layer, token_start=start,
-                    token_stop=stop, payload=payload,
-                ))
+                await conv.senders[rank].send(
+                    Frame(
+                        kind="data",
+                        request_id=conv.request_id,
+                        seq=conv.out_seq[rank],
+                        shard=rank,
+                        layout_id=target.id,
+                        layer=layer,
+                        token_start=start,
+                        token_stop=stop,
+                        payload=payload,
+                    )
+                )
 
     async def _end(self, conv: Conversion, frame: Frame) -> None:
         if frame.shard not in conv.sources:
             raise FrameError(f"end for shard {frame.shard} before its begin")
         if "error" not in frame.extra and frame.data_frames != conv.data_frames.get(frame.shard, 0):
-            raise FrameError(f"shard {frame.shard}: end says {frame.data_frames} data frames, "
-                             f"{conv.data_frames.get(frame.shard, 0)} came")
+            raise FrameError(
+                f"shard {frame.shard}: end says {frame.data_frames} data frames, "
+                f"{conv.data_frames.get(frame.shard, 0)} came"
+            )
         conv.ends[frame.shard] = frame
         if len(conv.ends) < conv.shards:
             return

@@ -39,7 +39,8 @@ class DecodeFollower(Service):
         engine, world = await asyncio.to_thread(build_engine, self.settings)
         self.receiver = KVReceiver(engine)
         self.follower = await asyncio.to_thread(
-            Follower, engine, world.control, None, self.complete.__contains__)
+            Follower, engine, world.control, None, self.complete.__contains__
+        )
         rank = engine.kv.tp_rank
         await self.subscribe(self.bus.subjects.kv_frames(self.instance_id, rank), self._on_frame)
         self.spawn(self._follow(), "tp-follower")
@@ -54,8 +55,12 @@ class DecodeFollower(Service):
         try:
             frame = decode_frame(msg.data, self.bus.nc.max_payload)
         except FrameError as exc:
-            log.warning("%s rank %d rejected a KV frame: %s", self.instance_id,
-                        self.receiver.engine.kv.tp_rank, exc)
+            log.warning(
+                "%s rank %d rejected a KV frame: %s",
+                self.instance_id,
+                self.receiver.engine.kv.tp_rank,
+                exc,
+            )
             self.inbound.pop(exc.request_id or "", None)
             await acknowledge(msg, False, str(exc))
             return
@@ -74,12 +79,18 @@ class DecodeFollower(Service):
             if frame.kind == "end":
                 del self.inbound[rid]
         except (FrameError, TimeoutError) as exc:
-            log.warning("%s rank %d rejected a KV frame of %s: %s", self.instance_id,
-                        self.receiver.engine.kv.tp_rank, rid, exc)
+            log.warning(
+                "%s rank %d rejected a KV frame of %s: %s",
+                self.instance_id,
+                self.receiver.engine.kv.tp_rank,
+                rid,
+                exc,
+            )
             self.inbound.pop(rid, None)
             await acknowledge(msg, False, str(exc))
             return
         # Forget completions the leader has released since.
         self.complete.intersection_update(
-            r for r in list(self.complete) if r in self.follower.tables)
+            r for r in list(self.complete) if r in self.follower.tables
+        )
         await acknowledge(msg)

@@ -41,7 +41,9 @@ class KVReceiver:
             raise FrameError(f"sequence number {frame.seq}, expected {inbound.next_seq}")
         inbound.next_seq += 1
         if frame.layout_id != kv.id:
-            raise FrameError(f"layout {frame.layout_id} is not this instance's ({kv.id}, {kv.layout})")
+            raise FrameError(
+                f"layout {frame.layout_id} is not this instance's ({kv.id}, {kv.layout})"
+            )
         if frame.kind == "begin":
             self._begin(inbound, frame)
             return False
@@ -54,10 +56,13 @@ class KVReceiver:
         if inbound.request is not None:
             expected = len(inbound.request.context_token_ids)
             if frame.num_tokens != expected:
-                raise FrameError(f"begin announces {frame.num_tokens} tokens, request has {expected}")
+                raise FrameError(
+                    f"begin announces {frame.num_tokens} tokens, request has {expected}"
+                )
         if self.engine.blocks_for(frame.num_tokens) > len(inbound.blocks):
-            raise FrameError(f"{frame.num_tokens} tokens do not fit the {len(inbound.blocks)} "
-                             "blocks reserved")
+            raise FrameError(
+                f"{frame.num_tokens} tokens do not fit the {len(inbound.blocks)} blocks reserved"
+            )
         inbound.num_tokens = frame.num_tokens
 
     def _store(self, inbound: Inbound, frame: Frame) -> None:
@@ -86,9 +91,12 @@ class KVReceiver:
         if "error" in frame.extra:
             return False  # the sender failed; the caller releases the request
         if frame.data_frames != inbound.data_frames:
-            raise FrameError(f"end says {frame.data_frames} data frames, {inbound.data_frames} came")
+            raise FrameError(
+                f"end says {frame.data_frames} data frames, {inbound.data_frames} came"
+            )
         missing = [
-            layer for layer in self.engine.kv.layers
+            layer
+            for layer in self.engine.kv.layers
             if inbound.layer_tokens.get(layer, 0) != inbound.num_tokens
         ]
         if missing:

@@ -122,33 +122,49 @@ class VllmDecodeService(DecodeService):
         num_blocks = self.settings.num_blocks
         template = str(staging_path(self.instance_id, "{rank}"))
         files = [staging_path(self.instance_id, r) for r in range(kv.tp_size)]
-        staging = [RankStaging(desc, await asyncio.to_thread(
-                       open_staging, files[desc.tp_rank], desc, num_blocks, True))
-                   for desc in descriptors]
+        staging = [
+            RankStaging(
+                desc,
+                await asyncio.to_thread(open_staging, files[desc.tp_rank], desc, num_blocks, True),
+            )
+            for desc in descriptors
+        ]
         try:
-            await self.vllm.collective_rpc("hetserve_attach_staging",
-                                           args=(template, num_blocks))
+            await self.vllm.collective_rpc("hetserve_attach_staging", args=(template, num_blocks))
         finally:
             # Every process has them mapped now: the names can go, so nothing is left behind
             # in /dev/shm however the processes end.
             for file in files:
                 file.unlink(missing_ok=True)
         self.engine = StagingArea(
-            kv=kv, cache=staging[0].cache, allocator=BlockAllocator(num_blocks), cfg=cfg,
-            tokenizer=tokenizer, max_model_len=self.vllm.vllm_config.model_config.max_model_len,
-            shards=[Shard(rank, KVReceiver(rank)) for rank in staging[1:]])
+            kv=kv,
+            cache=staging[0].cache,
+            allocator=BlockAllocator(num_blocks),
+            cfg=cfg,
+            tokenizer=tokenizer,
+            max_model_len=self.vllm.vllm_config.model_config.max_model_len,
+            shards=[Shard(rank, KVReceiver(rank)) for rank in staging[1:]],
+        )
         self.receiver = KVReceiver(self.engine)
         self.tp = kv.tp_size
         self.generating: dict[str, asyncio.Task] = {}
         self.shards_done: dict[str, asyncio.Event] = {}
-        log.info("%s: vLLM decode, KV %s block %d tp %d (%s)", self.instance_id,
-                 kv.layout, kv.block_size, kv.tp_size, kv.id)
+        log.info(
+            "%s: vLLM decode, KV %s block %d tp %d (%s)",
+            self.instance_id,
+            kv.layout,
+            kv.block_size,
+            kv.tp_size,
+            kv.id,
+        )
         s = self.bus.subjects
         await self.subscribe(s.reserve(self.instance_id), self._on_reserve)
         await self.subscribe(s.kv_frames(self.instance_id, 0), self._on_frame)
         for shard in self.engine.shards:
-            await self.subscribe(s.kv_frames(self.instance_id, shard.staging.kv.tp_rank),
-                                 partial(self._on_shard_frame, shard))
+            await self.subscribe(
+                s.kv_frames(self.instance_id, shard.staging.kv.tp_rank),
+                partial(self._on_shard_frame, shard),
+            )
         await self.subscribe(s.aborts, self._on_abort)
         self.spawn(self._expire_reservations(), "reservation-expiry")
 
@@ -156,7 +172,8 @@ class VllmDecodeService(DecodeService):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         return AsyncLLM.from_engine_args(
-            vllm_engine.engine_args(self.settings, "decode", True), stat_loggers=[PeakBatch])
+            vllm_engine.engine_args(self.settings, "decode", True), stat_loggers=[PeakBatch]
+        )
 
     def status(self):  # noqa: ANN201
         info = super().status()
@@ -172,16 +189,23 @@ class VllmDecodeService(DecodeService):
     # -- tensor parallel > 1: the other ranks' streams ----------------------------------
 
     async def _on_shard_frame(self, shard: Shard, msg: Msg) -> None:
-        await self._take_frame(msg, shard.receiver, shard.inbound,
-                               partial(self._shard_ended, shard))
+        await self._take_frame(
+            msg, shard.receiver, shard.inbound, partial(self._shard_ended, shard)
+        )
 
-    def _shard_ended(self, shard: Shard, inbound: Inbound, frame: Frame, msg: Msg,
-                     complete: bool) -> None:
+    def _shard_ended(
+        self, shard: Shard, inbound: Inbound, frame: Frame, msg: Msg, complete: bool
+    ) -> None:
         rid = frame.request_id
         del shard.inbound[rid]
         if not complete:  # its sender failed: the request cannot run here
-            self.spawn(self._fail(rid, f"rank {shard.staging.kv.tp_rank}'s KV stream failed: "
-                                       f"{frame.extra.get('error', '')}"))
+            self.spawn(
+                self._fail(
+                    rid,
+                    f"rank {shard.staging.kv.tp_rank}'s KV stream failed: "
+                    f"{frame.extra.get('error', '')}",
+                )
+            )
             return
         shard.complete.add(rid)
         if self.engine.complete_everywhere(rid) and rid in self.shards_done:
@@ -204,8 +228,10 @@ class VllmDecodeService(DecodeService):
         task = self.generating.get(rid)
         if task is not None and rid not in self.inbound:  # failed on a rank >= 1 only
             task.cancel()
-            await self.bus.publish(self.bus.subjects.request_events(rid), ErrorEvent(
-                request_id=rid, message=message, instance_id=self.instance_id))
+            await self.bus.publish(
+                self.bus.subjects.request_events(rid),
+                ErrorEvent(request_id=rid, message=message, instance_id=self.instance_id),
+            )
         await super()._fail(rid, message)
 
     def _kv_loaded(self, num_tokens: int) -> None:
@@ -230,12 +256,15 @@ class VllmDecodeService(DecodeService):
         seq = entry.seq
         rid = seq.request_id
         params = vllm_engine.sampling_params(
-            seq.params, seq.params.max_tokens - seq.completion_offset - len(seq.output_ids),
-            {"rid": rid, "staged_blocks": seq.block_table, "num_tokens": len(seq.context_ids)})
+            seq.params,
+            seq.params.max_tokens - seq.completion_offset - len(seq.output_ids),
+            {"rid": rid, "staged_blocks": seq.block_table, "num_tokens": len(seq.context_ids)},
+        )
         try:
             await self._all_ranks_ready(entry)
-            async for out in self.vllm.generate({"prompt_token_ids": seq.all_ids}, params,
-                                                request_id=rid):
+            async for out in self.vllm.generate(
+                {"prompt_token_ids": seq.all_ids}, params, request_id=rid
+            ):
                 if seq.block_table:  # the connector copied them in the step that started it
                     self._free_staging(seq)
                     super()._kv_loaded(out.num_cached_tokens or 0)
@@ -251,8 +280,12 @@ class VllmDecodeService(DecodeService):
                 raise RuntimeError(f"vLLM ended {rid} after {len(seq.output_ids)} tokens")
         except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
             log.exception("%s: vLLM decode of %s failed", self.instance_id, rid)
-            await self.bus.publish(self.bus.subjects.request_events(rid), ErrorEvent(
-                request_id=rid, message=f"decode failed: {exc}", instance_id=self.instance_id))
+            await self.bus.publish(
+                self.bus.subjects.request_events(rid),
+                ErrorEvent(
+                    request_id=rid, message=f"decode failed: {exc}", instance_id=self.instance_id
+                ),
+            )
         finally:
             # hetserve stopped it (stop string, EOS, abort) or it failed: vLLM lets it go too
             with contextlib.suppress(Exception):
@@ -264,8 +297,13 @@ class VllmDecodeService(DecodeService):
     async def stop(self) -> None:
         for rid, task in list(self.generating.items()):
             task.cancel()
-            await self.bus.publish(self.bus.subjects.request_events(rid), ErrorEvent(
-                request_id=rid, instance_id=self.instance_id,
-                message=f"{self.instance_id} is shutting down"))
+            await self.bus.publish(
+                self.bus.subjects.request_events(rid),
+                ErrorEvent(
+                    request_id=rid,
+                    instance_id=self.instance_id,
+                    message=f"{self.instance_id} is shutting down",
+                ),
+            )
         await asyncio.gather(*self.generating.values(), return_exceptions=True)
         self.vllm.shutdown()

@@ -123,19 +123,23 @@ class DecodeService(Service):
         if self.tp > 1:  # follower ranks import their shards into the same blocks
             await asyncio.to_thread(self.engine.share_blocks, rid, blocks)
         self.inbound[rid] = Inbound(
-            request=req.request, blocks=blocks, deadline=time.monotonic() + req.hold_seconds,
-            span=_tracer.start_span("decode.admit", context=extract(msg.headers),
-                                    attributes={"request.id": rid, "instance.id": self.instance_id}),
+            request=req.request,
+            blocks=blocks,
+            deadline=time.monotonic() + req.hold_seconds,
+            span=_tracer.start_span(
+                "decode.admit",
+                context=extract(msg.headers),
+                attributes={"request.id": rid, "instance.id": self.instance_id},
+            ),
         )
         metrics.RESERVATIONS.labels("ok").inc()
-        await msg.respond(
-            ReserveReply(ok=True, free_blocks=self.engine.allocator.num_free).pack()
-        )
+        await msg.respond(ReserveReply(ok=True, free_blocks=self.engine.allocator.num_free).pack())
 
     def _blocks_to_hold(self, req: ReserveRequest) -> int:
         """The prompt plus a stretch of output; more blocks are taken as it grows."""
-        held = min(req.num_tokens,
-                   len(req.request.context_token_ids) + self.settings.reserve_ahead_tokens)
+        held = min(
+            req.num_tokens, len(req.request.context_token_ids) + self.settings.reserve_ahead_tokens
+        )
         return self.engine.blocks_for(held)
 
     def _release(self, rid: str) -> None:
@@ -160,8 +164,9 @@ class DecodeService(Service):
             await asyncio.sleep(0.5)
             now = time.monotonic()
             for rid in [r for r, i in self.inbound.items() if i.deadline < now]:
-                log.warning("%s: KV for %s never completed; releasing its blocks",
-                            self.instance_id, rid)
+                log.warning(
+                    "%s: KV for %s never completed; releasing its blocks", self.instance_id, rid
+                )
                 metrics.error("decode", "kv_timeout")
                 await self._fail(rid, f"{self.instance_id}: KV transfer did not complete in time")
 
@@ -170,15 +175,24 @@ class DecodeService(Service):
     async def _on_frame(self, msg: Msg) -> None:
         await self._take_frame(msg, self.receiver, self.inbound, self._transfer_ended)
 
-    async def _take_frame(self, msg: Msg, receiver: KVReceiver, inbound_by_id: dict[str, Inbound],
-                          on_end: Callable[[Inbound, Frame, Msg, bool], None]) -> None:
+    async def _take_frame(
+        self,
+        msg: Msg,
+        receiver: KVReceiver,
+        inbound_by_id: dict[str, Inbound],
+        on_end: Callable[[Inbound, Frame, Msg, bool], None],
+    ) -> None:
         """Check and store one frame of a stream this rank receives; ack it; a bad frame fails
         its request (every rank's blocks come back)."""
         try:
             frame = decode_frame(msg.data, self.bus.nc.max_payload)
         except FrameError as exc:
-            log.warning("%s rejected a KV frame of %s: %s", self.instance_id,
-                        exc.request_id or "an unknown request", exc)
+            log.warning(
+                "%s rejected a KV frame of %s: %s",
+                self.instance_id,
+                exc.request_id or "an unknown request",
+                exc,
+            )
             await acknowledge(msg, False, str(exc))
             if exc.request_id in inbound_by_id:
                 await self._fail(exc.request_id, f"bad KV frame: {exc}")
@@ -220,9 +234,13 @@ class DecodeService(Service):
         self._kv_loaded(len(seq.context_ids))
         seq.append(frame.first_token)
         span = _tracer.start_span(
-            "decode.generate", context=extract(msg.headers),
-            attributes={"request.id": rid, "instance.id": self.instance_id,
-                        "prompt.tokens": len(seq.context_ids)},
+            "decode.generate",
+            context=extract(msg.headers),
+            attributes={
+                "request.id": rid,
+                "instance.id": self.instance_id,
+                "prompt.tokens": len(seq.context_ids),
+            },
         )
         entry = Running(seq=seq, request=inbound.request, span=span, deadline=inbound.deadline)
         if seq.finished:  # the first token already ended it (EOS, max_tokens=1, stop)
@@ -264,10 +282,13 @@ class DecodeService(Service):
         if entry.seq.finished:
             metrics.DECODE_REQUESTS.inc()
             record = CompletionRecord(
-                request_id=entry.seq.request_id, prefill_instance=entry.prefill_instance,
-                decode_instance=self.instance_id, prompt_tokens=len(entry.request.prompt_token_ids),
+                request_id=entry.seq.request_id,
+                prefill_instance=entry.prefill_instance,
+                decode_instance=self.instance_id,
+                prompt_tokens=len(entry.request.prompt_token_ids),
                 completion_tokens=entry.seq.completion_offset + len(entry.seq.output_ids),
-                finish_reason=entry.seq.finish_reason, finished_at=time.time(),
+                finish_reason=entry.seq.finish_reason,
+                finished_at=time.time(),
             )
             self.spawn(self.bus.js.publish(self.bus.subjects.completions, record.pack()))
 
@@ -292,9 +313,12 @@ class DecodeService(Service):
                 self.preempted += 1
                 await self.bus.publish(
                     self.bus.subjects.request_events(victim.seq.request_id),
-                    ErrorEvent(request_id=victim.seq.request_id, instance_id=self.instance_id,
-                               message=f"{self.instance_id} preempted it: out of KV blocks",
-                               exclude_instance=False),
+                    ErrorEvent(
+                        request_id=victim.seq.request_id,
+                        instance_id=self.instance_id,
+                        message=f"{self.instance_id} preempted it: out of KV blocks",
+                        exclude_instance=False,
+                    ),
                 )
                 self._retire(victim)
                 if victim is entry:
@@ -310,15 +334,22 @@ class DecodeService(Service):
             return
         if self.tp > 1:
             ids = await asyncio.to_thread(
-                self.engine.ready_everywhere, [e.seq.request_id for e in candidates])
-            late = [e for e in candidates if e.seq.request_id not in ids
-                    and e.deadline < time.monotonic()]
+                self.engine.ready_everywhere, [e.seq.request_id for e in candidates]
+            )
+            late = [
+                e
+                for e in candidates
+                if e.seq.request_id not in ids and e.deadline < time.monotonic()
+            ]
             for entry in late:
                 self.ready.remove(entry)
                 await self.bus.publish(
                     self.bus.subjects.request_events(entry.seq.request_id),
-                    ErrorEvent(request_id=entry.seq.request_id, instance_id=self.instance_id,
-                               message=f"{self.instance_id}: KV never completed on every rank"),
+                    ErrorEvent(
+                        request_id=entry.seq.request_id,
+                        instance_id=self.instance_id,
+                        message=f"{self.instance_id}: KV never completed on every rank",
+                    ),
                 )
                 self._retire(entry)
             candidates = [e for e in candidates if e.seq.request_id in ids]
@@ -360,8 +391,10 @@ class DecodeService(Service):
             TokenEvent(
                 request_id=seq.request_id,
                 index=seq.completion_offset + len(seq.output_ids) - 1,
-                token_ids=[seq.output_ids[-1]], finish_reason=seq.finish_reason,
-                stop_reason=seq.stop_reason, instance_id=self.instance_id,
+                token_ids=[seq.output_ids[-1]],
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+                instance_id=self.instance_id,
             ),
         )
 
@@ -370,6 +403,9 @@ class DecodeService(Service):
         for entry in list(self.running) + list(self.ready):
             await self.bus.publish(
                 self.bus.subjects.request_events(entry.seq.request_id),
-                ErrorEvent(request_id=entry.seq.request_id, instance_id=self.instance_id,
-                           message=f"{self.instance_id} is shutting down"),
+                ErrorEvent(
+                    request_id=entry.seq.request_id,
+                    instance_id=self.instance_id,
+                    message=f"{self.instance_id} is shutting down",
+                ),
             )

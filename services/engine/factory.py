@@ -22,8 +22,12 @@ def build_engine(settings: WorkerSettings) -> tuple[NativeEngine, TPWorld]:
         ) from None
     cuda = settings.device.startswith("cuda") or (not settings.device and torch.cuda.is_available())
     world = init_tp(
-        settings.tp_rank, settings.tp_size, settings.tp_master_addr, settings.tp_master_port,
-        "nccl" if cuda else "gloo", device=settings.device or None,
+        settings.tp_rank,
+        settings.tp_size,
+        settings.tp_master_addr,
+        settings.tp_master_port,
+        "nccl" if cuda else "gloo",
+        device=settings.device or None,
     )
     engine = engine_cls(
         model_dir=settings.model,

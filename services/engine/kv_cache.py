@@ -22,7 +22,9 @@ class OutOfBlocks(RuntimeError):
 class BlockAllocator:
     def __init__(self, num_blocks: int, reserved: int = 0):
         if num_blocks <= reserved:
-            raise ValueError(f"cache of {num_blocks} blocks has none left after {reserved} reserved")
+            raise ValueError(
+                f"cache of {num_blocks} blocks has none left after {reserved} reserved"
+            )
         self.num_total = num_blocks - reserved
         self._free: deque[int] = deque(range(reserved, num_blocks))
 
@@ -55,20 +57,28 @@ def storage_plan(desc: KVDescriptor, num_blocks: int) -> list[dict[str, tuple[in
 
 
 class PagedKVCache:
-    def __init__(self, desc: KVDescriptor, num_blocks: int, device: torch.device | str = "cpu",
-                 tensor_factory: TensorFactory | None = None):
+    def __init__(
+        self,
+        desc: KVDescriptor,
+        num_blocks: int,
+        device: torch.device | str = "cpu",
+        tensor_factory: TensorFactory | None = None,
+    ):
         """`tensor_factory(shape, dtype)` supplies the (zeroed) storage tensors, in a fixed
         order: layer by layer, then by storage name; default: torch.zeros on `device`."""
         self.desc = desc
         self._new_tensor = tensor_factory or (
-            lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=device))
+            lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=device)
+        )
         self.num_blocks = num_blocks
         spec = desc.spec
         layers = list(desc.layers)
         self.layer_ids = layers
         self._slot = {layer: i for i, layer in enumerate(layers)}
-        made = [{name: self._new_tensor(shape, desc.torch_dtype) for name, shape in plan.items()}
-                for plan in storage_plan(desc, num_blocks)]
+        made = [
+            {name: self._new_tensor(shape, desc.torch_dtype) for name, shape in plan.items()}
+            for plan in storage_plan(desc, num_blocks)
+        ]
         self.storage = made * len(layers) if spec.multi_layer else made
         self.views = [
             kv_views(desc, store, num_blocks, layer_index=i if spec.multi_layer else 0)
@@ -91,7 +101,12 @@ class PagedKVCache:
         return next(iter(self.storage[0].values())).device
 
     def write(
-        self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self,
+        layer: int,
+        blocks: torch.Tensor,
+        offsets: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
     ) -> None:
         """Store new tokens' K/V ([T, H, D]) at (block, offset) slots."""
         k_view, v_view = self.views[self._slot[layer]]
@@ -122,7 +137,9 @@ class PagedKVCache:
             out[name] = tensor.index_select(symbols.index("N"), index)
         return out
 
-    def import_blocks(self, layer: int, block_ids: list[int], payload: dict[str, torch.Tensor]) -> None:
+    def import_blocks(
+        self, layer: int, block_ids: list[int], payload: dict[str, torch.Tensor]
+    ) -> None:
         slot = self._slot[layer]
         index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         for name, tensor in self._split[slot].items():

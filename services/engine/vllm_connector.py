@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
+
 @dataclass
 class SaveSpec:
     rid: str
@@ -117,8 +118,12 @@ def _exit_with_parent() -> None:
 
 
 class HetserveConnector(KVConnectorBase_V1):
-    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
-                 kv_cache_config: KVCacheConfig | None = None):
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig | None = None,
+    ):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
         if extra.get("owner_pid") not in (None, os.getpid()):
@@ -146,8 +151,10 @@ class HetserveConnector(KVConnectorBase_V1):
         self._layer_index = {name: extract_layer_index(name) for name in names}
         layer0 = self._vllm_config.compilation_config.static_forward_context[names[0]]
         self.desc = descriptor_from_cache(
-            kv_caches[names[0]], backend=layer0.attn_backend.get_name(),
-            isa=getattr(layer0, "isa", None), num_layers=len(names),
+            kv_caches[names[0]],
+            backend=layer0.attn_backend.get_name(),
+            isa=getattr(layer0, "isa", None),
+            num_layers=len(names),
             num_kv_heads=self._vllm_config.model_config.get_total_num_kv_heads(),
             tp_size=self._vllm_config.parallel_config.tensor_parallel_size,
             tp_rank=get_tensor_model_parallel_rank(),
@@ -157,8 +164,9 @@ class HetserveConnector(KVConnectorBase_V1):
     def attach_staging(self, path_template: str, num_blocks: int) -> None:
         """Map this rank's staging cache: `path_template` with {rank} filled in."""
         assert self.desc is not None, "register_kv_caches comes first"
-        self._staging = open_staging(path_template.format(rank=self.desc.tp_rank), self.desc,
-                                     num_blocks)
+        self._staging = open_staging(
+            path_template.format(rank=self.desc.tp_rank), self.desc, num_blocks
+        )
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -169,7 +177,9 @@ class HetserveConnector(KVConnectorBase_V1):
     def _load(self, spec: LoadSpec) -> None:
         """Staged blocks -> vLLM's blocks, layer by layer (same descriptor: raw copies)."""
         if self._staging is None:
-            raise RuntimeError("a hetserve load without a staging cache (decode service not attached)")
+            raise RuntimeError(
+                "a hetserve load without a staging cache (decode service not attached)"
+            )
         staged = spec.staged_blocks[spec.skip_blocks :]
         targets = spec.block_ids[spec.skip_blocks :]
         if not targets:
@@ -177,8 +187,12 @@ class HetserveConnector(KVConnectorBase_V1):
         for name, layer in self._layers.items():
             payload = self._staging.export_blocks(self._layer_index[name], staged)
             ids = torch.tensor(targets, dtype=torch.long, device=layer.device)
-            scatter_payload(self.desc, {"kv": layer}, ids,
-                            {k: v.to(layer.device, non_blocking=True) for k, v in payload.items()})
+            scatter_payload(
+                self.desc,
+                {"kv": layer},
+                ids,
+                {k: v.to(layer.device, non_blocking=True) for k, v in payload.items()},
+            )
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Loads are whole before the forward (start_load_kv): nothing to wait for. A load here
@@ -191,8 +205,9 @@ class HetserveConnector(KVConnectorBase_V1):
             self._streams = KVStreams(WorkerSettings(**self._settings), self.desc)
         return self._streams
 
-    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
-                      **kwargs: Any) -> None:
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, HetserveMeta) and self.desc is not None
         if not meta.saves:
@@ -220,15 +235,17 @@ class HetserveConnector(KVConnectorBase_V1):
 
     # -- scheduler side ---------------------------------------------------------------
 
-    def get_num_new_matched_tokens(self, request: Request,
-                                   num_computed_tokens: int) -> tuple[int | None, bool]:
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
         params = _params(request)
         if "staged_blocks" not in params or request.request_id in self._loaded:
             return 0, False
         return max(int(params["num_tokens"]) - num_computed_tokens, 0), False
 
-    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
-                                 num_external_tokens: int) -> None:
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
         params = _params(request)
         if num_external_tokens == 0 or "staged_blocks" not in params:
             return
@@ -251,18 +268,27 @@ class HetserveConnector(KVConnectorBase_V1):
             params = _params(extra.get("kv_transfer_params"))
             if params.get("produce"):
                 self._producing[req.req_id] = _Producing(
-                    rid=params.get("rid", req.req_id), route=params["route"],
-                    prompt_len=len(req.prompt_token_ids), block_ids=list(req.block_ids[0]))
-                self._add_save(meta, req.req_id, req.num_computed_tokens
-                               + scheduler_output.num_scheduled_tokens[req.req_id])
+                    rid=params.get("rid", req.req_id),
+                    route=params["route"],
+                    prompt_len=len(req.prompt_token_ids),
+                    block_ids=list(req.block_ids[0]),
+                )
+                self._add_save(
+                    meta,
+                    req.req_id,
+                    req.num_computed_tokens + scheduler_output.num_scheduled_tokens[req.req_id],
+                )
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             if req_id not in self._producing:
                 continue
             if cached.new_block_ids[i]:
                 self._producing[req_id].block_ids += cached.new_block_ids[i][0]
-            self._add_save(meta, req_id, cached.num_computed_tokens[i]
-                           + scheduler_output.num_scheduled_tokens[req_id])
+            self._add_save(
+                meta,
+                req_id,
+                cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens[req_id],
+            )
         for req_id in scheduler_output.finished_req_ids:
             self._producing.pop(req_id, None)
             self._loaded.discard(req_id)
@@ -276,15 +302,23 @@ class HetserveConnector(KVConnectorBase_V1):
             stop = computed_after_step // block * block
         if stop <= state.sent:
             return
-        meta.saves.append(SaveSpec(
-            rid=state.rid, route=state.route, num_tokens=state.prompt_len, block_ids=state.block_ids[state.sent // block : -(-stop // block)],
-            token_start=state.sent, token_stop=stop))
+        meta.saves.append(
+            SaveSpec(
+                rid=state.rid,
+                route=state.route,
+                num_tokens=state.prompt_len,
+                block_ids=state.block_ids[state.sent // block : -(-stop // block)],
+                token_start=state.sent,
+                token_stop=stop,
+            )
+        )
         state.sent = stop
         if stop >= state.prompt_len:
             del self._producing[req_id]
 
-    def request_finished(self, request: Request,
-                         block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
         self._producing.pop(request.request_id, None)
         self._pending_loads.pop(request.request_id, None)
         self._loaded.discard(request.request_id)

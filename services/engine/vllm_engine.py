@@ -43,11 +43,13 @@ def check_model(settings: WorkerSettings) -> ModelConfig:
 
         heads = CPUAttentionBackend.get_supported_head_sizes()
         if cfg.head_dim not in heads:
-            raise ValueError(f"vLLM's CPU attention takes head_dim in {heads}, "
-                             f"the model has {cfg.head_dim}")
+            raise ValueError(
+                f"vLLM's CPU attention takes head_dim in {heads}, the model has {cfg.head_dim}"
+            )
         if settings.block_size % 32:
-            raise ValueError(f"vLLM's CPU attention needs a block size multiple of 32, "
-                             f"not {settings.block_size}")
+            raise ValueError(
+                f"vLLM's CPU attention needs a block size multiple of 32, not {settings.block_size}"
+            )
     return cfg
 
 
@@ -77,11 +79,15 @@ def engine_args(settings: WorkerSettings, role: str, asynchronous: bool) -> Any:
         disable_log_stats=role == "prefill",  # decode's stats feed its peak-batch logger
         worker_extension_cls=WORKER_EXTENSION,
         kv_transfer_config=KVTransferConfig(
-            kv_connector=CONNECTOR, kv_connector_module_path=CONNECTOR_MODULE,
+            kv_connector=CONNECTOR,
+            kv_connector_module_path=CONNECTOR_MODULE,
             kv_role="kv_both",
             # the workers send KV themselves: they connect to NATS with these settings
-            kv_connector_extra_config={"owner_pid": os.getpid(),
-                                       "settings": settings.model_dump(mode="json")}),
+            kv_connector_extra_config={
+                "owner_pid": os.getpid(),
+                "settings": settings.model_dump(mode="json"),
+            },
+        ),
     )
 
 
@@ -129,8 +135,10 @@ def rank_descriptors(ranks: list[dict], expected_layout: str) -> list[KVDescript
     read = sorted((KVDescriptor.model_validate(d) for d in ranks), key=lambda d: d.tp_rank)
     kv = read[0]
     if expected_layout and kv.layout != expected_layout:
-        raise ValueError(f"the topology says kv_layout {expected_layout}, vLLM's cache is "
-                         f"{kv.layout}; leave kv_layout empty to accept what vLLM allocates")
+        raise ValueError(
+            f"the topology says kv_layout {expected_layout}, vLLM's cache is "
+            f"{kv.layout}; leave kv_layout empty to accept what vLLM allocates"
+        )
     derived = [kv.model_copy(update={"tp_rank": r}) for r in range(kv.tp_size)]
     if read != derived:
         raise ValueError(f"vLLM's ranks hold {read}, hetserve expects {derived}")
@@ -144,7 +152,8 @@ def new_sequence(request: GenerateRequest, cfg: ModelConfig, tokenizer: Tokenize
         context_ids=request.context_token_ids,
         params=request.sampling,
         sampler=None,
-        stopper=StopChecker(request.sampling, cfg.eos_token_ids, tokenizer,
-                            request.resumed_token_ids),
+        stopper=StopChecker(
+            request.sampling, cfg.eos_token_ids, tokenizer, request.resumed_token_ids
+        ),
         completion_offset=len(request.resumed_token_ids),
     )

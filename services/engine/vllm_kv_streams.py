@@ -39,8 +39,9 @@ class KVStreams:
     def __init__(self, settings: WorkerSettings, kv: KVDescriptor):
         self.settings, self.kv = settings, kv
         self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, name=f"hetserve-kv-rank{kv.tp_rank}",
-                         daemon=True).start()
+        threading.Thread(
+            target=self.loop.run_forever, name=f"hetserve-kv-rank{kv.tp_rank}", daemon=True
+        ).start()
         connect = Bus.connect(settings, name=f"{settings.instance_id}-kv-rank{kv.tp_rank}")
         self.bus = asyncio.run_coroutine_threadsafe(connect, self.loop).result(timeout=60)
         self.blocks_per_frame = max(1, (self.bus.frame_limit - 1024) // kv.payload_nbytes(1))
@@ -52,8 +53,9 @@ class KVStreams:
         stream = self.streams[request_id] = _Stream(num_tokens)
         asyncio.run_coroutine_threadsafe(self._send(request_id, route, stream), self.loop)
 
-    def put(self, request_id: str, layer: int, start: int, stop: int,
-            payload: bytes | memoryview) -> None:
+    def put(
+        self, request_id: str, layer: int, start: int, stop: int, payload: bytes | memoryview
+    ) -> None:
         stream = self.streams.get(request_id)
         if stream is None or stream.closed:  # the service gave up on it: vLLM may still save
             return
@@ -65,8 +67,15 @@ class KVStreams:
             stream.closed = True
             self.loop.call_soon_threadsafe(stream.queue.put_nowait, LAYERS_DONE)
 
-    def end(self, request_id: str, route: KVRoute, num_tokens: int, first_token: int | None,
-            extra: dict, error: str = "") -> None:
+    def end(
+        self,
+        request_id: str,
+        route: KVRoute,
+        num_tokens: int,
+        first_token: int | None,
+        extra: dict,
+        error: str = "",
+    ) -> None:
         """The service's word on the request: its first token (rank 0 sends it), or why it
         failed; a stream that never began still tells the receiver, so it lets go at once."""
         self.open(request_id, route, num_tokens)

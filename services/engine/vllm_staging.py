@@ -28,20 +28,26 @@ def _aligned(nbytes: int) -> int:
 
 def staging_nbytes(desc: KVDescriptor, num_blocks: int) -> int:
     item = desc.torch_dtype.itemsize
-    return sum(_aligned(math.prod(shape) * item)
-               for plan in storage_plan(desc, num_blocks) for shape in plan.values())
+    return sum(
+        _aligned(math.prod(shape) * item)
+        for plan in storage_plan(desc, num_blocks)
+        for shape in plan.values()
+    )
 
 
-def open_staging(path: str | Path, desc: KVDescriptor, num_blocks: int,
-                 create: bool = False) -> PagedKVCache:
+def open_staging(
+    path: str | Path, desc: KVDescriptor, num_blocks: int, create: bool = False
+) -> PagedKVCache:
     """Map `path` (created, zeroed and sized when `create`) as a PagedKVCache of `desc`."""
     nbytes = staging_nbytes(desc, num_blocks)
     if create:
         with open(path, "wb") as f:
             f.truncate(nbytes)
     elif os.path.getsize(path) != nbytes:
-        raise ValueError(f"staging {path} has {os.path.getsize(path)} bytes, "
-                         f"{desc.layout} x {num_blocks} blocks needs {nbytes}")
+        raise ValueError(
+            f"staging {path} has {os.path.getsize(path)} bytes, "
+            f"{desc.layout} x {num_blocks} blocks needs {nbytes}"
+        )
     flat = torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8)
     offset = 0
 

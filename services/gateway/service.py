@@ -31,8 +31,9 @@ class GatewayService(Service):
         backend = NatsBackend(
             self.bus, self.registry, self.settings, name, cfg.max_position_embeddings
         )
-        self.runner = web.AppRunner(create_app(backend, tokenizer), handle_signals=False,
-                                 handler_cancellation=True)
+        self.runner = web.AppRunner(
+            create_app(backend, tokenizer), handle_signals=False, handler_cancellation=True
+        )
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.settings.host, self.settings.port)
         await site.start()

@@ -48,16 +48,20 @@ class PrefillFollower(Service):
         return feed.on_layer_done
 
     async def _new_feed(self, step: PrefillStep) -> LayerFeed:
-        return LayerFeed(self.engine, step.block_table, len(step.context_ids),
-                         self.bus.frame_limit)
+        return LayerFeed(self.engine, step.block_table, len(step.context_ids), self.bus.frame_limit)
 
     async def _stream(self, step: PrefillStep, route: KVRoute, feed: LayerFeed) -> None:
         async def finish() -> tuple[int | None, dict]:
             return None, {}  # only the leader knows the first token
 
         try:
-            await stream_shard(self.bus, self.settings, self.engine.kv, step.request_id, route,
-                               feed, finish)
+            await stream_shard(
+                self.bus, self.settings, self.engine.kv, step.request_id, route, feed, finish
+            )
         except Exception:
-            log.exception("%s rank %d: KV stream of %s failed", self.instance_id,
-                          self.engine.kv.tp_rank, step.request_id)
+            log.exception(
+                "%s rank %d: KV stream of %s failed",
+                self.instance_id,
+                self.engine.kv.tp_rank,
+                step.request_id,
+            )

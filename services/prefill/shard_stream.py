@@ -22,8 +22,9 @@ Piece = tuple[int, int, bytes | memoryview]
 class LayerFeed:
     """Hands each finished layer's blocks from the torch thread to the event loop."""
 
-    def __init__(self, engine: NativeEngine, block_table: list[int], num_tokens: int,
-                 frame_limit: int):
+    def __init__(
+        self, engine: NativeEngine, block_table: list[int], num_tokens: int, frame_limit: int
+    ):
         self.engine = engine
         self.block_table = block_table
         self.num_tokens = num_tokens
@@ -57,22 +58,34 @@ class Feed(Protocol):
 
 
 async def stream_shard(
-    bus: Bus, settings: WorkerSettings, kv: KVDescriptor, request_id: str,
-    route: KVRoute, feed: Feed, finish: Callable[[], Awaitable[tuple[int | None, dict]]],
+    bus: Bus,
+    settings: WorkerSettings,
+    kv: KVDescriptor,
+    request_id: str,
+    route: KVRoute,
+    feed: Feed,
+    finish: Callable[[], Awaitable[tuple[int | None, dict]]],
 ) -> FrameSender:
     """Send this rank's stream; `finish` gives the end frame's first token and extra once the
     layers are sent (the leader waits for its compute there). If anything fails, the end
     frame says so (the receiver frees its blocks at once) and the error propagates."""
     rank = 0 if route.via_converter else kv.tp_rank  # direct: rank r feeds decode rank r
-    async with FrameSender(bus, route.send_to, settings.kv_window, settings.kv_ack_timeout_s,
-                           rank=rank) as sender:
+    async with FrameSender(
+        bus, route.send_to, settings.kv_window, settings.kv_ack_timeout_s, rank=rank
+    ) as sender:
         frame: dict[str, Any] = {"request_id": request_id, "shard": kv.tp_rank, "layout_id": kv.id}
         seq_no = 0
-        await sender.send(Frame(
-            kind="begin", seq=seq_no, descriptor=kv, num_tokens=feed.num_tokens,
-            dest_instance=route.decode_instance if route.via_converter else "",
-            dest_descriptor=route.decode_kv, **frame,
-        ))
+        await sender.send(
+            Frame(
+                kind="begin",
+                seq=seq_no,
+                descriptor=kv,
+                num_tokens=feed.num_tokens,
+                dest_instance=route.decode_instance if route.via_converter else "",
+                dest_descriptor=route.decode_kv,
+                **frame,
+            )
+        )
         data_frames = 0
         try:
             while (item := await feed.queue.get()) is not LAYERS_DONE:
@@ -80,15 +93,38 @@ async def stream_shard(
                 for start, stop, payload in pieces:
                     seq_no += 1
                     data_frames += 1
-                    await sender.send(Frame(kind="data", seq=seq_no, layer=layer,
-                                            token_start=start, token_stop=stop, payload=payload,
-                                            **frame))
+                    await sender.send(
+                        Frame(
+                            kind="data",
+                            seq=seq_no,
+                            layer=layer,
+                            token_start=start,
+                            token_stop=stop,
+                            payload=payload,
+                            **frame,
+                        )
+                    )
             first_token, extra = await finish()
         except Exception as exc:
-            await sender.send(Frame(kind="end", seq=seq_no + 1, data_frames=data_frames,
-                                    extra={"error": f"prefill failed: {exc}"}, **frame))
+            await sender.send(
+                Frame(
+                    kind="end",
+                    seq=seq_no + 1,
+                    data_frames=data_frames,
+                    extra={"error": f"prefill failed: {exc}"},
+                    **frame,
+                )
+            )
             raise
-        await sender.send(Frame(kind="end", seq=seq_no + 1, data_frames=data_frames,
-                                first_token=first_token, extra=extra, **frame))
+        await sender.send(
+            Frame(
+                kind="end",
+                seq=seq_no + 1,
+                data_frames=data_frames,
+                first_token=first_token,
+                extra=extra,
+                **frame,
+            )
+        )
         await sender.finish()
     return sender

@@ -46,8 +46,14 @@ class VllmPrefillService(PrefillService):
         self.aborted: list[str] = []
         self.ends: list[tuple] = []  # for hetserve_end_streams, delivered before the next step
         self.wake = asyncio.Event()
-        log.info("%s: vLLM prefill, KV %s block %d tp %d (%s)", self.instance_id, self.kv.layout,
-                 self.kv.block_size, self.kv.tp_size, self.kv.id)
+        log.info(
+            "%s: vLLM prefill, KV %s block %d tp %d (%s)",
+            self.instance_id,
+            self.kv.layout,
+            self.kv.block_size,
+            self.kv.tp_size,
+            self.kv.id,
+        )
         await self.subscribe(self.bus.subjects.prefill_jobs(self.instance_id), self._on_job)
         self.spawn(self._take_jobs(), "prefill-jobs")
         self.spawn(self._engine_loop(), "vllm-steps")
@@ -83,8 +89,9 @@ class VllmPrefillService(PrefillService):
 
     # -- the engine thread ------------------------------------------------------------
 
-    def _step(self, new: list[tuple[str, list[int], object]], aborted: list[str],
-              ends: list[tuple]) -> tuple[list, dict[str, Exception]]:
+    def _step(
+        self, new: list[tuple[str, list[int], object]], aborted: list[str], ends: list[tuple]
+    ) -> tuple[list, dict[str, Exception]]:
         if aborted:
             self.llm.abort_request(aborted)
         if ends:  # every worker ends its rank's streams (rank 0's end has the first token)
@@ -139,8 +146,9 @@ class VllmPrefillService(PrefillService):
         seq = vllm_engine.new_sequence(request, self.cfg, self.tokenizer)
         output = self.outputs[rid] = asyncio.get_running_loop().create_future()
         stream = {"route": route.model_dump(mode="json"), "num_tokens": len(seq.context_ids)}
-        params = vllm_engine.sampling_params(request.sampling, 1, {"rid": rid, "produce": True,
-                                                                   "route": stream["route"]})
+        params = vllm_engine.sampling_params(
+            request.sampling, 1, {"rid": rid, "produce": True, "route": stream["route"]}
+        )
         self.new.append((rid, seq.context_ids, params))
         self.wake.set()
         error = ""
@@ -156,9 +164,16 @@ class VllmPrefillService(PrefillService):
         finally:
             self.outputs.pop(rid, None)
             # Every rank's stream gets its end: the first token, or the error.
-            self.ends.append((rid, stream["route"], stream["num_tokens"],
-                              seq.output_ids[-1] if seq.output_ids else None,
-                              {"finished": seq.finished}, error))
+            self.ends.append(
+                (
+                    rid,
+                    stream["route"],
+                    stream["num_tokens"],
+                    seq.output_ids[-1] if seq.output_ids else None,
+                    {"finished": seq.finished},
+                    error,
+                )
+            )
             self.wake.set()
 
     async def stop(self) -> None:

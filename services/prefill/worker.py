@@ -82,8 +82,11 @@ class PrefillService(Service):
             metrics.error("prefill", "prefill_failed")
             await self.bus.publish(
                 job.events_subject,
-                ErrorEvent(request_id=job.request.request_id, message=f"prefill failed: {exc}",
-                           instance_id=self.instance_id),
+                ErrorEvent(
+                    request_id=job.request.request_id,
+                    message=f"prefill failed: {exc}",
+                    instance_id=self.instance_id,
+                ),
             )
         finally:
             self.running -= 1
@@ -119,11 +122,17 @@ class PrefillService(Service):
         """The first token (already appended to `seq`) to the gateway: that is the TTFT."""
         metrics.PREFILL_REQUESTS.inc()
         metrics.PREFILL_TOKENS.inc(len(seq.context_ids))
-        await self.bus.publish(job.events_subject, TokenEvent(
-            request_id=job.request.request_id, index=len(job.request.resumed_token_ids),
-            token_ids=seq.output_ids[-1:], finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason, instance_id=self.instance_id,
-        ))
+        await self.bus.publish(
+            job.events_subject,
+            TokenEvent(
+                request_id=job.request.request_id,
+                index=len(job.request.resumed_token_ids),
+                token_ids=seq.output_ids[-1:],
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+                instance_id=self.instance_id,
+            ),
+        )
 
     async def _prefill_and_stream(self, job: PrefillJob, seq) -> None:  # noqa: ANN001
         request, route, kv = job.request, job.route, self.engine.kv
@@ -138,8 +147,9 @@ class PrefillService(Service):
             span.set_attribute("kv.layout", kv.layout)
             span.set_attribute("kv.receiver", route.send_to)
             try:
-                sender = await stream_shard(self.bus, self.settings, self.engine.kv,
-                                            request.request_id, route, feed, finish)
+                sender = await stream_shard(
+                    self.bus, self.settings, self.engine.kv, request.request_id, route, feed, finish
+                )
             finally:
                 # The torch thread must be done with the blocks before they are freed.
                 await asyncio.gather(compute, return_exceptions=True)

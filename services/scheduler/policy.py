@@ -35,8 +35,10 @@ def _pinned(instances: list[InstanceInfo], pin: str, role: str) -> list[Instance
 def rank_prefill(instances: list[InstanceInfo], request: GenerateRequest) -> list[InstanceInfo]:
     need = len(request.context_token_ids)
     usable = [
-        i for i in _pinned(instances, request.pin_prefill, "prefill")
-        if i.instance_id not in request.excluded_instances and i.kv is not None
+        i
+        for i in _pinned(instances, request.pin_prefill, "prefill")
+        if i.instance_id not in request.excluded_instances
+        and i.kv is not None
         and (i.max_model_len == 0 or need <= i.max_model_len)
     ]
     return sorted(usable, key=lambda i: (i.running + i.waiting, -i.free_blocks))
@@ -44,7 +46,8 @@ def rank_prefill(instances: list[InstanceInfo], request: GenerateRequest) -> lis
 
 def rank_decode(instances: list[InstanceInfo], request: GenerateRequest) -> list[InstanceInfo]:
     usable = [
-        i for i in _pinned(instances, request.pin_decode, "decode")
+        i
+        for i in _pinned(instances, request.pin_decode, "decode")
         if i.instance_id not in request.excluded_instances and i.kv is not None
     ]
     # Most free KV first, then the shortest queue; ties broken at random, since heartbeats

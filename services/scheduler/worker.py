@@ -49,7 +49,9 @@ class SchedulerService(Service):
     async def start(self) -> None:
         s = self.bus.subjects
         self.queue = await self.bus.js.pull_subscribe(
-            s.requests, durable="scheduler", stream=s.requests_stream,
+            s.requests,
+            durable="scheduler",
+            stream=s.requests_stream,
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30.0),
         )
         self.spawn(self._pull_loop(), "scheduler-pull")
@@ -75,7 +77,9 @@ class SchedulerService(Service):
                 metrics.error("scheduler", "malformed_request")
                 await msg.term()
                 return
-            with _tracer.start_as_current_span("scheduler.route", context=extract(msg.headers)) as span:
+            with _tracer.start_as_current_span(
+                "scheduler.route", context=extract(msg.headers)
+            ) as span:
                 span.set_attribute("request.id", request.request_id)
                 span.set_attribute("prompt.tokens", len(request.context_token_ids))
                 started = time.monotonic()
@@ -91,8 +95,12 @@ class SchedulerService(Service):
                     metrics.error("scheduler", "unroutable")
                     await self.bus.publish(
                         self.bus.subjects.request_events(request.request_id),
-                        ErrorEvent(request_id=request.request_id, message=str(exc),
-                                   retryable=False, instance_id=self.instance_id),
+                        ErrorEvent(
+                            request_id=request.request_id,
+                            message=str(exc),
+                            retryable=False,
+                            instance_id=self.instance_id,
+                        ),
                     )
             await msg.ack()
         finally:
@@ -108,8 +116,10 @@ class SchedulerService(Service):
                 return await self._route(request)
             except Busy as busy:
                 if time.monotonic() + pause > deadline:
-                    raise RoutingError(f"every decode instance stayed full for "
-                                       f"{self.settings.queue_timeout_s:.0f}s: {busy}") from None
+                    raise RoutingError(
+                        f"every decode instance stayed full for "
+                        f"{self.settings.queue_timeout_s:.0f}s: {busy}"
+                    ) from None
             await msg.in_progress()
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.5)
@@ -137,8 +147,10 @@ class SchedulerService(Service):
                 route = await self._start_prefill(request, prefill, decode)
                 if route is not None:
                     return route
-            await self.bus.publish(self.bus.subjects.aborts,
-                                   AbortRequest(request_id=request.request_id, reason="no prefill"))
+            await self.bus.publish(
+                self.bus.subjects.aborts,
+                AbortRequest(request_id=request.request_id, reason="no prefill"),
+            )
             reasons.append(f"{decode.instance_id}: no prefill instance accepted the job")
         if full and reasons:
             raise Busy("; ".join(reasons))
@@ -147,12 +159,15 @@ class SchedulerService(Service):
     async def _reserve(self, decode: InstanceInfo, request: GenerateRequest) -> ReserveReply:
         remaining = request.sampling.max_tokens - len(request.resumed_token_ids)
         ask = ReserveRequest(
-            request=request, num_tokens=len(request.context_token_ids) + max(remaining, 1),
+            request=request,
+            num_tokens=len(request.context_token_ids) + max(remaining, 1),
             hold_seconds=self.settings.reserve_hold_s,
         )
         try:
             return await self.bus.request(
-                self.bus.subjects.reserve(decode.instance_id), ask, ReserveReply,
+                self.bus.subjects.reserve(decode.instance_id),
+                ask,
+                ReserveReply,
                 timeout_s=self.settings.reserve_timeout_s,
             )
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError, MessageError) as exc:
@@ -172,29 +187,45 @@ class SchedulerService(Service):
             converter = converters[0].instance_id
         events = self.bus.subjects.request_events(request.request_id)
         route = RouteEvent(
-            request_id=request.request_id, prefill_instance=prefill.instance_id,
-            decode_instance=decode.instance_id, converter_instance=converter,
+            request_id=request.request_id,
+            prefill_instance=prefill.instance_id,
+            decode_instance=decode.instance_id,
+            converter_instance=converter,
         )
         # The gateway learns the route first, so it can watch those instances' health.
         await self.bus.publish(events, route)
         job = PrefillJob(
-            request=request, events_subject=events,
-            route=KVRoute(send_to=converter or decode.instance_id,
-                          decode_instance=decode.instance_id, decode_kv=decode.kv,
-                          via_converter=converter is not None),
+            request=request,
+            events_subject=events,
+            route=KVRoute(
+                send_to=converter or decode.instance_id,
+                decode_instance=decode.instance_id,
+                decode_kv=decode.kv,
+                via_converter=converter is not None,
+            ),
         )
         try:
             reply = await self.bus.nc.request(
-                self.bus.subjects.prefill_jobs(prefill.instance_id), job.pack(),
-                timeout=self.settings.reserve_timeout_s, headers=inject(),
+                self.bus.subjects.prefill_jobs(prefill.instance_id),
+                job.pack(),
+                timeout=self.settings.reserve_timeout_s,
+                headers=inject(),
             )
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-            log.warning("prefill %s did not take %s: %s", prefill.instance_id,
-                        request.request_id, type(exc).__name__)
+            log.warning(
+                "prefill %s did not take %s: %s",
+                prefill.instance_id,
+                request.request_id,
+                type(exc).__name__,
+            )
             return None
         if reply.data != b"ok":
-            log.warning("prefill %s refused %s: %s", prefill.instance_id, request.request_id,
-                        reply.data[:200])
+            log.warning(
+                "prefill %s refused %s: %s",
+                prefill.instance_id,
+                request.request_id,
+                reply.data[:200],
+            )
             return None
         return route
 

@@ -114,8 +114,16 @@ def test_the_profile_command_times_the_native_engine(
 ) -> None:
     out = tmp_path / "cpu.json"
     code, stdout, _ = run_cli(
-        "profile", "--model", str(tiny_llama), "--quick", "--repeats", "1", "--passes", "1",
-        "--out", str(out),
+        "profile",
+        "--model",
+        str(tiny_llama),
+        "--quick",
+        "--repeats",
+        "1",
+        "--passes",
+        "1",
+        "--out",
+        str(out),
     )
     assert code == 0 and "held-out MAPE" in stdout
     profile = load_profile(out)
