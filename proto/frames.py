@@ -16,7 +16,7 @@ from typing import Any, Literal
 import msgpack
 import xxhash
 
-from proto.layouts import KVDescriptor
+from proto.kv_descriptor import KVDescriptor
 
 FRAME_VERSION = 2  # 2: xxh3-64 checksum (1 used CRC32, 10x slower)
 FrameKind = Literal["begin", "data", "end"]

@@ -7,7 +7,25 @@ every layout on both sides of a pair. Sources: ../shared/research/kv-layouts.md.
 
 from __future__ import annotations
 
-from proto.layouts import CANONICAL_DIMS, LayoutSpec, Plane, register
+from proto.layout_spec import CANONICAL_DIMS, LayoutSpec, Plane
+
+LAYOUTS: dict[str, LayoutSpec] = {}
+
+
+def register(spec: LayoutSpec) -> LayoutSpec:
+    if spec.name in LAYOUTS:
+        raise ValueError(f"layout {spec.name!r} registered twice")
+    LAYOUTS[spec.name] = spec
+    return spec
+
+
+def get_layout(name: str) -> LayoutSpec:
+    try:
+        return LAYOUTS[name]
+    except KeyError:
+        known = ", ".join(sorted(LAYOUTS))
+        raise ValueError(f"unknown KV layout {name!r}; known: {known}") from None
+
 
 _NATIVE = "float32"  # see the module docstring
 _BF_FP = ("bfloat16", "float16")

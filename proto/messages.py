@@ -7,7 +7,7 @@ from typing import Annotated, Literal, TypeVar
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from proto.layouts import KVDescriptor
+from proto.kv_descriptor import KVDescriptor
 
 Role = Literal["gateway", "scheduler", "prefill", "decode", "converter"]
 ROLES: tuple[Role, ...] = ("gateway", "scheduler", "prefill", "decode", "converter")

@@ -101,7 +101,7 @@ def bench_topology(args: argparse.Namespace, topology: str) -> tuple:
     cmd = [
         sys.executable,
         "-m",
-        "services.common.cli",
+        "services.cli",
         "--log-level",
         "WARNING",
         "up",

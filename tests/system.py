@@ -156,7 +156,7 @@ def run_system(
             [
                 sys.executable,
                 "-m",
-                "services.common.cli",
+                "services.cli",
                 "up",
                 "--topology",
                 str(path),

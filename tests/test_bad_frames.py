@@ -13,7 +13,7 @@ import nats
 import pytest
 
 from proto.frames import Frame, encode_frame
-from proto.layouts import KVDescriptor
+from proto.kv_descriptor import KVDescriptor
 from proto.messages import (
     ErrorEvent,
     GenerateRequest,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from proto.layouts import LAYOUTS
+from proto.layout_registry import LAYOUTS
 from services.bench.kv_convert import ConvertCase, pair_blocks, plan_cases
-from services.common.cli import main
+from services.cli.main import main
 from services.common.nats_server import NatsServer
 
 TINY_CONVERT = [

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
-from proto.layouts import get_layout
+from proto.layout_registry import get_layout
 from services.common import metrics  # noqa: F401 - registers every metric
 from services.common.settings import (
     ConverterSettings,

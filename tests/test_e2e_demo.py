@@ -17,7 +17,7 @@ import openai
 import pytest
 import yaml
 
-from services.common.topology import DEMO_TOPOLOGY
+from services.cli.topology import DEMO_TOPOLOGY
 from tests.system import RunningSystem, connected_stream, hf_greedy, run_system
 
 pytestmark = pytest.mark.slow

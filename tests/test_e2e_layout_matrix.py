@@ -15,7 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from proto.layouts import LAYOUTS
+from proto.layout_registry import LAYOUTS
 from tests.system import RunningSystem, hf_greedy, run_system
 
 pytestmark = pytest.mark.slow

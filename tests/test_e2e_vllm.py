@@ -28,7 +28,6 @@ import pytest
 import torch
 
 from proto.frames import Frame, encode_frame
-from proto.layouts import payload_from_tokens, payload_to_bytes
 from proto.messages import (
     ErrorEvent,
     GenerateRequest,
@@ -39,6 +38,7 @@ from proto.messages import (
     unpack_request_event,
 )
 from services.engine.vllm_engine import vllm_missing_reason
+from services.kv.payload import payload_from_tokens, payload_to_bytes
 from tests.system import (
     ROOT,
     RunningSystem,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from proto.layouts import LAYOUTS
+from proto.layout_registry import LAYOUTS
 from proto.messages import GenerateRequest, SamplingParams
 from services.engine.engine import NativeEngine
 from tests.engine_loop import generate_batched

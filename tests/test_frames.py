@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proto.frames import Frame, FrameError, decode_frame, encode_frame
-from proto.layouts import KVDescriptor
+from proto.kv_descriptor import KVDescriptor
 
 LIMIT = 1 << 20
 DESC = KVDescriptor(

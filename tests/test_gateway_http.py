@@ -20,9 +20,9 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from proto.messages import GenerateRequest, TokenEvent
-from services.engine.tokenizer import ChatTemplateError, Tokenizer
 from services.gateway.backend import GenerationError
 from services.gateway.http_app import create_app
+from services.hf.tokenizer import ChatTemplateError, Tokenizer
 
 MODEL = "tiny-llama"
 MAX_MODEL_LEN = 64

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
-from proto.layouts import get_layout
+from proto.layout_registry import get_layout
 from services.common import settings as settings_module
 from services.common.bus import Bus
 from services.common.nats_server import find_nats_server, free_port

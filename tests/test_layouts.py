@@ -16,24 +16,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proto.layouts import (
-    DTYPES,
-    LAYOUTS,
-    KVDescriptor,
-    Plane,
-    bits,
+from proto.kv_descriptor import KVDescriptor
+from proto.layout_registry import LAYOUTS, get_layout, register
+from proto.layout_spec import Plane
+from services.kv.dtypes import DTYPES, bits, torch_dtype
+from services.kv.payload import (
     gather_payload,
-    get_layout,
-    kv_views,
     new_payload,
     payload_buffer,
     payload_from_bytes,
     payload_from_tokens,
     payload_to_bytes,
     payload_to_tokens,
-    register,
     scatter_payload,
 )
+from services.kv.views import kv_views
 
 Index = tuple[str, tuple]  # storage tensor name, index into its published shape
 Shapes = Callable[[SimpleNamespace], dict[str, tuple[int, ...]]]
@@ -122,7 +119,7 @@ ISSUE_LAYOUTS = set(PUBLISHED)
 
 
 def sizes_of(desc: KVDescriptor, num_blocks: int, layers: int = 1) -> SimpleNamespace:
-    x = 16 if desc.layout == "ascend-310p" else 16 // desc.torch_dtype.itemsize
+    x = 16 if desc.layout == "ascend-310p" else 16 // torch_dtype(desc).itemsize
     return SimpleNamespace(
         N=num_blocks, B=desc.block_size, H=len(desc.heads), D=desc.head_dim, L=layers, x=x
     )
@@ -144,7 +141,7 @@ def build_payload(
     s = sizes_of(desc, num_blocks, layers)
     shapes, where = PUBLISHED[desc.layout]
     storage = {
-        name: torch.zeros(shape, dtype=desc.torch_dtype) for name, shape in shapes(s).items()
+        name: torch.zeros(shape, dtype=torch_dtype(desc)) for name, shape in shapes(s).items()
     }
     n, b, h, d = token_grid(k.shape[0], k.shape[1], k.shape[2], desc.block_size)
     (k_name, k_at), (v_name, v_at) = where(s, n, b, h, d, layer)
@@ -314,8 +311,8 @@ def test_descriptor_id_is_stable_and_distinguishes() -> None:
 def test_payload_matches_published_formula(desc: KVDescriptor, num_tokens: int, seed: int) -> None:
     shape = (num_tokens, len(desc.heads), desc.head_dim)
     k, v = (
-        exact_values(shape, desc.torch_dtype, seed),
-        exact_values(shape, desc.torch_dtype, seed + 1),
+        exact_values(shape, torch_dtype(desc), seed),
+        exact_values(shape, torch_dtype(desc), seed + 1),
     )
     num_blocks = -(-num_tokens // desc.block_size)
     shapes, _ = PUBLISHED[desc.layout]
@@ -398,7 +395,7 @@ def test_gather_then_scatter_moves_whole_blocks(
     layer = data.draw(st.integers(0, layers - 1))
     shapes = desc.storage_shapes(total, multi_layer_count=layers)
     cache = {
-        name: exact_values(shape, desc.torch_dtype, seed + i)
+        name: exact_values(shape, torch_dtype(desc), seed + i)
         for i, (name, shape) in enumerate(shapes.items())
     }
     ids = data.draw(st.lists(st.integers(0, total - 1), min_size=1, max_size=4, unique=True))

@@ -19,10 +19,10 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from proto.messages import TokenEvent
+from services.cli.launcher import Instance, plan_instances, stop_all
+from services.cli.topology import DEMO_TOPOLOGY, Topology
 from services.common import metrics
-from services.common.launcher import Instance, plan_instances, stop_all
 from services.common.nats_server import free_port
-from services.common.topology import DEMO_TOPOLOGY, Topology
 from tests.system import ROOT
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -85,7 +85,7 @@ def system(nats_server, tiny_llama: Path, tmp_path_factory) -> Iterator[MetricsS
             env = {**os.environ, **inst.env, "HETSERVE_METRICS_PORT": str(ports[inst.name])}
             with open(logs / f"{inst.name}.log", "wb") as log:
                 inst.process = subprocess.Popen(
-                    [sys.executable, "-m", "services.common.cli", "serve", inst.role],
+                    [sys.executable, "-m", "services.cli", "serve", inst.role],
                     cwd=ROOT,
                     env=env,
                     stdout=log,

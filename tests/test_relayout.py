@@ -17,9 +17,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proto.layouts import FP8_DTYPES, LAYOUTS, KVDescriptor, payload_to_bytes
-from services.converter import relayout
-from services.converter.relayout import (
+from proto.kv_descriptor import KVDescriptor
+from proto.layout_registry import LAYOUTS
+from services.kv.dtypes import FP8_DTYPES, torch_dtype
+from services.kv.payload import payload_to_bytes
+from services.kv.relayout import (
     ShardLayer,
     assign_heads,
     cast_kv,
@@ -29,6 +31,7 @@ from services.converter.relayout import (
     pieces_for,
     tokens_from_pieces,
 )
+from services.kv.relayout import plan as relayout_plan
 from tests.test_layouts import build_payload, desc_of, exact_values, same_bits
 
 SCALES = [1.0, 0.5, 2.0, 0.037]
@@ -89,7 +92,7 @@ def test_any_layout_to_any_layout(data: st.DataObject) -> None:
 
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
     real = [3 * torch.randn(num_tokens, heads, head_dim, generator=g) for _ in range(2)]
-    stored = [quantize(x, src.torch_dtype, s) for x, s in zip(real, src_scales, strict=True)]
+    stored = [quantize(x, torch_dtype(src), s) for x, s in zip(real, src_scales, strict=True)]
 
     sources = []
     for shard in shards(src):
@@ -112,7 +115,7 @@ def test_any_layout_to_any_layout(data: st.DataObject) -> None:
         got = tokens_from_pieces(target, out, num_tokens)
         for plane in range(2):
             expected = quantize(
-                dequantize(stored[plane], src_scales[plane]), dst.torch_dtype, dst_scales[plane]
+                dequantize(stored[plane], src_scales[plane]), torch_dtype(dst), dst_scales[plane]
             )[:, target.heads]
             assert same_bits(got[plane], expected)
             if src.dtype == dst.dtype and src_scales[plane] == dst_scales[plane]:
@@ -158,8 +161,8 @@ def check_tiling(desc: KVDescriptor, out: list, num_tokens: int, limit: int) -> 
 def test_reads_and_writes_the_published_layout(layout: str, dtype: str) -> None:
     desc = desc_of(layout, dtype=dtype, block_size=LAYOUTS[layout].block_sizes[-1])
     num_tokens = desc.block_size + 3
-    k = exact_values((num_tokens, 4, 32), desc.torch_dtype, 7)
-    v = exact_values((num_tokens, 4, 32), desc.torch_dtype, 8)
+    k = exact_values((num_tokens, 4, 32), torch_dtype(desc), 7)
+    v = exact_values((num_tokens, 4, 32), torch_dtype(desc), 8)
     data = payload_to_bytes(build_payload(desc, k, v))
     got_k, got_v = tokens_from_pieces(desc, [(0, num_tokens, data)], num_tokens)
     assert same_bits(got_k, k) and same_bits(got_v, v)
@@ -247,7 +250,7 @@ def plan_kinds(
     src: KVDescriptor, dst: KVDescriptor, pieces: list, num_tokens: int, limit: int
 ) -> set[str]:
     ranges = tuple((a, b) for a, b, _ in sorted(pieces, key=lambda p: p[0]))
-    plan = relayout._plan(((src, dst.heads, ranges),), dst, num_tokens, limit)
+    plan = relayout_plan.plan_layer(((src, dst.heads, ranges),), dst, num_tokens, limit)
     kinds = set()
     for chunk in plan:
         for move in chunk.moves:
@@ -267,7 +270,7 @@ def test_fast_copies_move_every_bit(
     src = desc_of(source, dtype=dtype, block_size=blocks[0], head_dim=128)
     dst = desc_of(target, dtype=dtype, block_size=blocks[1], head_dim=128)
     num_tokens = 3 * max(blocks) + 5
-    k, v = (random_bits((num_tokens, 4, 128), src.torch_dtype, seed) for seed in (1, 2))
+    k, v = (random_bits((num_tokens, 4, 128), torch_dtype(src), seed) for seed in (1, 2))
     pieces = pieces_for(src, k, v, 3 * src.payload_nbytes(1))  # cut unlike the target
     pieces = [(a, b, off_by(p, offset)) for a, b, p in pieces]
     limit = 2 * dst.payload_nbytes(1) + 1

@@ -15,13 +15,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from proto.layouts import KVDescriptor
+from proto.kv_descriptor import KVDescriptor
 from services.common.nats_server import free_port
 from services.engine.engine import NativeEngine
-from services.engine.hf_config import load_model_config
 from services.engine.model import CausalLM
 from services.engine.parallel import TPGroup, kv_heads_of_rank
 from services.engine.tp_driver import LeaderEngine
+from services.hf.config import load_model_config
 from tests import tp_workers
 from tests.system import hf_greedy, make_model
 

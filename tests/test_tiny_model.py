@@ -14,7 +14,7 @@ import torch
 import transformers  # the oracle (a test dependency)
 from safetensors import safe_open
 
-from services.engine.hf_config import load_model_config, parse_model_config
+from services.hf.config import load_model_config, parse_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,12 +13,8 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models
 
-from services.engine.tokenizer import (
-    ChatTemplateError,
-    IncrementalDetokenizer,
-    StopStringMatcher,
-    Tokenizer,
-)
+from services.hf.text_stream import IncrementalDetokenizer, StopStringMatcher
+from services.hf.tokenizer import ChatTemplateError, Tokenizer
 from tests.test_tiny_model import load_script
 
 tiny = load_script()

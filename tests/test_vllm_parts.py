@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from proto.layouts import gather_payload, payload_to_tokens
+from services.cli.topology import WorkerSpec
 from services.common.settings import WorkerSettings
-from services.common.topology import WorkerSpec
 from services.engine.vllm_engine import vllm_missing_reason
 from services.engine.vllm_layout import UnsupportedCache, descriptor_from_cache, physical_layer
 from services.engine.vllm_staging import open_staging, staging_path
+from services.kv.payload import gather_payload, payload_to_tokens
 
 N, H, B, D = 6, 2, 32, 32
 

@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 
-from proto.layouts import KVDescriptor, payload_from_tokens, payload_to_tokens
+from proto.kv_descriptor import KVDescriptor
 from proto.messages import GenerateRequest, SamplingParams
 from services.engine.engine import NativeEngine
 from services.engine.model import LayerDone
 from services.engine.tp_driver import Follower, LeaderEngine, TPWorld, init_tp
 from services.engine.tp_steps import BlockTables, PrefillStep
+from services.kv.payload import payload_from_tokens, payload_to_tokens
 from tests.engine_loop import generate_batched
 
 LAYOUT, BLOCK, BLOCKS = "vllm-flash", 16, 64

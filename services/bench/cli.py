@@ -1,4 +1,4 @@
-"""`hetserve bench serve` arguments; services.common.cli calls register() on `bench`'s subparsers
+"""`hetserve bench serve` arguments; services.cli calls register() on `bench`'s subparsers
 (`bench kv` is in kv_cli.py).
 
 Exit codes: 0 every request succeeded, 1 some failed, 2 bad arguments or dataset,

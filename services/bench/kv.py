@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from proto.layouts import LAYOUTS
+from proto.layout_registry import LAYOUTS
 from services.bench.kv_convert import (
     ConvertResult,
     measure_case,

@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 
-from proto.layouts import LAYOUTS, KVDescriptor, LayoutSpec
-from services.converter.relayout import ShardLayer, convert_layer, pieces_for
+from proto.kv_descriptor import KVDescriptor
+from proto.layout_registry import LAYOUTS
+from proto.layout_spec import LayoutSpec
+from services.kv.relayout import ShardLayer, convert_layer, pieces_for
 
 PREFERRED_BLOCK = 16  # vLLM's default; used wherever a layout accepts it
 FRAME_HEADER_ROOM = 1024  # what services/converter/worker.py keeps free for the header

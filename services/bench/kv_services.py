@@ -22,7 +22,7 @@ from pathlib import Path
 
 import nats.errors
 
-from proto.layouts import KVDescriptor
+from proto.kv_descriptor import KVDescriptor
 from proto.messages import InstanceInfo
 from services.common.bus import Bus
 from services.common.settings import CommonSettings
@@ -142,7 +142,7 @@ class BenchTopology:
     async def __aenter__(self) -> BenchTopology:
         try:
             for name, role in ROLES.items():
-                self._spawn(name, ["-m", "services.common.cli", "serve", role], self._env(name))
+                self._spawn(name, ["-m", "services.cli", "serve", role], self._env(name))
             subject = self.config.settings().subjects.kv_frames(self.ids["echo"])
             self._spawn("echo", ["-m", "services.bench.kv_echo", self.config.nats_url, subject], {})
             self.bus = await Bus.connect(self.config.settings(), name="kv-bench")

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import torch
 
 from proto.frames import Frame
-from proto.layouts import KVDescriptor
+from proto.kv_descriptor import KVDescriptor
 from proto.messages import GenerateRequest, ReserveReply, ReserveRequest, SamplingParams
 from services.bench.kv_convert import frame_payload_limit
 from services.common.bus import Bus
 from services.common.kv_stream import FrameSender
-from services.converter.relayout import pieces_for
+from services.kv.relayout import pieces_for
 
 
 class ReserveRefused(RuntimeError):

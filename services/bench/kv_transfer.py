@@ -16,7 +16,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from proto.layouts import KVDescriptor
+from proto.kv_descriptor import KVDescriptor
 from services.bench.kv_convert import frame_payload_limit
 from services.bench.kv_services import BenchTopology
 from services.bench.kv_stream_gen import (

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from nats.aio.msg import Msg
 
 from proto.frames import Frame, FrameError, decode_frame
-from proto.layouts import KVDescriptor
+from proto.kv_descriptor import KVDescriptor
 from services.common import metrics
 from services.common.kv_stream import FrameSender, StreamFailed, acknowledge
 from services.common.service import Service
 from services.common.settings import ConverterSettings
 from services.common.telemetry import extract, tracer
-from services.converter.relayout import UNIT_SCALES, ShardLayer, check_convertible, convert_layer
+from services.kv.relayout import UNIT_SCALES, ShardLayer, check_convertible, convert_layer
 
 log = logging.getLogger(__name__)
 _tracer = tracer("hetserve.converter")

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from opentelemetry.trace import Span
 
 from proto.frames import Frame, FrameError
-from proto.layouts import payload_view
 from proto.messages import GenerateRequest
 from services.engine.engine import NativeEngine
+from services.kv.payload import payload_view
 
 
 @dataclass

@@ -21,17 +21,18 @@ from typing import Any
 from nats.aio.msg import Msg
 
 from proto.frames import Frame
-from proto.layouts import KVDescriptor
+from proto.kv_descriptor import KVDescriptor
 from proto.messages import ErrorEvent, GenerateRequest, ReserveRequest
 from services.common import metrics
 from services.decode.receiver import Inbound, KVReceiver
 from services.decode.worker import DecodeService, Running
 from services.engine import vllm_engine
-from services.engine.hf_config import ModelConfig
-from services.engine.kv_cache import BlockAllocator, PagedKVCache
+from services.engine.block_manager import BlockAllocator
+from services.engine.kv_cache import PagedKVCache
 from services.engine.sequence import Sequence
-from services.engine.tokenizer import Tokenizer
 from services.engine.vllm_staging import open_staging, staging_path
+from services.hf.config import ModelConfig
+from services.hf.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from services.common.service import Service
 from services.common.settings import WorkerSettings
 from services.common.telemetry import extract, tracer
 from services.decode.receiver import Inbound, KVReceiver
+from services.engine.block_manager import OutOfBlocks
 from services.engine.factory import build_engine
-from services.engine.kv_cache import OutOfBlocks
 from services.engine.sequence import Sequence
 from services.engine.tp_driver import LeaderEngine
 

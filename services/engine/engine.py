@@ -14,16 +14,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from proto.layouts import KVDescriptor
+from proto.kv_descriptor import KVDescriptor
 from proto.messages import GenerateRequest
-from services.engine.kv_cache import BlockAllocator, PagedKVCache
+from services.engine.block_manager import BlockAllocator
+from services.engine.kv_cache import PagedKVCache
 from services.engine.model import AttentionMetadata, LayerDone
 from services.engine.parallel import checked_tp_group
 from services.engine.sampling import Sampler
 from services.engine.sequence import Sequence
-from services.engine.stopping import StopChecker
-from services.engine.tokenizer import Tokenizer
 from services.engine.weights import load_model
+from services.hf.tokenizer import Tokenizer
 
 
 def default_device() -> torch.device:
@@ -68,17 +68,8 @@ class NativeEngine:
         return -(-num_tokens // self.kv.block_size)
 
     def new_sequence(self, request: GenerateRequest) -> Sequence:
-        params = request.sampling
-        return Sequence(
-            request_id=request.request_id,
-            context_ids=request.context_token_ids,
-            params=params,
-            sampler=Sampler(params, self.device),
-            stopper=StopChecker(
-                params, self.cfg.eos_token_ids, self.tokenizer, request.resumed_token_ids
-            ),
-            completion_offset=len(request.resumed_token_ids),
-        )
+        sampler = Sampler(request.sampling, self.device)
+        return Sequence.from_request(request, self.cfg.eos_token_ids, self.tokenizer, sampler)
 
     def check_blocks(self, block_table: list[int], num_tokens: int) -> None:
         """Raise unless `block_table` has room for `num_tokens` tokens."""

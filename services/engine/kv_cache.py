@@ -1,49 +1,20 @@
-"""The paged KV cache, stored in the layout its descriptor names, and its block allocator.
+"""The paged KV cache, stored in the layout its descriptor names.
 
-Attention writes and reads through `proto.layouts` views, so the cache is used in place in
+Attention writes and reads through services/kv views, so the cache is used in place in
 whichever engine's layout the instance's profile chose; frames export and import whole
-blocks of one layer as raw bytes of that layout.
+blocks of one layer as raw bytes of that layout (services/kv/payload.py's gather/scatter).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 
 import torch
 
-from proto.layouts import KVDescriptor, kv_views
-
-
-class OutOfBlocks(RuntimeError):
-    pass
-
-
-class BlockAllocator:
-    def __init__(self, num_blocks: int, reserved: int = 0):
-        if num_blocks <= reserved:
-            raise ValueError(
-                f"cache of {num_blocks} blocks has none left after {reserved} reserved"
-            )
-        self.num_total = num_blocks - reserved
-        self._free: deque[int] = deque(range(reserved, num_blocks))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise OutOfBlocks(f"need {count} KV blocks, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(count)]
-
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
-
-
-def _split_symbols(dims: tuple[str, ...]) -> list[str]:
-    return [symbol for dim in dims for symbol in dim.split("*")]
-
+from proto.kv_descriptor import KVDescriptor
+from services.kv.dtypes import torch_dtype
+from services.kv.payload import gather_payload, scatter_payload
+from services.kv.views import kv_views
 
 TensorFactory = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 
@@ -71,30 +42,22 @@ class PagedKVCache:
             lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=device)
         )
         self.num_blocks = num_blocks
-        spec = desc.spec
+        multi_layer = desc.spec.multi_layer
         layers = list(desc.layers)
         self.layer_ids = layers
         self._slot = {layer: i for i, layer in enumerate(layers)}
+        dtype = torch_dtype(desc)
         made = [
-            {name: self._new_tensor(shape, desc.torch_dtype) for name, shape in plan.items()}
+            {name: self._new_tensor(shape, dtype) for name, shape in plan.items()}
             for plan in storage_plan(desc, num_blocks)
         ]
-        self.storage = made * len(layers) if spec.multi_layer else made
+        self.storage = made * len(layers) if multi_layer else made
+        # inside a multi-layer tensor, a layer is selected by its slot; else by its own tensors
+        self._index = [i if multi_layer else 0 for i in range(len(layers))]
         self.views = [
-            kv_views(desc, store, num_blocks, layer_index=i if spec.multi_layer else 0)
-            for i, store in enumerate(self.storage)
+            kv_views(desc, store, num_blocks, layer_index=index)
+            for store, index in zip(self.storage, self._index, strict=True)
         ]
-        # Each storage tensor with every product dim split, so blocks (N) and layers (L)
-        # are axes of their own: exporting blocks is then one index_select.
-        self._split = [
-            {
-                name: tensor.view(tuple(desc.sizes(num_blocks, len(layers)).of(s) for s in symbols))
-                for name, tensor in store.items()
-                for symbols in [_split_symbols(spec.storage[name])]
-            }
-            for store in self.storage
-        ]
-        self._symbols = {name: _split_symbols(dims) for name, dims in spec.storage.items()}
 
     @property
     def device(self) -> torch.device:
@@ -124,31 +87,19 @@ class PagedKVCache:
             v_view[blocks, offsets].reshape(s, t, v_view.shape[2], -1),
         )
 
+    def _block_index(self, block_ids: list[int]) -> torch.Tensor:
+        return torch.tensor(block_ids, dtype=torch.long, device=self.device)
+
     def export_blocks(self, layer: int, block_ids: list[int]) -> dict[str, torch.Tensor]:
-        """One layer's storage restricted to `block_ids`, in order: a frame payload."""
+        """One layer's storage restricted to `block_ids`, in order: a frame payload (a copy)."""
         slot = self._slot[layer]
-        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        out = {}
-        for name, tensor in self._split[slot].items():
-            symbols = self._symbols[name]
-            if "L" in symbols:
-                tensor = tensor.select(symbols.index("L"), slot)
-                symbols = [s for s in symbols if s != "L"]
-            out[name] = tensor.index_select(symbols.index("N"), index)
-        return out
+        index = self._block_index(block_ids)
+        return gather_payload(self.desc, self.storage[slot], index, self._index[slot])
 
     def import_blocks(
         self, layer: int, block_ids: list[int], payload: dict[str, torch.Tensor]
     ) -> None:
+        """Write one layer's payload into `block_ids`, in place."""
         slot = self._slot[layer]
-        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        for name, tensor in self._split[slot].items():
-            symbols = self._symbols[name]
-            if "L" in symbols:
-                tensor = tensor.select(symbols.index("L"), slot)
-                symbols = [s for s in symbols if s != "L"]
-            axis = symbols.index("N")
-            source = payload[name].to(tensor.device)
-            shape = list(tensor.shape)
-            shape[axis] = len(block_ids)
-            tensor.index_copy_(axis, index, source.reshape(shape))
+        index = self._block_index(block_ids)
+        scatter_payload(self.desc, self.storage[slot], index, payload, self._index[slot])

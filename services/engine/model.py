@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.engine.hf_config import ModelConfig
 from services.engine.kv_cache import PagedKVCache
 from services.engine.parallel import (
     MergedColumnParallelLinear,
@@ -27,6 +26,7 @@ from services.engine.parallel import (
     RowParallelLinear,
     TPGroup,
 )
+from services.hf.config import ModelConfig
 
 
 @dataclass

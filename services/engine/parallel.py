@@ -19,6 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from proto.kv_descriptor import kv_heads_of_rank as descriptor_kv_heads
+
 
 @dataclass(frozen=True)
 class TPGroup:
@@ -65,18 +67,15 @@ def split_evenly(total: int, tp: TPGroup, what: str) -> int:
 
 
 def kv_heads_of_rank(num_kv_heads: int, tp: TPGroup) -> range:
-    """KV heads a rank holds: contiguous when tp <= heads, else head rank // (tp / heads),
-    replicated on tp / heads ranks (vLLM QKVParallelLinear; equals KVDescriptor.heads)."""
-    if tp.size <= num_kv_heads:
-        per = split_evenly(num_kv_heads, tp, "KV heads")
-        return range(tp.rank * per, (tp.rank + 1) * per)
-    if tp.size % num_kv_heads:
+    """KV heads this rank holds (proto.kv_descriptor's rule, the descriptor's too), after
+    checking that they split evenly or replicate evenly over the ranks."""
+    big, small = max(tp.size, num_kv_heads), min(tp.size, num_kv_heads)
+    if big % small:
         raise ValueError(
-            f"tensor parallel size {tp.size} is not a multiple of the {num_kv_heads} KV heads "
-            "it would replicate"
+            f"{num_kv_heads} KV heads do not split evenly or replicate evenly over tensor "
+            f"parallel size {tp.size}"
         )
-    head = tp.rank // (tp.size // num_kv_heads)
-    return range(head, head + 1)
+    return descriptor_kv_heads(num_kv_heads, tp.size, tp.rank)
 
 
 def _copy_into(target: torch.Tensor, value: torch.Tensor, what: str) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from proto.messages import FinishReason, SamplingParams
+from proto.messages import FinishReason, GenerateRequest, SamplingParams
 from services.engine.sampling import Sampler
 from services.engine.stopping import StopChecker
+from services.hf.tokenizer import Tokenizer
 
 
 @dataclass
@@ -21,6 +22,30 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
+
+    @classmethod
+    def from_request(
+        cls,
+        request: GenerateRequest,
+        eos_token_ids: list[int],
+        tokenizer: Tokenizer | None,
+        sampler: Sampler | None,
+    ) -> Sequence:
+        """A request as an engine tracks it: its tokens, how it samples and when it stops."""
+        return cls(
+            request_id=request.request_id,
+            context_ids=request.context_token_ids,
+            params=request.sampling,
+            sampler=sampler,
+            stopper=StopChecker(
+                request.sampling,
+                eos_token_ids,
+                tokenizer,
+                prompt_ids=request.prompt_token_ids,
+                previous_ids=request.resumed_token_ids,
+            ),
+            completion_offset=len(request.resumed_token_ids),
+        )
 
     @property
     def all_ids(self) -> list[int]:

@@ -1,9 +1,17 @@
-"""When a sequence stops: EOS, a stop token id, a stop string, or max_tokens."""
+"""When a sequence stops: EOS, a stop token id, a stop string, or max_tokens.
+
+Stop strings are found by the gateway's own algorithm (services/hf/text_stream.py) over the
+same text: the detokenizer starts from the prompt and every generated token is fed in order,
+so the engine and the gateway agree on where a stop string ends the completion.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from proto.messages import FinishReason, SamplingParams
-from services.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from services.hf.text_stream import IncrementalDetokenizer, StopStringMatcher
+from services.hf.tokenizer import Tokenizer
 
 
 class StopChecker:
@@ -12,32 +20,32 @@ class StopChecker:
         params: SamplingParams,
         eos_token_ids: list[int],
         tokenizer: Tokenizer | None,
-        previous_ids: list[int] | None = None,
+        prompt_ids: Sequence[int] = (),
+        previous_ids: Sequence[int] = (),
     ):
+        """`previous_ids`: completion tokens an earlier attempt produced (already checked)."""
         self.params = params
         self.eos = set() if params.ignore_eos else set(eos_token_ids)
         self.stop_ids = set(params.stop_token_ids)
-        self.text = ""
         self.detokenizer: IncrementalDetokenizer | None = None
+        self.matcher: StopStringMatcher | None = None
         if params.stop:
             if tokenizer is None:
                 raise ValueError("stop strings need the model's tokenizer")
-            self.detokenizer = IncrementalDetokenizer(tokenizer)
-            if previous_ids:
-                self.text = self.detokenizer.feed(previous_ids)
+            self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+            self.matcher = StopStringMatcher(params.stop)
+            for token_id in previous_ids:
+                self.matcher.feed(self.detokenizer.feed([token_id]))
 
     def check(self, token_id: int, generated: int) -> tuple[FinishReason | None, str | int | None]:
         if token_id in self.eos:
             return "stop", None
         if token_id in self.stop_ids:
             return "stop", token_id
-        if self.detokenizer is not None:
-            self.text += self.detokenizer.feed([token_id])
-            # Only the tail that the new text can complete needs searching.
-            for stop in self.params.stop:
-                if stop in self.text:
-                    return "stop", stop
-            self.text = self.text[-max(len(s) for s in self.params.stop) :]
+        if self.matcher is not None and self.detokenizer is not None:
+            match = self.matcher.feed(self.detokenizer.feed([token_id]))
+            if match.stop is not None:
+                return "stop", match.stop
         if generated >= self.params.max_tokens:
             return "length", None
         return None, None

@@ -40,12 +40,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from proto.layouts import KVDescriptor, gather_payload, payload_buffer, scatter_payload
+from proto.kv_descriptor import KVDescriptor
 from proto.messages import KVRoute
 from services.common.settings import WorkerSettings
 from services.engine.vllm_kv_streams import KVStreams
 from services.engine.vllm_layout import descriptor_from_cache, physical_layer
 from services.engine.vllm_staging import open_staging
+from services.kv.payload import gather_payload, payload_buffer, scatter_payload
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from proto.layouts import KVDescriptor
+from proto.kv_descriptor import KVDescriptor
 from proto.messages import GenerateRequest, SamplingParams
 from services.common.settings import WorkerSettings
-from services.engine.hf_config import ModelConfig, load_model_config
 from services.engine.sequence import Sequence
-from services.engine.stopping import StopChecker
-from services.engine.tokenizer import Tokenizer
+from services.hf.config import ModelConfig, load_model_config
+from services.hf.tokenizer import Tokenizer
 
 CONNECTOR = "HetserveConnector"
 CONNECTOR_MODULE = "services.engine.vllm_connector"
@@ -147,13 +146,4 @@ def rank_descriptors(ranks: list[dict], expected_layout: str) -> list[KVDescript
 
 def new_sequence(request: GenerateRequest, cfg: ModelConfig, tokenizer: Tokenizer) -> Sequence:
     """A request as hetserve tracks it beside vLLM: its tokens and when it stops."""
-    return Sequence(
-        request_id=request.request_id,
-        context_ids=request.context_token_ids,
-        params=request.sampling,
-        sampler=None,
-        stopper=StopChecker(
-            request.sampling, cfg.eos_token_ids, tokenizer, request.resumed_token_ids
-        ),
-        completion_offset=len(request.resumed_token_ids),
-    )
+    return Sequence.from_request(request, cfg.eos_token_ids, tokenizer, sampler=None)

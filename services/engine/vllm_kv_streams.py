@@ -16,7 +16,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
-from proto.layouts import KVDescriptor
+from proto.kv_descriptor import KVDescriptor
 from proto.messages import KVRoute
 from services.common.bus import Bus
 from services.common.settings import WorkerSettings

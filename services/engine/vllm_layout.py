@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from proto.layouts import KVDescriptor
+from proto.kv_descriptor import KVDescriptor
 
 CPU_VEC_ISAS = ("vec", "vec16")
 # physical dim order of the [N, H, B, 2*D] view -> layout

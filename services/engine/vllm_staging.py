@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from proto.layouts import KVDescriptor
+from proto.kv_descriptor import KVDescriptor
 from services.engine.kv_cache import PagedKVCache, storage_plan
+from services.kv.dtypes import torch_dtype
 
 ALIGN = 64
 
@@ -27,7 +28,7 @@ def _aligned(nbytes: int) -> int:
 
 
 def staging_nbytes(desc: KVDescriptor, num_blocks: int) -> int:
-    item = desc.torch_dtype.itemsize
+    item = torch_dtype(desc).itemsize
     return sum(
         _aligned(math.prod(shape) * item)
         for plan in storage_plan(desc, num_blocks)

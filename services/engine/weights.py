@@ -13,9 +13,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from services.engine.hf_config import ModelConfig, load_model_config
 from services.engine.model import CausalLM, Rotary
 from services.engine.parallel import TPGroup, load_replicated
+from services.hf.config import ModelConfig, load_model_config
 
 # checkpoint module name -> (the model's fused module, which part of it)
 FUSED_PARTS: dict[str, tuple[str, str | int]] = {

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from proto.messages import ROLES, GenerateRequest, TokenEvent
-from services.engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 from services.gateway.backend import Backend, GenerationError
 from services.gateway.openai_schema import (
     ChatRequest,
@@ -32,6 +31,8 @@ from services.gateway.responses import (
     new_request_id,
     sse_event,
 )
+from services.hf.text_stream import IncrementalDetokenizer, StopStringMatcher
+from services.hf.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

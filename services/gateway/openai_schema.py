@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from proto.messages import SamplingParams
-from services.engine.tokenizer import ChatTemplateError, Tokenizer
+from services.hf.tokenizer import ChatTemplateError, Tokenizer
 
 
 class InvalidRequest(Exception):

@@ -10,10 +10,10 @@ from aiohttp import web
 
 from services.common.service import Service
 from services.common.settings import GatewaySettings
-from services.engine.hf_config import load_model_config
-from services.engine.tokenizer import Tokenizer
 from services.gateway.dispatch import NatsBackend
 from services.gateway.http_app import create_app
+from services.hf.config import load_model_config
+from services.hf.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

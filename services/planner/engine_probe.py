@@ -89,8 +89,8 @@ def random_model(base: Path, out: Path, hidden: int, layers: int) -> Path:
     (heads of 64, a quarter as many KV heads, MLP 3.5x): timing needs shapes, not weights."""
     from safetensors.torch import save_file
 
-    from services.engine.hf_config import load_model_config
     from services.engine.model import CausalLM
+    from services.hf.config import load_model_config
 
     config = json.loads((base / "config.json").read_text())
     heads = max(1, hidden // 64)

@@ -8,12 +8,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from proto.frames import Frame
-from proto.layouts import KVDescriptor, payload_buffer
+from proto.kv_descriptor import KVDescriptor
 from proto.messages import KVRoute
 from services.common.bus import Bus
 from services.common.kv_stream import FrameSender
 from services.common.settings import WorkerSettings
 from services.engine.engine import NativeEngine
+from services.kv.payload import payload_buffer
 
 LAYERS_DONE = object()
 Piece = tuple[int, int, bytes | memoryview]

@@ -19,11 +19,11 @@ from typing import TypeVar
 
 import torch
 
-from proto.layouts import KVDescriptor
+from proto.kv_descriptor import KVDescriptor
 from proto.messages import PrefillJob
 from services.common import metrics
 from services.engine import vllm_engine
-from services.engine.tokenizer import Tokenizer
+from services.hf.tokenizer import Tokenizer
 from services.prefill.worker import PrefillService
 
 log = logging.getLogger(__name__)

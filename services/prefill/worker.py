@@ -16,8 +16,8 @@ from services.common import metrics
 from services.common.service import Service
 from services.common.settings import WorkerSettings
 from services.common.telemetry import extract, tracer
+from services.engine.block_manager import OutOfBlocks
 from services.engine.factory import build_engine
-from services.engine.kv_cache import OutOfBlocks
 from services.engine.tp_driver import LeaderEngine
 from services.prefill.shard_stream import LayerFeed, stream_shard
 

@@ -11,8 +11,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from services.cli.topology import Topology, WorkerSpec
 from services.common.nats_server import NatsServer, free_port
-from services.common.topology import Topology, WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def worker_env(topology: Topology, spec: WorkerSpec) -> dict[str, str]:
 def start(inst: Instance) -> None:
     env = {**os.environ, **inst.env}
     inst.process = subprocess.Popen(
-        [sys.executable, "-m", "services.common.cli", "serve", inst.role],
+        [sys.executable, "-m", "services.cli", "serve", inst.role],
         env=env,
     )
 

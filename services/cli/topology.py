@@ -8,7 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from proto.layouts import get_layout
+from proto.layout_registry import get_layout
 
 DEMO_TOPOLOGY = Path(__file__).parent / "demo_topology.yaml"
 
