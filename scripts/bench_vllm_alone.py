@@ -63,7 +63,7 @@ async def measure(model: str, lengths: list[int], output_tokens: int) -> dict[st
 
 def main() -> None:
     model, threads, output_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    if threads != "0":  # as hetserve up runs its vLLM instances (engine/vllm_engine.py)
+    if threads != "0":  # as hetserve up runs its vLLM instances (backends/vllm/engine_args.py)
         os.environ["OMP_NUM_THREADS"] = threads
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     lengths = json.load(sys.stdin)

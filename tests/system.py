@@ -4,7 +4,6 @@ compute the Hugging Face transformers oracle, receive OTLP traces."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import signal
 import subprocess
@@ -27,18 +26,13 @@ import yaml
 from proto.messages import InstanceInfo
 from proto.subjects import Subjects
 from services.common.nats_server import free_port
+from services.models.tiny import make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_model(out_dir: Path, arch: str = "llama", **kwargs: object) -> Path:
-    spec = importlib.util.spec_from_file_location(
-        "make_tiny_model", ROOT / "scripts/make_tiny_model.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_tiny_model", module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module.make_tiny_model(out_dir, arch=arch, **kwargs)
+    return make_tiny_model(out_dir, arch=arch, **kwargs)
 
 
 @cache

@@ -23,6 +23,7 @@ from proto.messages import (
     unpack_request_event,
 )
 from proto.subjects import Subjects
+from services.backends.native.decode import NativeDecode
 from services.common.settings import ConverterSettings, WorkerSettings
 from services.converter.worker import ConverterService
 from services.decode.worker import DecodeService
@@ -50,17 +51,16 @@ async def _serve(service) -> asyncio.Task:  # noqa: ANN001
 @pytest.fixture(scope="module")
 async def services(nats_server, tiny_llama: Path) -> AsyncIterator[DecodeService]:  # noqa: ANN001
     common = {"nats_url": nats_server.url, "prefix": PREFIX}
-    decode = DecodeService(
-        WorkerSettings(
-            **common,
-            instance_id=DECODE,
-            model=str(tiny_llama),
-            kv_layout="vllm-flash",
-            block_size=16,
-            num_blocks=64,
-            torch_threads=1,
-        )
+    settings = WorkerSettings(
+        **common,
+        instance_id=DECODE,
+        model=str(tiny_llama),
+        kv_layout="vllm-flash",
+        block_size=16,
+        num_blocks=64,
+        torch_threads=1,
     )
+    decode = DecodeService(settings, NativeDecode(settings))
     converter = ConverterService(ConverterSettings(**common, instance_id=CONVERTER))
     tasks = [await _serve(decode), await _serve(converter)]
     yield decode
@@ -77,7 +77,7 @@ async def nc(nats_server) -> AsyncIterator[nats.NATS]:  # noqa: ANN001
 
 
 def descriptor(decode: DecodeService) -> KVDescriptor:
-    return decode.engine.kv
+    return decode.backend.kv
 
 
 async def reserve(nc: nats.NATS, rid: str, hold_s: float = 30.0) -> asyncio.Queue:
@@ -245,4 +245,4 @@ async def test_bad_frame_at_the_converter_frees_the_decode_side(
 
 
 def desc_layers(decode: DecodeService) -> int:
-    return decode.engine.kv.num_layers
+    return decode.backend.kv.num_layers

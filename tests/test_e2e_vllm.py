@@ -37,7 +37,7 @@ from proto.messages import (
     TokenEvent,
     unpack_request_event,
 )
-from services.engine.vllm_engine import vllm_missing_reason
+from services.backends.vllm.engine_args import vllm_missing_reason
 from services.kv.payload import payload_from_tokens, payload_to_bytes
 from tests.system import (
     ROOT,

@@ -45,7 +45,7 @@ def test_every_layout_as_cache_gives_transformers_tokens(tiny_llama: Path, layou
     got = generate_batched(engine, requests, join_every=3)
     for prompt, tokens in zip(PROMPTS, got, strict=True):
         assert tokens == hf_greedy(tiny_llama, prompt, 24)
-    assert engine.allocator.num_free == engine.allocator.num_total
+    assert engine.blocks.num_free == engine.blocks.num_total
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "mistral", "llama3-rope"])
@@ -63,7 +63,7 @@ def test_prefill_logits_match_transformers(tiny_qwen2: Path) -> None:
     engine = engine_for(tiny_qwen2, "ascend")
     prompt = PROMPTS[2]
     seq = engine.new_sequence(greedy_request(0, prompt, 1))
-    seq.block_table = engine.allocator.allocate(engine.blocks_for(len(prompt)))
+    seq.block_table = engine.blocks.allocate(engine.blocks_for(len(prompt)))
     captured = {}
     original = engine.model.lm_head.forward
     engine.model.lm_head.forward = lambda x: captured.setdefault("logits", original(x))
@@ -111,7 +111,7 @@ def test_stop_token_ids_stop_strings_and_eos(tiny_llama: Path) -> None:
     text = engine.tokenizer.decode(reference[:10])
     stop = text[-3:]
     seq = engine.new_sequence(greedy_request(1, prompt, 30, stop=[stop]))
-    seq.block_table = engine.allocator.allocate(engine.blocks_for(len(prompt) + 30))
+    seq.block_table = engine.blocks.allocate(engine.blocks_for(len(prompt) + 30))
     engine.prefill(seq)
     while not seq.finished:
         engine.decode([seq])

@@ -1,5 +1,5 @@
 """Tensor parallelism in the native engine: gloo worlds of 2 and 4 spawned processes (one
-engine per rank, run in lockstep by tp_driver) against transformers, against tp=1, and
+engine per rank, run in lockstep by services/engine/tp) against transformers, against tp=1, and
 each rank's KV cache against the head slice of the tp=1 cache."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from services.common.nats_server import free_port
 from services.engine.engine import NativeEngine
 from services.engine.model import CausalLM
 from services.engine.parallel import TPGroup, kv_heads_of_rank
-from services.engine.tp_driver import LeaderEngine
+from services.engine.tp.leader import LeaderEngine
 from services.hf.config import load_model_config
 from tests import tp_workers
 from tests.system import hf_greedy, make_model

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -15,25 +12,12 @@ import transformers  # the oracle (a test dependency)
 from safetensors import safe_open
 
 from services.hf.config import load_model_config, parse_model_config
+from services.models import tiny
+from services.models.tiny import archs
+from services.models.tiny import cli as tiny_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def load_script() -> ModuleType:
-    """scripts/ is not a package: import the script by path (dataclasses need it registered)."""
-    if "make_tiny_model" in sys.modules:
-        return sys.modules["make_tiny_model"]
-    spec = importlib.util.spec_from_file_location(
-        "make_tiny_model", ROOT / "scripts" / "make_tiny_model.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["make_tiny_model"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-tiny = load_script()
 
 # (arch, chat template placement, rope scaling)
 VARIANTS = [
@@ -84,10 +68,10 @@ def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     out = tiny.make_tiny_model(tmp_path / "m", "llama", chat_template_in="jinja")
     with pytest.raises(FileExistsError):
         tiny.make_tiny_model(out, "llama")
-    assert tiny.main([str(out), "--chat-template-in", "tokenizer_config"]) == 2
+    assert tiny_cli.main([str(out), "--chat-template-in", "tokenizer_config"]) == 2
 
     (out / "notes.txt").write_text("mine")
-    code = tiny.main([str(out), "--chat-template-in", "tokenizer_config", "--force"])
+    code = tiny_cli.main([str(out), "--chat-template-in", "tokenizer_config", "--force"])
     assert code == 0
     # The stale chat_template.jinja would otherwise take precedence over tokenizer_config's.
     assert not (out / "chat_template.jinja").exists()
@@ -176,7 +160,7 @@ def test_model_config_matches_the_spec(model_dirs: dict[tuple, Path], variant: t
     assert cfg.rope_theta == spec.rope_theta
     assert cfg.sliding_window is None
     assert cfg.torch_dtype == "float32"
-    assert cfg.rope_scaling == (tiny.LLAMA3_ROPE_SCALING if rope else None)
+    assert cfg.rope_scaling == (archs.LLAMA3_ROPE_SCALING if rope else None)
     im_end = next(t["id"] for t in tok["added_tokens"] if t["content"] == "<|im_end|>")
     assert im_end in cfg.eos_token_ids  # only generation_config.json names it
 

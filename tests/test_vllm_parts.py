@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from services.backends.vllm.engine_args import vllm_missing_reason
+from services.backends.vllm.layout import UnsupportedCache, descriptor_from_cache, physical_layer
+from services.backends.vllm.staging import open_staging, staging_path
 from services.cli.topology import WorkerSpec
 from services.common.settings import WorkerSettings
-from services.engine.vllm_engine import vllm_missing_reason
-from services.engine.vllm_layout import UnsupportedCache, descriptor_from_cache, physical_layer
-from services.engine.vllm_staging import open_staging, staging_path
 from services.kv.payload import gather_payload, payload_to_tokens
 
 N, H, B, D = 6, 2, 32, 32
@@ -137,7 +137,7 @@ def test_topology_checks_vllm_instances() -> None:
 def test_vllm_cpu_refuses_at_start_up_what_it_would_fail_on_later(
     tiny_llama: Path, tmp_path: Path, block_size: int, head_dim: int, reason: str
 ) -> None:
-    from services.engine.vllm_engine import check_model
+    from services.backends.vllm.engine_args import check_model
 
     model = tmp_path / "model"
     shutil.copytree(tiny_llama, model)

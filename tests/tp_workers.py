@@ -17,8 +17,10 @@ from proto.kv_descriptor import KVDescriptor
 from proto.messages import GenerateRequest, SamplingParams
 from services.engine.engine import NativeEngine
 from services.engine.model import LayerDone
-from services.engine.tp_driver import Follower, LeaderEngine, TPWorld, init_tp
-from services.engine.tp_steps import BlockTables, PrefillStep
+from services.engine.tp.follower import Follower
+from services.engine.tp.leader import LeaderEngine
+from services.engine.tp.steps import BlockTables, PrefillStep
+from services.engine.tp.world import TPWorld, init_tp
 from services.kv.payload import payload_from_tokens, payload_to_tokens
 from tests.engine_loop import generate_batched
 
@@ -34,10 +36,11 @@ def request(rid: str, prompt: list[int], max_tokens: int = NEW_TOKENS) -> Genera
     return GenerateRequest(request_id=rid, prompt_token_ids=prompt, sampling=params)
 
 
-def generate(engine: NativeEngine | LeaderEngine, prompts: list[list[int]]) -> list[list[int]]:
+def generate(runner: NativeEngine | LeaderEngine, prompts: list[list[int]]) -> list[list[int]]:
     """Greedy tokens of `prompts`, one joining the running batch every other decode step."""
     requests = [request(f"g{i}", p) for i, p in enumerate(prompts)]
-    return generate_batched(engine, requests, join_every=2)
+    engine = runner.engine if isinstance(runner, LeaderEngine) else runner
+    return generate_batched(engine, requests, join_every=2, steps=runner)
 
 
 class KVRecorder:
@@ -56,10 +59,10 @@ class KVRecorder:
 def reference_kv(engine: NativeEngine, prompt: list[int]) -> dict[str, Any]:
     """Prefill `prompt` on a tp=1 engine: its first token and every layer's (T, H, D) K, V."""
     seq = engine.new_sequence(request("ref", prompt, 1))
-    seq.block_table = engine.allocator.allocate(engine.blocks_for(len(prompt)))
+    seq.block_table = engine.blocks.allocate(engine.blocks_for(len(prompt)))
     recorder = KVRecorder(engine, seq.block_table, len(prompt))
     first = engine.prefill(seq, recorder)
-    engine.allocator.free(seq.block_table)
+    engine.blocks.free(seq.block_table)
     return {"first": first, "kv": recorder.kv}
 
 
@@ -134,13 +137,13 @@ def lead(engine: NativeEngine, world: TPWorld, first: int, payloads: dict) -> di
     with LeaderEngine(engine, world.control) as leader:
         tokens = generate(leader, PROMPTS)
         # the KV of one prompt, as this rank's prefill callback exports it
-        table = leader.allocator.allocate(leader.blocks_for(len(KV_PROMPT)))
-        seq = leader.new_sequence(request("kv", KV_PROMPT, 1))
+        table = leader.engine.blocks.allocate(leader.engine.blocks_for(len(KV_PROMPT)))
+        seq = leader.engine.new_sequence(request("kv", KV_PROMPT, 1))
         seq.block_table = table
         recorder = KVRecorder(engine, table, len(KV_PROMPT))
         leader.prefill(seq, recorder, extra={"kv": True})
         callback_error = prefill_with_failing_callbacks(leader, table)
-        leader.allocator.free(table)
+        leader.engine.blocks.free(table)
         imported = decode_imported(leader, first, payloads)
     return {
         "tokens": tokens,
@@ -158,7 +161,7 @@ def fail_at_layer_1(layer: int) -> None:
 def prefill_with_failing_callbacks(leader: LeaderEngine, table: list[int]) -> str:
     """Every rank's callback fails mid-prefill: the step still completes everywhere, the
     leader raises afterwards, and the instance goes on (decode_imported runs next)."""
-    seq = leader.new_sequence(request("fail", KV_PROMPT, 1))
+    seq = leader.engine.new_sequence(request("fail", KV_PROMPT, 1))
     seq.block_table = table
     try:
         leader.prefill(seq, fail_at_layer_1, extra={"fail": True})
@@ -170,14 +173,14 @@ def prefill_with_failing_callbacks(leader: LeaderEngine, table: list[int]) -> st
 def decode_imported(leader: LeaderEngine, first: int, payloads: dict) -> list[int]:
     """Decode side: KV arrives per rank (no prefill here), every rank imports its shard from
     another thread, and the request joins decode once it is ready everywhere."""
-    seq = leader.new_sequence(request("imp", IMPORTED_PROMPT))
-    seq.block_table = leader.allocator.allocate(
-        leader.blocks_for(len(IMPORTED_PROMPT) + NEW_TOKENS)
+    seq = leader.engine.new_sequence(request("imp", IMPORTED_PROMPT))
+    seq.block_table = leader.engine.blocks.allocate(
+        leader.engine.blocks_for(len(IMPORTED_PROMPT) + NEW_TOKENS)
     )
     leader.share_blocks(seq.request_id, seq.block_table)
-    prompt_blocks = seq.block_table[: leader.blocks_for(len(IMPORTED_PROMPT))]
+    prompt_blocks = seq.block_table[: leader.engine.blocks_for(len(IMPORTED_PROMPT))]
     for layer, payload in payloads.items():
-        leader.cache.import_blocks(layer, prompt_blocks, payload)
+        leader.engine.cache.import_blocks(layer, prompt_blocks, payload)
     deadline = time.monotonic() + 30
     while leader.ready_everywhere([seq.request_id]) != [seq.request_id]:
         if time.monotonic() > deadline:
@@ -186,7 +189,7 @@ def decode_imported(leader: LeaderEngine, first: int, payloads: dict) -> list[in
     seq.append(first)
     while not seq.finished:
         leader.decode([seq])
-    leader.allocator.free(seq.block_table)
+    leader.engine.blocks.free(seq.block_table)
     return seq.output_ids
 
 
@@ -195,16 +198,17 @@ def follow(engine: NativeEngine, world: TPWorld, payloads: dict) -> dict[str, An
     recorders: list[KVRecorder] = []
 
     def factory(step: PrefillStep) -> LayerDone:
-        seen = layers.setdefault(step.request_id, [])
-        recorder = KVRecorder(engine, step.block_table, len(step.context_ids))
-        if step.extra == {"kv": True}:
+        [row] = step.rows  # the tests prefill one sequence per step
+        seen = layers.setdefault(row.request_id, [])
+        recorder = KVRecorder(engine, row.input.block_table, row.num_tokens)
+        if row.extra == {"kv": True}:
             recorders.append(recorder)
 
         def on_layer_done(layer: int) -> None:
             seen.append(layer)
-            if step.extra == {"kv": True}:
+            if row.extra == {"kv": True}:
                 recorder(layer)
-            if step.extra == {"fail": True}:
+            if row.extra == {"fail": True}:
                 fail_at_layer_1(layer)
 
         return on_layer_done
@@ -220,5 +224,5 @@ def follow(engine: NativeEngine, world: TPWorld, payloads: dict) -> dict[str, An
         "layers": layers,
         "kv": recorders[0].kv,
         "tables_left": len(follower.tables),
-        "allocator_untouched": engine.allocator.num_free == engine.allocator.num_total,
+        "allocator_untouched": engine.blocks.num_free == engine.blocks.num_total,
     }

@@ -15,7 +15,7 @@ import sys
 import nats
 from nats.aio.msg import Msg
 
-from services.common.kv_stream import ack_payload
+from services.kv.nats_link import ack_payload
 
 _ACK = ack_payload(True)
 

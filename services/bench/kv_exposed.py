@@ -35,8 +35,8 @@ from proto.messages import (
 from services.bench.kv_services import BenchTopology
 from services.bench.kv_stream_gen import SyntheticKV, bench_request, new_request_id, reserve
 from services.bench.kv_transfer import send_kv_request
-from services.common.kv_stream import ack_payload
 from services.common.settings import WorkerSettings
+from services.kv.nats_link import ack_payload
 
 _ACK = ack_payload(True)
 
@@ -184,7 +184,7 @@ class ColocatedPrefill:
     """The same prefill (model, layout, one torch thread) in this process, no streaming."""
 
     def __init__(self, topo: BenchTopology, num_tokens: int):
-        from services.engine.factory import build_engine
+        from services.backends.native.build import build_engine
 
         c, kv = topo.config, topo.kv("prefill")
         self.num_tokens = num_tokens
@@ -204,13 +204,13 @@ class ColocatedPrefill:
     def time_once(self) -> float:
         engine = self.engine
         seq = engine.new_sequence(bench_request(new_request_id("colo"), self.num_tokens, 2))
-        seq.block_table = engine.allocator.allocate(engine.blocks_for(self.num_tokens))
+        seq.block_table = engine.blocks.allocate(engine.blocks_for(self.num_tokens))
         try:
             start = time.perf_counter()
             engine.prefill(seq)
             return time.perf_counter() - start
         finally:
-            engine.allocator.free(seq.block_table)
+            engine.blocks.free(seq.block_table)
 
 
 async def measure_exposed(

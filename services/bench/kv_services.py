@@ -10,7 +10,6 @@ Instance ids carry a random prefix, so a run can share a NATS server with a live
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import signal
 import subprocess
@@ -26,6 +25,7 @@ from proto.kv_descriptor import KVDescriptor
 from proto.messages import InstanceInfo
 from services.common.bus import Bus
 from services.common.settings import CommonSettings
+from services.models.tiny import make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLES = {
@@ -66,16 +66,8 @@ class TopologyConfig:
 
 
 def build_tiny_model(out_dir: Path) -> Path:
-    """scripts/make_tiny_model.py's model (a source checkout is needed: scripts/ is no package)."""
-    script = ROOT / "scripts" / "make_tiny_model.py"
-    if not script.exists():
-        raise FileNotFoundError(f"{script} not found; pass --model DIR")
-    spec = importlib.util.spec_from_file_location("make_tiny_model", script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_tiny_model", module)  # its dataclasses look it up
-    spec.loader.exec_module(module)
-    return module.make_tiny_model(out_dir, arch="llama")
+    """The demo's tiny model (services/models/tiny)."""
+    return make_tiny_model(out_dir, arch="llama")
 
 
 class BenchTopology:

@@ -33,27 +33,37 @@ def _scheduler() -> Service:
 
 
 def _prefill() -> Service:
-    from services.prefill.follower import PrefillFollower
     from services.prefill.worker import PrefillService
 
     worker = s.WorkerSettings()
     if worker.engine == "vllm":
-        from services.prefill.vllm_worker import VllmPrefillService
+        from services.backends.vllm.prefill import VllmPrefill
 
-        return VllmPrefillService(worker)
-    return PrefillService(worker) if worker.tp_rank == 0 else PrefillFollower(worker)
+        return PrefillService(worker, VllmPrefill(worker))
+    if worker.tp_rank > 0:  # vLLM starts its own rank processes; native ranks are ours
+        from services.prefill.follower import PrefillFollower
+
+        return PrefillFollower(worker)
+    from services.backends.native.prefill import NativePrefill
+
+    return PrefillService(worker, NativePrefill(worker))
 
 
 def _decode() -> Service:
-    from services.decode.follower import DecodeFollower
     from services.decode.worker import DecodeService
 
     worker = s.WorkerSettings()
     if worker.engine == "vllm":
-        from services.decode.vllm_worker import VllmDecodeService
+        from services.backends.vllm.decode import VllmDecode
 
-        return VllmDecodeService(worker)
-    return DecodeService(worker) if worker.tp_rank == 0 else DecodeFollower(worker)
+        return DecodeService(worker, VllmDecode(worker))
+    if worker.tp_rank > 0:
+        from services.decode.follower import DecodeFollower
+
+        return DecodeFollower(worker)
+    from services.backends.native.decode import NativeDecode
+
+    return DecodeService(worker, NativeDecode(worker))
 
 
 def _converter() -> Service:

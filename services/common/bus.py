@@ -14,12 +14,20 @@ from nats.js.kv import KeyValue
 
 from proto.messages import M, Message
 from proto.subjects import Subjects
+from services.common import metrics
 from services.common.settings import CommonSettings
 from services.common.telemetry import inject
+from services.kv.hooks import StreamHooks
+from services.kv.nats_link import NatsLink
 
 log = logging.getLogger(__name__)
 
 _HEADROOM = 16 * 1024  # NATS headers (trace context) and the frame's msgpack header
+
+# The KV library reports through these: trace context on every frame, frames counted.
+KV_HOOKS = StreamHooks(
+    headers=inject, frame_sent=metrics.frame_sent, frame_received=metrics.frame_received
+)
 
 
 class Bus:
@@ -91,6 +99,18 @@ class Bus:
     def frame_limit(self) -> int:
         """Largest KV frame to send: the setting, capped below the server's max_payload."""
         return min(self.settings.max_frame_bytes, self.nc.max_payload - _HEADROOM)
+
+    def kv_link(self, receiver: str, rank: int = 0) -> NatsLink:
+        """A windowed stream of KV frames to rank `rank` of instance `receiver`."""
+        name = receiver if rank == 0 else f"{receiver} rank {rank}"
+        return NatsLink(
+            self.nc,
+            self.subjects.kv_frames(receiver, rank),
+            name,
+            self.settings.kv_window,
+            self.settings.kv_ack_timeout_s,
+            KV_HOOKS,
+        )
 
     async def publish(self, subject: str, message: Message) -> None:
         await self.nc.publish(subject, message.pack(), headers=inject())

@@ -95,7 +95,7 @@ DECODE_STEP_SECONDS = Histogram(
     "hetserve_decode_step_seconds", "Model time of one batched decode step.", buckets=_STEP_BUCKETS
 )
 
-# -- KV frames (kv_stream: prefill and converter send; converter and decode receive) -------
+# -- KV frames (services/kv: prefill and converter send; converter and decode receive) -------
 KV_SENT_BYTES = Counter("hetserve_kv_sent_bytes_total", "Bytes of KV frames published.")
 KV_SENT_FRAMES = Counter("hetserve_kv_sent_frames_total", "KV frames published.")
 KV_RECEIVED_BYTES = Counter(
@@ -148,6 +148,12 @@ for _outcome in ("ok", "refused"):
 def error(component: str, reason: str) -> None:
     """Count a failure; `reason` is a short fixed word, never a message."""
     ERRORS.labels(component, reason).inc()
+
+
+def frame_sent(nbytes: int) -> None:
+    """A KV sender (prefill, converter) published a frame."""
+    KV_SENT_BYTES.inc(nbytes)
+    KV_SENT_FRAMES.inc()
 
 
 def frame_received(nbytes: int, accepted: bool) -> None:

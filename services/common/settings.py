@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,7 +46,7 @@ class WorkerSettings(CommonSettings):
     """Prefill and decode instances."""
 
     model: str = "models/tiny-llama"
-    engine: str = "native"  # native | vllm
+    engine: Literal["native", "vllm"] = "native"
     # The cache layout of a native instance; a vLLM instance reads its own from vLLM's real
     # cache tensors ("" accepts it, a name must match it).
     kv_layout: str = "vllm-flash"
@@ -56,6 +57,9 @@ class WorkerSettings(CommonSettings):
     max_model_len: int = 0  # 0: the model's max_position_embeddings
     torch_threads: int = 0  # 0: torch's default
     max_batch_size: int = Field(64, ge=1)
+    # native engine: prompt tokens computed in one prefill step (longer prompts are chunked)
+    max_batched_tokens: int = Field(2048, ge=1)
+    prefix_caching: bool = False  # native engine: reuse cached KV of a prompt's prefix
     # tensor parallelism: one process per rank, all with the same instance id
     tp_size: int = Field(1, ge=1)
     tp_rank: int = Field(0, ge=0)

@@ -1,31 +1,141 @@
-"""KV blocks of one instance: which are free."""
+"""The KV blocks of one instance: who holds which, and which hold a known prefix.
+
+Blocks are reference counted: a block a request holds has a count of one per holder, and a
+prefix-cached block may be shared by several requests. A block whose count drops to zero is
+free; if it held a whole block of tokens it keeps its hash (automatic prefix caching, as
+vLLM and nano-vllm do it: each full block hashed with the hash of the block before it, so a
+hash names the whole prefix up to it) until the block is handed out again, least recently
+freed first.
+"""
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+import xxhash
+
+from proto.kv_descriptor import blocks_for
 
 
 class OutOfBlocks(RuntimeError):
     pass
 
 
-class BlockAllocator:
-    def __init__(self, num_blocks: int, reserved: int = 0):
+def block_hashes(token_ids: Sequence[int], block_size: int, count: int | None = None) -> list[int]:
+    """Chained hashes of the first `count` (default: every) full blocks of `token_ids`."""
+    full = len(token_ids) // block_size
+    count = full if count is None else min(count, full)
+    out: list[int] = []
+    parent = 0
+    for i in range(count):
+        block = token_ids[i * block_size : (i + 1) * block_size]
+        digest = xxhash.xxh3_64()
+        digest.update(parent.to_bytes(8, "little"))
+        digest.update(np.asarray(block, dtype="<i8").tobytes())
+        parent = digest.intdigest()
+        out.append(parent)
+    return out
+
+
+class BlockManager:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        reserved: int = 0,
+        prefix_caching: bool = False,
+    ):
+        """`reserved` leading block ids are never handed out (a layout's dummy slot)."""
         if num_blocks <= reserved:
             raise ValueError(
                 f"cache of {num_blocks} blocks has none left after {reserved} reserved"
             )
+        self.block_size = block_size
         self.num_total = num_blocks - reserved
-        self._free: deque[int] = deque(range(reserved, num_blocks))
+        self.prefix_caching = prefix_caching
+        self._refs: dict[int, int] = {}
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(reserved, num_blocks))
+        self._hash_of: dict[int, int] = {}  # block -> hash of the prefix it completes
+        self._block_of: dict[int, int] = {}  # hash -> block
+        self.hits = 0  # blocks found cached
+        self.queries = 0  # full blocks looked up
 
     @property
     def num_free(self) -> int:
+        """Blocks nobody holds (cached ones included: they are handed out when needed)."""
         return len(self._free)
 
+    @property
+    def num_cached(self) -> int:
+        """Blocks holding a known prefix, held or not."""
+        return len(self._block_of)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return blocks_for(num_tokens, self.block_size)
+
     def allocate(self, count: int) -> list[int]:
+        """`count` blocks for new tokens, taken from the least recently freed."""
         if count > len(self._free):
             raise OutOfBlocks(f"need {count} KV blocks, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(count)]
+        out = []
+        for _ in range(count):
+            block, _ = self._free.popitem(last=False)
+            self._forget_hash(block)
+            self._refs[block] = 1
+            out.append(block)
+        return out
 
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
+    def free(self, block_ids: Sequence[int]) -> None:
+        """Let go of one hold on each block; a block nobody holds becomes free."""
+        for block in block_ids:
+            refs = self._refs.get(block, 0)
+            if refs <= 0:
+                raise ValueError(f"block {block} freed but not held")
+            if refs > 1:
+                self._refs[block] = refs - 1
+                continue
+            del self._refs[block]
+            self._free[block] = None
+
+    def match_prefix(self, token_ids: Sequence[int], max_blocks: int | None = None) -> list[int]:
+        """The cached blocks that hold the longest prefix of `token_ids` (whole blocks, at most
+        `max_blocks`), each now held once more by the caller. Empty without prefix caching."""
+        if not self.prefix_caching:
+            return []
+        found: list[int] = []
+        hashes = block_hashes(token_ids, self.block_size, max_blocks)
+        self.queries += len(hashes)
+        for digest in hashes:
+            block = self._block_of.get(digest)
+            if block is None:
+                break
+            found.append(block)
+        for block in found:
+            if block in self._free:
+                del self._free[block]
+            self._refs[block] = self._refs.get(block, 0) + 1
+        self.hits += len(found)
+        return found
+
+    def cache_prefix(self, block_table: Sequence[int], token_ids: Sequence[int]) -> None:
+        """Record the full blocks of `block_table` as holding `token_ids`' prefix (call once
+        their KV is written). A block already cached elsewhere for the same prefix stays."""
+        if not self.prefix_caching:
+            return
+        hashes = block_hashes(token_ids, self.block_size, len(block_table))
+        for block, digest in zip(block_table, hashes, strict=False):
+            if digest in self._block_of or block in self._hash_of:
+                continue
+            self._hash_of[block] = digest
+            self._block_of[digest] = block
+
+    def cached_hashes(self) -> list[int]:
+        """Every prefix hash this instance can serve from its cache."""
+        return list(self._block_of)
+
+    def _forget_hash(self, block: int) -> None:
+        digest = self._hash_of.pop(block, None)
+        if digest is not None:
+            del self._block_of[digest]

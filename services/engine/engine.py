@@ -3,12 +3,14 @@
 Blocking torch code: services call it from a worker thread, never on the event loop.
 With tp_size > 1 the engine is one rank of a tensor-parallel instance: it holds that rank's
 shard of the weights and of the KV heads, and every rank must run the same steps in the same
-order (services/engine/tp_driver.py does that); `forward_prefill` / `forward_decode` are the
-steps without sampling, for ranks that only compute.
+order (services/engine/tp/ does that); `forward_prefill` / `forward_decode` are the steps
+without sampling, for ranks that only compute. What to compute in each step is the
+scheduler's (scheduler.py) decision; which blocks are whose, the block manager's.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,14 +18,39 @@ import torch.distributed as dist
 
 from proto.kv_descriptor import KVDescriptor
 from proto.messages import GenerateRequest
-from services.engine.block_manager import BlockAllocator
+from services.engine.block_manager import BlockManager
 from services.engine.kv_cache import PagedKVCache
-from services.engine.model import AttentionMetadata, LayerDone
+from services.engine.model import AttentionMetadata, LayerDone, PrefillSpan
 from services.engine.parallel import checked_tp_group
 from services.engine.sampling import Sampler
+from services.engine.scheduler import PrefillChunk
 from services.engine.sequence import Sequence
 from services.engine.weights import load_model
 from services.hf.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class PrefillInput:
+    """What every tensor-parallel rank needs of one sequence's chunk in a prefill step."""
+
+    token_ids: list[int]  # context tokens [start, stop)
+    start: int
+    block_table: list[int]
+    want_logits: bool  # the chunk completes the prompt: its last token's logits sample
+
+    @property
+    def stop(self) -> int:
+        return self.start + len(self.token_ids)
+
+
+def prefill_input(chunk: PrefillChunk) -> PrefillInput:
+    seq = chunk.seq
+    return PrefillInput(
+        seq.context_ids[chunk.start : chunk.stop],
+        chunk.start,
+        list(seq.block_table),
+        chunk.completes_prompt,
+    )
 
 
 def default_device() -> torch.device:
@@ -43,6 +70,7 @@ class NativeEngine:
         tp_rank: int = 0,
         tp_size: int = 1,
         tp_group: dist.ProcessGroup | None = None,
+        prefix_caching: bool = False,
     ):
         self.device = torch.device(device) if device else default_device()
         self.tp = checked_tp_group(tp_rank, tp_size, tp_group)
@@ -62,10 +90,12 @@ class NativeEngine:
             tp_rank=tp_rank,
         )
         self.cache = PagedKVCache(self.kv, num_blocks, self.device)
-        self.allocator = BlockAllocator(num_blocks, self.kv.spec.reserved_blocks)
+        self.blocks = BlockManager(
+            num_blocks, block_size, self.kv.spec.reserved_blocks, prefix_caching=prefix_caching
+        )
 
     def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.kv.block_size)
+        return self.kv.blocks_for(num_tokens)
 
     def new_sequence(self, request: GenerateRequest) -> Sequence:
         sampler = Sampler(request.sampling, self.device)
@@ -88,32 +118,69 @@ class NativeEngine:
 
     @torch.inference_mode()
     def prefill(self, seq: Sequence, on_layer_done: LayerDone | None = None) -> int:
-        """Run the whole context, leave its KV in seq.block_table, sample the first token."""
-        logits = self.forward_prefill(seq.context_ids, seq.block_table, on_layer_done)
-        token = seq.sampler.sample(logits[0])
-        seq.append(token)
+        """Compute the rest of one sequence's context in one step and sample its first token
+        (its blocks must be held)."""
+        chunk = PrefillChunk(seq, seq.num_computed, len(seq.context_ids))
+        [token] = self.prefill_step([chunk], on_layer_done)
+        assert token is not None
         return token
+
+    @torch.inference_mode()
+    def prefill_step(
+        self, chunks: list[PrefillChunk], on_layer_done: LayerDone | None = None
+    ) -> list[int | None]:
+        """One prefill step over several sequences' chunks; a chunk that completes its prompt
+        samples the sequence's first token (appended to it), the others give None."""
+        rows = [prefill_input(chunk) for chunk in chunks]
+        logits = self.forward_prefill(rows, on_layer_done)
+        out: list[int | None] = []
+        sampled = iter(logits)
+        for chunk, row in zip(chunks, rows, strict=True):
+            chunk.seq.num_computed = chunk.stop
+            if not row.want_logits:
+                out.append(None)
+                continue
+            seq = chunk.seq
+            assert seq.sampler is not None
+            token = seq.sampler.sample(next(sampled))
+            seq.append(token)
+            out.append(token)
+        return out
 
     @torch.inference_mode()
     def forward_prefill(
         self,
-        context_ids: list[int],
-        block_table: list[int],
+        rows: list[PrefillInput],
         on_layer_done: LayerDone | None = None,
         want_logits: bool = True,
-    ) -> torch.Tensor:  # [1, vocab] float32, or [0, vocab] without logits
-        self.check_blocks(block_table, len(context_ids))
-        positions = torch.arange(len(context_ids))
-        blocks, offsets = self._slots(block_table, positions)
+    ) -> torch.Tensor:  # [rows wanting logits, vocab] float32 ([0, vocab] without logits)
+        positions, blocks, offsets, spans, last = [], [], [], [], []
+        begin = 0
+        for row in rows:
+            self.check_blocks(row.block_table, row.stop)
+            where = torch.arange(row.start, row.stop)
+            block, offset = self._slots(row.block_table, where)
+            positions.append(where)
+            blocks.append(block)
+            offsets.append(offset)
+            end = begin + row.stop - row.start
+            context = (None, None)
+            if row.start > 0:
+                context = self._slots(row.block_table, torch.arange(row.stop))
+            spans.append(PrefillSpan(begin, end, row.start, *context))
+            if row.want_logits and want_logits:
+                last.append(end - 1)
+            begin = end
         meta = AttentionMetadata(
             is_prefill=True,
-            positions=positions.to(self.device),
-            slot_blocks=blocks,
-            slot_offsets=offsets,
+            positions=torch.cat(positions).to(self.device),
+            slot_blocks=torch.cat(blocks),
+            slot_offsets=torch.cat(offsets),
+            spans=tuple(spans),
         )
-        last = [len(context_ids) - 1] if want_logits else []
+        tokens = torch.tensor([t for row in rows for t in row.token_ids], device=self.device)
         return self.model(
-            torch.tensor(context_ids, device=self.device),
+            tokens,
             meta,
             self.cache,
             last_token_index=torch.tensor(last, dtype=torch.long, device=self.device),
@@ -124,7 +191,7 @@ class NativeEngine:
     def decode(self, seqs: list[Sequence]) -> list[int]:
         """One step for a batch: each sequence's last token goes in, one new token comes out."""
         logits = self.forward_decode(
-            [s.all_ids[-1] for s in seqs],
+            [s.last_token for s in seqs],
             [s.num_tokens for s in seqs],
             [s.block_table for s in seqs],
         )

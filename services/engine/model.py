@@ -29,14 +29,29 @@ from services.engine.parallel import (
 from services.hf.config import ModelConfig
 
 
+@dataclass(frozen=True)
+class PrefillSpan:
+    """One sequence's tokens in a prefill step: flattened tokens [begin, end) of the batch are
+    its context positions [start, start + end - begin)."""
+
+    begin: int
+    end: int
+    start: int
+    # start > 0 (the earlier tokens are in the cache): where its whole context [0, stop) lives
+    context_blocks: torch.Tensor | None = None  # [stop]
+    context_offsets: torch.Tensor | None = None  # [stop]
+
+
 @dataclass
 class AttentionMetadata:
-    """One step's batch. Prefill: one sequence, all its tokens. Decode: one token per sequence."""
+    """One step's batch. Prefill: chunks of one or more prompts. Decode: one token per sequence."""
 
     is_prefill: bool
     positions: torch.Tensor  # [T] position of each flattened token
     slot_blocks: torch.Tensor  # [T] cache block each token's KV is written to
     slot_offsets: torch.Tensor  # [T] offset inside that block
+    # prefill only: which flattened tokens are whose
+    spans: tuple[PrefillSpan, ...] = ()
     # decode only: where each sequence's whole context lives
     context_blocks: torch.Tensor | None = None  # [S, Tmax] block of each context position
     context_offsets: torch.Tensor | None = None  # [S, Tmax]
@@ -124,15 +139,7 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         cache.write(self.layer_index, meta.slot_blocks, meta.slot_offsets, k, v)
         if meta.is_prefill:
-            # The whole prompt is in this step: attend to the fresh K/V, causally.
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1),
-                k.transpose(0, 1),
-                v.transpose(0, 1),
-                is_causal=True,
-                enable_gqa=self.num_heads != self.num_kv_heads,
-            )  # [Hq, T, D]
-            out = out.transpose(0, 1)
+            out = torch.cat([self._prefill(q, k, v, span, cache) for span in meta.spans])
         else:
             # One new token per sequence: read each context from the cache, in its layout.
             ctx_k, ctx_v = cache.gather(self.layer_index, meta.context_blocks, meta.context_offsets)
@@ -145,6 +152,34 @@ class Attention(nn.Module):
                 enable_gqa=self.num_heads != self.num_kv_heads,
             )[:, :, 0, :]  # [S, Hq, D]
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
+
+    def _prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        span: PrefillSpan,
+        cache: PagedKVCache,
+    ) -> torch.Tensor:  # [T_span, Hq, D]
+        """Causal attention of one sequence's new tokens: over themselves when they start its
+        context, else over its whole context, read back from the cache."""
+        q = q[span.begin : span.end].transpose(0, 1)  # [Hq, T, D]
+        gqa = self.num_heads != self.num_kv_heads
+        if span.start == 0:
+            k = k[span.begin : span.end].transpose(0, 1)
+            v = v[span.begin : span.end].transpose(0, 1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            return out.transpose(0, 1)
+        blocks, offsets = span.context_blocks[None], span.context_offsets[None]
+        ctx_k, ctx_v = (
+            t[0].to(q.dtype).transpose(0, 1)
+            for t in cache.gather(self.layer_index, blocks, offsets)
+        )
+        # query i sits at position start + i and sees context positions 0 ..= start + i
+        queries = torch.arange(span.end - span.begin, device=q.device)[:, None] + span.start
+        mask = torch.arange(ctx_k.shape[1], device=q.device)[None, :] <= queries
+        out = F.scaled_dot_product_attention(q, ctx_k, ctx_v, attn_mask=mask, enable_gqa=gqa)
+        return out.transpose(0, 1)
 
 
 class MLP(nn.Module):

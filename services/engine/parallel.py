@@ -50,7 +50,7 @@ def checked_tp_group(rank: int, size: int, group: dist.ProcessGroup | None) -> T
     if not dist.is_initialized():
         raise ValueError(
             f"tp_size {size} needs torch.distributed initialised first "
-            "(services.engine.tp_driver.init_tp)"
+            "(services.engine.tp.world.init_tp)"
         )
     actual = (dist.get_rank(group), dist.get_world_size(group))
     if actual != (rank, size):
@@ -68,12 +68,13 @@ def split_evenly(total: int, tp: TPGroup, what: str) -> int:
 
 def kv_heads_of_rank(num_kv_heads: int, tp: TPGroup) -> range:
     """KV heads this rank holds (proto.kv_descriptor's rule, the descriptor's too), after
-    checking that they split evenly or replicate evenly over the ranks."""
-    big, small = max(tp.size, num_kv_heads), min(tp.size, num_kv_heads)
-    if big % small:
+    checking that they split, or replicate, evenly over the ranks."""
+    if tp.size <= num_kv_heads:
+        split_evenly(num_kv_heads, tp, "KV heads")
+    elif tp.size % num_kv_heads:
         raise ValueError(
-            f"{num_kv_heads} KV heads do not split evenly or replicate evenly over tensor "
-            f"parallel size {tp.size}"
+            f"tensor parallel size {tp.size} is not a multiple of the {num_kv_heads} KV heads "
+            "it would replicate"
         )
     return descriptor_kv_heads(num_kv_heads, tp.size, tp.rank)
 

@@ -10,7 +10,7 @@ from services.engine.stopping import StopChecker
 from services.hf.tokenizer import Tokenizer
 
 
-@dataclass
+@dataclass(eq=False)  # one sequence is one request: compared by identity
 class Sequence:
     request_id: str
     context_ids: list[int]  # prompt, plus tokens an earlier attempt produced
@@ -20,6 +20,8 @@ class Sequence:
     completion_offset: int = 0  # completion tokens produced before this attempt
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # leading tokens whose KV is in the cache
+    num_cached: int = 0  # of those, prompt tokens found in the prefix cache
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
 
@@ -50,6 +52,15 @@ class Sequence:
     @property
     def all_ids(self) -> list[int]:
         return self.context_ids + self.output_ids
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.context_ids[-1]
+
+    @property
+    def prefilled(self) -> bool:
+        """Every context token's KV is in the cache."""
+        return self.num_computed >= len(self.context_ids)
 
     @property
     def num_tokens(self) -> int:

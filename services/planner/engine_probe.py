@@ -142,7 +142,7 @@ class EngineTimer:
             request_id=uuid.uuid4().hex, prompt_token_ids=ids, sampling=params
         )
         seq = self.engine.new_sequence(request)
-        seq.block_table = self.engine.allocator.allocate(self.engine.blocks_for(length + room))
+        seq.block_table = self.engine.blocks.allocate(self.engine.blocks_for(length + room))
         return seq
 
     def warm_up(self) -> None:
@@ -157,7 +157,7 @@ class EngineTimer:
             return time_call(lambda: self.engine.prefill(next(pending)), repeats, self.sync)
         finally:
             for seq in seqs:
-                self.engine.allocator.free(seq.block_table)
+                self.engine.blocks.free(seq.block_table)
 
     def decode(self, batch: int, context: int, repeats: int) -> float:
         seqs = [self._sequence(context - 1, repeats + 2) for _ in range(batch)]
@@ -167,4 +167,4 @@ class EngineTimer:
             return time_call(lambda: self.engine.decode(seqs), repeats, self.sync)
         finally:
             for seq in seqs:
-                self.engine.allocator.free(seq.block_table)
+                self.engine.blocks.free(seq.block_table)

@@ -1,4 +1,4 @@
-"""Build the engine an instance's settings name, joining its tensor-parallel group."""
+"""Build the native engine an instance's settings describe, joining its tensor-parallel group."""
 
 from __future__ import annotations
 
@@ -6,20 +6,12 @@ import torch
 
 from services.common.settings import WorkerSettings
 from services.engine.engine import NativeEngine
-from services.engine.tp_driver import TPWorld, init_tp
-
-ENGINES = {"native": NativeEngine}
+from services.engine.tp.world import TPWorld, init_tp
 
 
 def build_engine(settings: WorkerSettings) -> tuple[NativeEngine, TPWorld]:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    try:
-        engine_cls = ENGINES[settings.engine]
-    except KeyError:
-        raise ValueError(
-            f"unknown engine {settings.engine!r}; available: {', '.join(ENGINES)}"
-        ) from None
     cuda = settings.device.startswith("cuda") or (not settings.device and torch.cuda.is_available())
     world = init_tp(
         settings.tp_rank,
@@ -29,13 +21,14 @@ def build_engine(settings: WorkerSettings) -> tuple[NativeEngine, TPWorld]:
         "nccl" if cuda else "gloo",
         device=settings.device or None,
     )
-    engine = engine_cls(
+    engine = NativeEngine(
         model_dir=settings.model,
         kv_layout=settings.kv_layout,
         block_size=settings.block_size,
         kv_dtype=settings.kv_dtype,
         num_blocks=settings.num_blocks,
         max_model_len=settings.max_model_len or None,
+        prefix_caching=settings.prefix_caching,
         **world.engine_kwargs(),
     )
     return engine, world

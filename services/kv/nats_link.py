@@ -1,26 +1,22 @@
-"""Sending and acknowledging KV frames with credit-based flow control.
+"""KV frames over core NATS with credit-based flow control: the `nats` transport.
 
-A sender publishes frames in order to the receiver's KV subject with a private reply
-inbox, and never has more than `window` frames unacknowledged: a fast prefill cannot
-outrun a slow receiver, so the server never has to drop one as a slow consumer.
-A receiver acknowledges a frame once it has taken it (stored, or converted and forwarded),
-or rejects it with the reason.
+A sender publishes frames in order to the receiver's KV subject with a private reply inbox,
+and never has more than `window` frames unacknowledged: a fast prefill cannot outrun a slow
+receiver, so the server never has to drop one as a slow consumer. A receiver acknowledges a
+frame once it has taken it (stored, or converted and forwarded), or rejects it with the reason
+(services/kv/endpoint.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import msgpack
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from proto.frames import Frame, encode_frame
-from services.common import metrics
-from services.common.bus import Bus
-from services.common.telemetry import inject
-
-log = logging.getLogger(__name__)
+from services.kv.hooks import NO_HOOKS, StreamHooks
 
 
 class StreamFailed(RuntimeError):
@@ -31,19 +27,24 @@ def ack_payload(ok: bool, reason: str = "") -> bytes:
     return msgpack.packb({"ok": ok, "reason": reason})
 
 
-async def acknowledge(msg: Msg, ok: bool = True, reason: str = "") -> None:
-    metrics.frame_received(len(msg.data), ok)
-    if msg.reply:
-        await msg.respond(ack_payload(ok, reason))
+class NatsLink:
+    """One sender's windowed stream of frames to one receiver subject."""
 
-
-class FrameSender:
-    def __init__(self, bus: Bus, receiver: str, window: int, ack_timeout_s: float, rank: int = 0):
-        self.bus = bus
-        self.subject = bus.subjects.kv_frames(receiver, rank)
-        self.receiver = receiver if rank == 0 else f"{receiver} rank {rank}"
+    def __init__(
+        self,
+        nc: Client,
+        subject: str,
+        receiver: str,
+        window: int,
+        ack_timeout_s: float,
+        hooks: StreamHooks = NO_HOOKS,
+    ):
+        self.nc = nc
+        self.subject = subject
+        self.receiver = receiver
         self.window = window
         self.ack_timeout_s = ack_timeout_s
+        self.hooks = hooks
         self._credits = asyncio.Semaphore(window)
         self._unacked = 0
         self._drained = asyncio.Event()
@@ -53,14 +54,21 @@ class FrameSender:
         self.bytes_sent = 0
         self.frames_sent = 0
 
-    async def __aenter__(self) -> FrameSender:
-        self._inbox = self.bus.nc.new_inbox()
-        self._sub = await self.bus.nc.subscribe(self._inbox, cb=self._on_ack)
+    async def __aenter__(self) -> NatsLink:
+        await self.open()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        self._inbox = self.nc.new_inbox()
+        self._sub = await self.nc.subscribe(self._inbox, cb=self._on_ack)
+
+    async def close(self) -> None:
         if self._sub is not None:
-            await self._sub.unsubscribe()
+            sub, self._sub = self._sub, None
+            await sub.unsubscribe()
 
     async def _on_ack(self, msg: Msg) -> None:
         try:
@@ -91,11 +99,10 @@ class FrameSender:
         data = encode_frame(frame)
         self._unacked += 1
         self._drained.clear()
-        await self.bus.nc.publish(self.subject, data, reply=self._inbox, headers=inject())
+        await self.nc.publish(self.subject, data, reply=self._inbox, headers=self.hooks.headers())
         self.bytes_sent += len(data)
         self.frames_sent += 1
-        metrics.KV_SENT_BYTES.inc(len(data))
-        metrics.KV_SENT_FRAMES.inc()
+        self.hooks.frame_sent(len(data))
 
     async def finish(self) -> None:
         """Wait until every frame is acknowledged; raise if any was rejected."""

@@ -19,8 +19,8 @@ from services.hf.config import ModelConfig, load_model_config
 from services.hf.tokenizer import Tokenizer
 
 CONNECTOR = "HetserveConnector"
-CONNECTOR_MODULE = "services.engine.vllm_connector"
-WORKER_EXTENSION = "services.engine.vllm_connector.HetserveWorkerExtension"
+CONNECTOR_MODULE = "services.backends.vllm.connector"
+WORKER_EXTENSION = "services.backends.vllm.connector.HetserveWorkerExtension"
 
 
 def vllm_missing_reason() -> str | None:

@@ -11,13 +11,26 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.engine.engine import PrefillInput
+
+
+@dataclass(frozen=True)
+class PrefillRow:
+    """One sequence's chunk of a prefill step."""
+
+    request_id: str
+    input: PrefillInput  # its tokens, start and whole block table
+    num_tokens: int  # the whole context's length
+    extra: Any = None  # whatever the leader's service passes on to the followers' callbacks
+
+    @property
+    def completes_prompt(self) -> bool:
+        return self.input.stop == self.num_tokens
+
 
 @dataclass(frozen=True)
 class PrefillStep:
-    request_id: str
-    context_ids: list[int]
-    block_table: list[int]
-    extra: Any = None  # whatever the leader's service passes on to the followers' callbacks
+    rows: list[PrefillRow]
 
 
 @dataclass(frozen=True)

@@ -15,82 +15,78 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
 from proto.kv_descriptor import KVDescriptor
 from proto.messages import PrefillJob
+from services.backends.base import Announce, Load, Spawn
+from services.backends.vllm import engine_args
+from services.backends.vllm.kv_streams import StreamEnd
 from services.common import metrics
-from services.engine import vllm_engine
+from services.common.bus import Bus
+from services.common.settings import WorkerSettings
 from services.hf.tokenizer import Tokenizer
-from services.prefill.worker import PrefillService
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class VllmPrefillService(PrefillService):
-    async def start(self) -> None:
-        vllm_engine.apply_threads(self.settings)
-        vllm_engine.in_process_engine()
-        self.engine_thread = ThreadPoolExecutor(1, thread_name_prefix="vllm-engine")
-        self.cfg = await asyncio.to_thread(vllm_engine.check_model, self.settings)
-        self.tokenizer = await asyncio.to_thread(Tokenizer.from_model_dir, self.settings.model)
-        self.llm = await self._in_engine_thread(self._build_engine)
-        ranks = await self._in_engine_thread(self.llm.collective_rpc, "hetserve_descriptor")
-        self.kv: KVDescriptor = vllm_engine.rank_descriptors(ranks, self.settings.kv_layout)[0]
-        self.num_blocks = self.llm.vllm_config.cache_config.num_gpu_blocks or 0
+class VllmPrefill:
+    engine_name = "vllm"
+
+    def __init__(self, settings: WorkerSettings):
+        self.settings = settings
         self.outputs: dict[str, asyncio.Future] = {}
         self.new: list[tuple[str, list[int], object]] = []
         self.aborted: list[str] = []
-        self.ends: list[tuple] = []  # for hetserve_end_streams, delivered before the next step
+        self.ends: list[StreamEnd] = []  # for hetserve_end_streams, delivered before the next step
         self.wake = asyncio.Event()
+        self.running = 0
+
+    async def start(self, bus: Bus, spawn: Spawn) -> None:
+        settings = self.settings
+        engine_args.apply_threads(settings)
+        engine_args.in_process_engine()
+        self.engine_thread = ThreadPoolExecutor(1, thread_name_prefix="vllm-engine")
+        self.cfg = await asyncio.to_thread(engine_args.check_model, settings)
+        self.tokenizer = await asyncio.to_thread(Tokenizer.from_model_dir, settings.model)
+        self.llm = await self._in_engine_thread(self._build_engine)
+        ranks = await self._in_engine_thread(self.llm.collective_rpc, "hetserve_descriptor")
+        self.kv: KVDescriptor = engine_args.rank_descriptors(ranks, settings.kv_layout)[0]
+        self.num_blocks = self.llm.vllm_config.cache_config.num_gpu_blocks or 0
+        self.max_model_len: int = self.llm.vllm_config.model_config.max_model_len
         log.info(
             "%s: vLLM prefill, KV %s block %d tp %d (%s)",
-            self.instance_id,
-            self.kv.layout,
-            self.kv.block_size,
-            self.kv.tp_size,
-            self.kv.id,
-        )
-        await self.subscribe(self.bus.subjects.prefill_jobs(self.instance_id), self._on_job)
-        self.spawn(self._take_jobs(), "prefill-jobs")
-        self.spawn(self._engine_loop(), "vllm-steps")
+            settings.instance_id, self.kv.layout, self.kv.block_size, self.kv.tp_size, self.kv.id,
+        )  # fmt: skip
+        spawn(self._engine_loop(), "vllm-steps")
 
     async def _in_engine_thread(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.engine_thread, lambda: fn(*args, **kwargs))
 
-    def _build_engine(self):  # noqa: ANN202 - vllm.v1.engine.llm_engine.LLMEngine
+    def _build_engine(self) -> Any:  # vllm.v1.engine.llm_engine.LLMEngine
         from vllm.v1.engine.llm_engine import LLMEngine
 
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)  # this thread's OpenMP setting
-        return LLMEngine.from_engine_args(vllm_engine.engine_args(self.settings, "prefill", False))
+        return LLMEngine.from_engine_args(engine_args.engine_args(self.settings, "prefill", False))
 
-    def status(self):  # noqa: ANN201
-        info = super(PrefillService, self).status()
-        info.model = self.settings.model
-        info.kv = self.kv
-        info.engine = "vllm"
-        info.running = self.running
-        info.waiting = self.jobs.qsize()
-        info.total_blocks = self.num_blocks
-        info.free_blocks = self.num_blocks  # vLLM frees a prefill's blocks as it finishes
-        info.max_model_len = self.llm.vllm_config.model_config.max_model_len
-        return info
-
-    async def _take_jobs(self) -> None:
-        """Jobs run concurrently: vLLM batches their prompts."""
-        while True:
-            job, ctx = await self.jobs.get()
-            self.spawn(self._serve_job(job, ctx), f"prefill-{job.request.request_id}")
+    def load(self) -> Load:
+        # vLLM frees a prefill's blocks as it finishes: they are free between requests
+        return Load(
+            running=self.running,
+            waiting=len(self.new),
+            free_blocks=self.num_blocks,
+            total_blocks=self.num_blocks,
+        )
 
     # -- the engine thread ------------------------------------------------------------
 
     def _step(
-        self, new: list[tuple[str, list[int], object]], aborted: list[str], ends: list[tuple]
+        self, new: list[tuple[str, list[int], object]], aborted: list[str], ends: list[StreamEnd]
     ) -> tuple[list, dict[str, Exception]]:
         if aborted:
             self.llm.abort_request(aborted)
@@ -117,7 +113,7 @@ class VllmPrefillService(PrefillService):
             try:
                 outputs, refused = await self._in_engine_thread(self._step, new, aborted, ends)
             except Exception as exc:  # noqa: BLE001 - fail what is in flight, keep serving
-                log.exception("%s: vLLM step failed", self.instance_id)
+                log.exception("vLLM step failed")
                 for rid in list(self.outputs):
                     self._settle(rid, exc)
                 continue
@@ -138,42 +134,39 @@ class VllmPrefillService(PrefillService):
 
     # -- one job ----------------------------------------------------------------------
 
-    async def _run(self, job: PrefillJob) -> None:
+    async def prefill(self, job: PrefillJob, announce: Announce) -> None:
         request, route = job.request, job.route
         rid = request.request_id
         if rid in self.outputs:
             raise RuntimeError(f"{rid} is already being prefilled here")
-        seq = vllm_engine.new_sequence(request, self.cfg, self.tokenizer)
+        seq = engine_args.new_sequence(request, self.cfg, self.tokenizer)
         output = self.outputs[rid] = asyncio.get_running_loop().create_future()
-        stream = {"route": route.model_dump(mode="json"), "num_tokens": len(seq.context_ids)}
-        params = vllm_engine.sampling_params(
-            request.sampling, 1, {"rid": rid, "produce": True, "route": stream["route"]}
+        route_dict = route.model_dump(mode="json")
+        params = engine_args.sampling_params(
+            request.sampling, 1, {"rid": rid, "produce": True, "route": route_dict}
         )
         self.new.append((rid, seq.context_ids, params))
         self.wake.set()
+        self.running += 1
         error = ""
         try:
             with metrics.PREFILL_SECONDS.time():  # vLLM may batch it with others
                 first = (await output).outputs[0].token_ids[0]
             seq.append(first)
-            await self._announce_first(job, seq)
+            await announce(seq)
         except BaseException as exc:
             error = f"prefill failed: {exc!r}"
             self.aborted.append(rid)  # vLLM is only touched from the engine thread
             raise
         finally:
+            self.running -= 1
             self.outputs.pop(rid, None)
             # Every rank's stream gets its end: the first token, or the error.
-            self.ends.append(
-                (
-                    rid,
-                    stream["route"],
-                    stream["num_tokens"],
-                    seq.output_ids[-1] if seq.output_ids else None,
-                    {"finished": seq.finished},
-                    error,
-                )
+            last = seq.output_ids[-1] if seq.output_ids else None
+            end = StreamEnd(
+                rid, route_dict, len(seq.context_ids), last, {"finished": seq.finished}, error
             )
+            self.ends.append(end)
             self.wake.set()
 
     async def stop(self) -> None:

@@ -20,7 +20,7 @@ from proto.kv_descriptor import KVDescriptor
 from proto.messages import KVRoute
 from services.common.bus import Bus
 from services.common.settings import WorkerSettings
-from services.prefill.shard_stream import LAYERS_DONE, stream_shard
+from services.kv.shard_stream import LAYERS_DONE, blocks_per_frame, receiver_rank, stream_shard
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,19 @@ class _Stream:
     closed: bool = False  # LAYERS_DONE queued
 
 
+@dataclass(frozen=True)
+class StreamEnd:
+    """What every vLLM worker needs to end its rank's stream of one request (picklable, for
+    collective_rpc("hetserve_end_streams"))."""
+
+    request_id: str
+    route: dict  # KVRoute
+    num_tokens: int
+    first_token: int | None  # rank 0's end frame carries it
+    extra: dict
+    error: str  # "" unless the prefill failed
+
+
 class KVStreams:
     def __init__(self, settings: WorkerSettings, kv: KVDescriptor):
         self.settings, self.kv = settings, kv
@@ -44,7 +57,7 @@ class KVStreams:
         ).start()
         connect = Bus.connect(settings, name=f"{settings.instance_id}-kv-rank{kv.tp_rank}")
         self.bus = asyncio.run_coroutine_threadsafe(connect, self.loop).result(timeout=60)
-        self.blocks_per_frame = max(1, (self.bus.frame_limit - 1024) // kv.payload_nbytes(1))
+        self.blocks_per_frame = blocks_per_frame(kv, self.bus.frame_limit)
         self.streams: dict[str, _Stream] = {}
 
     def open(self, request_id: str, route: KVRoute, num_tokens: int) -> None:
@@ -67,32 +80,26 @@ class KVStreams:
             stream.closed = True
             self.loop.call_soon_threadsafe(stream.queue.put_nowait, LAYERS_DONE)
 
-    def end(
-        self,
-        request_id: str,
-        route: KVRoute,
-        num_tokens: int,
-        first_token: int | None,
-        extra: dict,
-        error: str = "",
-    ) -> None:
+    def end(self, end: StreamEnd) -> None:
         """The service's word on the request: its first token (rank 0 sends it), or why it
         failed; a stream that never began still tells the receiver, so it lets go at once."""
-        self.open(request_id, route, num_tokens)
-        stream = self.streams[request_id]
-        if error:
-            self.layers_done(request_id)  # nothing more comes
-            stream.end.set_exception(RuntimeError(error))
+        route = KVRoute.model_validate(end.route)
+        self.open(end.request_id, route, end.num_tokens)
+        stream = self.streams[end.request_id]
+        if end.error:
+            self.layers_done(end.request_id)  # nothing more comes
+            stream.end.set_exception(RuntimeError(end.error))
         else:
-            token = first_token if self.kv.tp_rank == 0 else None
-            stream.end.set_result((token, extra))
+            token = end.first_token if self.kv.tp_rank == 0 else None
+            stream.end.set_result((token, end.extra))
 
     async def _send(self, request_id: str, route: KVRoute, stream: _Stream) -> None:
         async def finish() -> tuple[int | None, dict]:
             return await asyncio.wrap_future(stream.end)
 
         try:
-            await stream_shard(self.bus, self.settings, self.kv, request_id, route, stream, finish)
+            async with self.bus.kv_link(route.send_to, receiver_rank(self.kv, route)) as link:
+                await stream_shard(link, self.kv, request_id, route, stream, finish)
         except Exception:  # noqa: BLE001 - the receiver was told (end frame with the error)
             log.exception("rank %d: KV stream of %s failed", self.kv.tp_rank, request_id)
         finally:

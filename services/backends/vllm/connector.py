@@ -1,13 +1,13 @@
 """hetserve's KV connector for vLLM (the V1 KV connector API of vLLM 0.32).
 
 vLLM loads it by name: KVTransferConfig(kv_connector="HetserveConnector",
-kv_connector_module_path="services.engine.vllm_connector", kv_role="kv_both"). One class
+kv_connector_module_path="services.backends.vllm.connector", kv_role="kv_both"). One class
 serves both sides; a request's `kv_transfer_params["hetserve"]` says what to do with it:
 
 producer (prefill): {"rid": id, "produce": True, "route": KVRoute}
     Every step that computes prompt tokens of the request, `save_kv_layer` copies the
     request's blocks of that layer out of vLLM's cache (while the next layer computes) and
-    hands them, frame-sized, to this rank's KV streams (services/engine/vllm_kv_streams.py),
+    hands them, frame-sized, to this rank's KV streams (services/backends/vllm/kv_streams.py),
     which send them to the route's receiver. Token ranges are contiguous and block aligned:
     a chunk that ends inside a block sends its complete blocks only; the last chunk sends up
     to the end of the prompt. The service ends every rank's stream with
@@ -15,7 +15,7 @@ producer (prefill): {"rid": id, "produce": True, "route": KVRoute}
 
 consumer (decode): {"rid": id, "staged_blocks": [...], "num_tokens": P}
     The decode service received the KV of the first P prompt tokens into a shared-memory
-    staging cache in this cache's own layout (services/engine/vllm_staging.py). The
+    staging cache in this cache's own layout (services/backends/vllm/staging.py). The
     scheduler side reports those P tokens as externally computed; the worker side copies
     the staged blocks into the blocks vLLM allocated, before the forward pass. The decode
     prompt is the P tokens plus prefill's first token, so vLLM computes one token's KV.
@@ -42,10 +42,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from proto.kv_descriptor import KVDescriptor
 from proto.messages import KVRoute
+from services.backends.vllm.kv_streams import KVStreams, StreamEnd
+from services.backends.vllm.layout import descriptor_from_cache, physical_layer
+from services.backends.vllm.staging import open_staging
 from services.common.settings import WorkerSettings
-from services.engine.vllm_kv_streams import KVStreams
-from services.engine.vllm_layout import descriptor_from_cache, physical_layer
-from services.engine.vllm_staging import open_staging
 from services.kv.payload import gather_payload, payload_buffer, scatter_payload
 
 if TYPE_CHECKING:
@@ -349,9 +349,8 @@ class HetserveWorkerExtension:
     def hetserve_attach_staging(self, path_template: str, num_blocks: int) -> None:
         _connector().attach_staging(path_template, num_blocks)
 
-    def hetserve_end_streams(self, ends: list[tuple]) -> None:
-        """The prefill service ends this rank's streams: (request id, route, prompt tokens,
-        first token, extra, error) each (see KVStreams.end)."""
+    def hetserve_end_streams(self, ends: list[StreamEnd]) -> None:
+        """The prefill service ends this rank's streams (see KVStreams.end)."""
         streams = _connector().streams()
-        for rid, route, num_tokens, first_token, extra, error in ends:
-            streams.end(rid, KVRoute.model_validate(route), num_tokens, first_token, extra, error)
+        for end in ends:
+            streams.end(end)

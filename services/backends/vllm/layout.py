@@ -60,7 +60,7 @@ def physical_view(kv_cache: torch.Tensor, order: tuple[int, ...]) -> torch.Tenso
 
 
 def physical_layer(kv_cache: torch.Tensor, layout: str) -> torch.Tensor:
-    """The layer's tensor in its layout's storage order, as proto.layouts reads payloads."""
+    """The layer's tensor in its layout's storage order, as services/kv reads payloads."""
     order = next((o for o, name in _CUDA_ORDERS.items() if name == layout), (0, 1, 2, 3))
     return physical_view(kv_cache, order)
 
