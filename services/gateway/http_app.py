@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 ADMISSION = web.AppKey("admission", Admission)
-_TENANT = "hetserve.tenant"  # request key: which API key the request presented
+_TENANT = web.RequestKey("tenant", str)  # which API key the request presented
 # Without an instance of each of these no request can be served: 503 at once, not a wait.
 _ROLES_EVERY_REQUEST_NEEDS = ("scheduler", "prefill", "decode")
 _NO_CAPACITY_RETRY_AFTER_S = 5  # about a heartbeat TTL: when a restarted instance is back
