@@ -210,6 +210,12 @@ def parse_request(raw: bytes, model: type[R]) -> R:
         raise InvalidRequest("The request body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object")
+    if (where := _lone_surrogate(data)) is not None:
+        raise InvalidRequest(
+            f"Invalid value for '{where}': a \\u escape encodes half of a UTF-16 surrogate "
+            "pair, which is not a character",
+            param=where,
+        )
     for name, allowed in model.unsupported.items():
         if name in data and data[name] not in allowed:
             value = json.dumps(data[name], ensure_ascii=False)
@@ -220,6 +226,30 @@ def parse_request(raw: bytes, model: type[R]) -> R:
         return model.model_validate(data)
     except ValidationError as exc:
         raise _from_validation_error(exc) from None
+
+
+def _lone_surrogate(data: dict[str, Any]) -> str | None:
+    """Where the JSON holds a string that is not Unicode text (a lone surrogate, which JSON's
+    \\u escapes can spell): it could be neither tokenised nor sent on in UTF-8."""
+    stack: list[tuple[str, Any]] = [(key, value) for key, value in data.items()]
+    while stack:
+        where, value = stack.pop()
+        texts = [where, value] if isinstance(value, str) else [where]
+        if any(not text.isascii() and _has_surrogate(text) for text in texts):
+            return where
+        if isinstance(value, dict):
+            stack += [(f"{where}.{key}", item) for key, item in value.items()]
+        elif isinstance(value, list):
+            stack += [(f"{where}[{i}]", item) for i, item in enumerate(value)]
+    return None
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _from_validation_error(exc: ValidationError) -> InvalidRequest:
