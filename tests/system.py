@@ -137,8 +137,10 @@ def run_system(
     workdir: Path,
     env: dict[str, str] | None = None,
     timeout_s: float = 180.0,
+    up_args: list[str] | None = None,
 ) -> Iterator[RunningSystem]:
-    """`hetserve up` on a topology, against the test's NATS server, until the block ends."""
+    """`hetserve up` on a topology, against the test's NATS server, until the block ends;
+    `up_args`: more `hetserve up` options."""
     port = free_port()
     prefix = f"t{uuid.uuid4().hex[:8]}"
     topology = {**topology, "gateway": {**topology.get("gateway", {}), "port": port}}
@@ -158,6 +160,7 @@ def run_system(
                 nats_url,
                 "--prefix",
                 prefix,
+                *(up_args or []),
             ],
             cwd=ROOT,
             env={**os.environ, "HETSERVE_LOG_LEVEL": "INFO", **(env or {})},

@@ -174,6 +174,12 @@ async def _stream(request: web.Request, server: FakeServer, chat: bool) -> web.S
     prompt = body["messages"][-1]["content"] if chat else body["prompt"]
     if prompt == "fail":
         return web.json_response({"error": {"message": "bad prompt", "code": 400}}, status=400)
+    if prompt in ("busy", "wait"):  # shed for load, as hetserve's gateway does
+        status = 429 if prompt == "busy" else 503
+        error = {"error": {"message": "at capacity", "code": "queue_full"}}
+        return web.json_response(error, status=status, headers={"Retry-After": "1"})
+    if prompt == "down":  # a 503 that does not say when to retry: a failure
+        return web.json_response({"error": {"message": "no backend"}}, status=503)
     server.in_flight += 1
     server.max_in_flight = max(server.max_in_flight, server.in_flight)
     try:
@@ -282,6 +288,35 @@ async def test_rate_run_with_chat_dataset_and_errors(tmp_path: Path) -> None:
     assert s.output_tokens == 12 and not s.exact_token_counts
     assert s.ttft.p50 >= TTFT_S * 1000  # the role-only chunk is not a token
     assert json.loads(to_json(run))["config"]["rate"] == "inf"
+
+
+async def test_shed_answers_are_counted_apart_from_failures(tmp_path: Path) -> None:
+    dataset = tmp_path / "shed.jsonl"
+    rows = ["hello", "busy", "wait", "down"]
+    dataset.write_text("".join(json.dumps({"prompt": r, "max_tokens": 4}) + "\n" for r in rows))
+    async with fake_openai_server() as server:
+        config = BenchConfig(
+            base_url=server.url,
+            model="fake-model",
+            endpoint="chat",
+            num_requests=8,
+            concurrency=2,
+            dataset=str(dataset),
+            timeout=10,
+        )
+        run = await run_benchmark(config)
+    s = run.summary
+    assert (s.requests_ok, s.requests_shed, s.requests_failed) == (2, 4, 2)
+    assert [r.status for r in run.results] == [200, 429, 503, 503] * 2
+    assert s.shed_latency.count == 4 and 0 < s.shed_latency.p50 < 1000
+    assert s.errors == {
+        "HTTP 429: at capacity": 2,
+        "HTTP 503: at capacity": 2,
+        "HTTP 503: no backend": 2,
+    }
+    table = format_table(run)
+    assert "Shed requests (429/503):" in table and "P50 Shed answer (ms):" in table
+    assert json.loads(to_json(run))["requests_shed"] == 4
 
 
 async def test_unreachable_endpoint_and_timeouts() -> None:

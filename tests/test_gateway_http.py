@@ -20,6 +20,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from proto.messages import GenerateRequest, TokenEvent
+from services.common.settings import GatewaySettings
 from services.gateway.backend import GenerationError
 from services.gateway.http_app import create_app
 from services.hf.tokenizer import ChatTemplateError, Tokenizer
@@ -156,8 +157,12 @@ class ScriptedBackend:
 
 
 @contextlib.asynccontextmanager
-async def serve(backend: ScriptedBackend, handler_cancellation: bool = True) -> AsyncIterator[str]:
-    app = create_app(backend, backend.tokenizer)
+async def serve(
+    backend: ScriptedBackend,
+    handler_cancellation: bool = True,
+    settings: GatewaySettings | None = None,
+) -> AsyncIterator[str]:
+    app = create_app(backend, backend.tokenizer, settings or GatewaySettings())
     runner = web.AppRunner(app, handler_cancellation=handler_cancellation)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -1,4 +1,4 @@
-"""scripts/make_tiny_model.py and services/engine/hf_config.py, checked against transformers."""
+"""scripts/make_tiny_model.py and services/hf/config.py, checked against transformers."""
 
 from __future__ import annotations
 

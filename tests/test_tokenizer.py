@@ -1,4 +1,4 @@
-"""services/engine/tokenizer.py against transformers' AutoTokenizer on the tiny models."""
+"""services/hf/tokenizer.py against transformers' AutoTokenizer on the tiny models."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """`hetserve bench serve` arguments; services.cli calls register() on `bench`'s subparsers
 (`bench kv` is in kv_cli.py).
 
-Exit codes: 0 every request succeeded, 1 some failed, 2 bad arguments or dataset,
-3 the endpoint could not be reached to find a model.
+Exit codes: 0 every request succeeded or was shed (429, or 503 with Retry-After: the server
+refused it for load, at once), 1 some failed, 2 bad arguments or dataset, 3 the endpoint could
+not be reached to find a model.
 """
 
 from __future__ import annotations

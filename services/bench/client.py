@@ -20,10 +20,16 @@ from services.bench.workload import BenchRequest
 ENDPOINT_PATHS = {"completions": "/completions", "chat": "/chat/completions"}
 
 
+SHED_STATUSES = (429, 503)
+
+
 @dataclass
 class RequestResult:
     ok: bool = False
     error: str | None = None
+    status: int | None = None  # the HTTP status, when an answer came
+    shed: bool = False  # refused for load: 429, or 503 with Retry-After (not a failure)
+    latency: float | None = None  # seconds, send -> the whole answer (for any answer)
     ttft: float | None = None  # seconds, send -> first chunk carrying a token
     e2e: float | None = None  # seconds, send -> end of stream
     itl: list[float] = field(default_factory=list)  # seconds, one gap per token after the first
@@ -152,10 +158,16 @@ async def send_request(
     try:
         async with asyncio.timeout(timeout_s):
             async with session.post(url, json=body, headers=headers) as resp:
+                result.status = resp.status
                 if resp.status != 200:
                     result.error = _error_message(await resp.text(), resp.status)
+                    result.latency = time.perf_counter() - start
+                    result.shed = resp.status == 429 or (
+                        resp.status in SHED_STATUSES and "Retry-After" in resp.headers
+                    )
                     return result
                 await _read_stream(resp, timing)
+                result.latency = time.perf_counter() - start
     except TimeoutError:
         result.error = f"timed out after {timeout_s:g}s"
     except (aiohttp.ClientError, RuntimeError, ValueError, TypeError, AttributeError) as e:

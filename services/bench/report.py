@@ -37,6 +37,7 @@ def format_table(run: BenchRun) -> str:
         _row("Endpoint:", c.endpoint),
         _row("Load:", load),
         _row("Successful requests:", s.requests_ok),
+        _row("Shed requests (429/503):", s.requests_shed),
         _row("Failed requests:", s.requests_failed),
         _row("Duration (s):", s.duration_s),
         _row("Prompt tokens:", s.prompt_tokens),
@@ -48,6 +49,7 @@ def format_table(run: BenchRun) -> str:
         *_latency_rows("TPOT", s.tpot),
         *_latency_rows("ITL", s.itl),
         *_latency_rows("E2E", s.e2e),
+        *(_latency_rows("Shed answer", s.shed_latency) if s.requests_shed else []),
         "=" * _WIDTH,
     ]
     if not s.exact_token_counts and s.requests_ok:

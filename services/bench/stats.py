@@ -51,7 +51,7 @@ class LatencyStats:
 @dataclass(frozen=True)
 class RunSummary:
     requests_ok: int
-    requests_failed: int
+    requests_failed: int  # no answer, or an error answer that is not a shed
     duration_s: float
     request_throughput: float  # ok requests per second
     output_token_throughput: float  # tokens per second
@@ -63,7 +63,10 @@ class RunSummary:
     tpot: LatencyStats
     itl: LatencyStats
     e2e: LatencyStats
-    errors: dict[str, int]  # message -> count
+    errors: dict[str, int]  # message -> count (shed answers included)
+    # Refused for load (429, or 503 with Retry-After) and how fast the refusal came
+    requests_shed: int = 0
+    shed_latency: LatencyStats = LatencyStats(0, math.nan, math.nan, math.nan, math.nan)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,13 +74,14 @@ class RunSummary:
 
 def summarize(results: Sequence[RequestResult], duration_s: float) -> RunSummary:
     ok = [r for r in results if r.ok]
+    shed = [r for r in results if r.shed]
     prompt_tokens = sum(r.prompt_tokens for r in ok)
     output_tokens = sum(r.output_tokens for r in ok)
     per_s = 1 / duration_s if duration_s > 0 else math.nan
     tpots = [t for r in ok if (t := r.tpot) is not None]
     return RunSummary(
         requests_ok=len(ok),
-        requests_failed=len(results) - len(ok),
+        requests_failed=len(results) - len(ok) - len(shed),
         duration_s=duration_s,
         request_throughput=len(ok) * per_s,
         output_token_throughput=output_tokens * per_s,
@@ -90,4 +94,6 @@ def summarize(results: Sequence[RequestResult], duration_s: float) -> RunSummary
         itl=LatencyStats.of_seconds([gap for r in ok for gap in r.itl]),
         e2e=LatencyStats.of_seconds([r.e2e for r in ok if r.e2e is not None]),
         errors=dict(Counter(r.error for r in results if r.error is not None).most_common()),
+        requests_shed=len(shed),
+        shed_latency=LatencyStats.of_seconds([r.latency for r in shed if r.latency is not None]),
     )

@@ -25,7 +25,10 @@ class Instance:
     process: subprocess.Popen | None = None
 
 
-def plan_instances(topology: Topology, nats_url: str, prefix: str) -> list[Instance]:
+def plan_instances(
+    topology: Topology, nats_url: str, prefix: str, gateway_env: dict[str, str] | None = None
+) -> list[Instance]:
+    """`gateway_env`: settings for the gateways only (the API keys of `hetserve up --api-key`)."""
     base = {"HETSERVE_NATS_URL": nats_url, "HETSERVE_PREFIX": prefix}
     out: list[Instance] = []
     for i in range(topology.scheduler.replicas):
@@ -67,6 +70,7 @@ def plan_instances(topology: Topology, nats_url: str, prefix: str) -> list[Insta
                     "HETSERVE_MODEL": topology.model,
                     "HETSERVE_HOST": topology.gateway.host,
                     "HETSERVE_PORT": str(topology.gateway.port + i),
+                    **(gateway_env or {}),
                 },
             )
         )
@@ -118,13 +122,18 @@ def stop_all(instances: list[Instance], timeout_s: float = 10.0) -> None:
             inst.process.wait()
 
 
-def run_up(topology: Topology, nats_url: str | None, prefix: str) -> int:
+def run_up(
+    topology: Topology,
+    nats_url: str | None,
+    prefix: str,
+    gateway_env: dict[str, str] | None = None,
+) -> int:
     server = None
     if nats_url is None:
         server = NatsServer().start()
         nats_url = server.url
         log.info("embedded NATS with JetStream at %s", nats_url)
-    instances = plan_instances(topology, nats_url, prefix)
+    instances = plan_instances(topology, nats_url, prefix, gateway_env)
     stop = {"now": False}
 
     def on_signal(signum: int, _frame: object) -> None:

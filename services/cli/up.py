@@ -19,6 +19,10 @@ def register(subparsers: Any) -> None:
     up.add_argument("--nats-url", help="use this NATS server instead of an embedded one")
     up.add_argument("--port", type=int, help="gateway port (overrides the topology's)")
     up.add_argument("--prefix", default=os.environ.get("HETSERVE_PREFIX", "hetserve"))
+    up.add_argument(
+        "--api-key",
+        help="API key(s) the gateways require, comma-separated (or set HETSERVE_API_KEY)",
+    )
     up.set_defaults(func=cmd_up)
 
 
@@ -39,4 +43,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    return run_up(topology, args.nats_url or os.environ.get("HETSERVE_NATS_URL"), args.prefix)
+    gateway_env = {"HETSERVE_API_KEY": args.api_key} if args.api_key else {}
+    return run_up(
+        topology, args.nats_url or os.environ.get("HETSERVE_NATS_URL"), args.prefix, gateway_env
+    )

@@ -13,7 +13,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
 
 from proto.messages import InstanceInfo, TokenEvent
 
@@ -50,6 +58,21 @@ GENERATION_TOKENS = Counter(
 )
 RETRIES = Counter(
     "hetserve_request_retries_total", "Attempts resubmitted after an instance failed."
+)
+SHED_REQUESTS = Counter(
+    "hetserve_shed_requests_total",
+    "Requests the gateway refused to admit, by reason: queue_full and key_limit (429), "
+    "queue_timeout and no_capacity (503).",
+    ["reason"],
+)
+ADMISSION_WAIT = Histogram(
+    "hetserve_admission_wait_seconds",
+    "Time an admitted request waited in the gateway for an in-flight slot.",
+    buckets=_LATENCY_BUCKETS,
+)
+UNAUTHORIZED = Counter(
+    "hetserve_unauthorized_requests_total",
+    "Requests refused with 401: no API key, or not a configured one.",
 )
 
 # -- scheduler ---------------------------------------------------------------------------
@@ -143,6 +166,8 @@ for _route in ("direct", "converter"):
     ROUTED.labels(_route)
 for _outcome in ("ok", "refused"):
     RESERVATIONS.labels(_outcome)
+for _reason in ("queue_full", "key_limit", "queue_timeout", "no_capacity"):
+    SHED_REQUESTS.labels(_reason)
 
 
 def error(component: str, reason: str) -> None:
@@ -227,6 +252,12 @@ def track_request(prompt_tokens: int) -> Iterator[RequestTracker]:
         tracker.done("finished" if tracker.finished else "cancelled")
         raise
     tracker.done("finished")
+
+
+def exposition() -> tuple[bytes, str]:
+    """This process's metrics in Prometheus' text format, and its content type (for a server
+    that serves /metrics itself, as the gateway does on its API port)."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
 def serve_metrics(port: int) -> Callable[[], None] | None:

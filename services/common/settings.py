@@ -7,7 +7,7 @@ import socket
 import uuid
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from proto.subjects import Subjects
@@ -85,6 +85,19 @@ class GatewaySettings(CommonSettings):
     first_token_timeout_s: float = Field(120.0, gt=0)
     token_timeout_s: float = Field(60.0, gt=0)
     max_attempts: int = Field(3, ge=1)
+    # API keys: one, or several comma-separated; empty: no authentication. Every request but
+    # /health and /metrics then needs `Authorization: Bearer <key>`.
+    api_key: SecretStr = SecretStr("")
+    # Admission: requests submitted to the system at once, and requests waiting in the gateway
+    # for one of those slots (beyond both: 429 at once); a waiting request that gets no slot
+    # within max_queue_wait_s is answered 503. Both carry Retry-After.
+    max_inflight_requests: int = Field(256, ge=1)
+    max_queued_requests: int = Field(512, ge=0)
+    max_queue_wait_s: float = Field(30.0, gt=0)
+    # With API keys: the most requests one key may have in the gateway (in flight + queued);
+    # 0: no per-key limit
+    max_requests_per_key: int = Field(0, ge=0)
+    max_request_body_bytes: int = Field(1024 * 1024, ge=1024)  # larger bodies: 413
 
 
 class SchedulerSettings(CommonSettings):

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from proto.messages import ROLES, GenerateRequest, TokenEvent
+from services.common import metrics
+from services.common.settings import GatewaySettings
+from services.gateway.admission import Admission, AdmissionLimits, Shed
+from services.gateway.auth import OPEN_PATHS, ApiKeys, Unauthorized
 from services.gateway.backend import Backend, GenerationError
 from services.gateway.openai_schema import (
     ChatRequest,
@@ -38,25 +42,60 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+ADMISSION = web.AppKey("admission", Admission)
+_TENANT = web.RequestKey("tenant", str)  # which API key the request presented
+# Without an instance of each of these no request can be served: 503 at once, not a wait.
+_ROLES_EVERY_REQUEST_NEEDS = ("scheduler", "prefill", "decode")
+_NO_CAPACITY_RETRY_AFTER_S = 5  # about a heartbeat TTL: when a restarted instance is back
 
 
-def create_app(backend: Backend, tokenizer: Tokenizer) -> web.Application:
-    """The OpenAI API over `backend`. Serve it with `handler_cancellation=True` (AppRunner or
-    run_app) so that a client that disconnects before its first token is noticed at once."""
-    api = _OpenAIHandlers(backend, tokenizer)
-    app = web.Application(middlewares=[_error_boundary])
+def create_app(
+    backend: Backend, tokenizer: Tokenizer, settings: GatewaySettings | None = None
+) -> web.Application:
+    """The OpenAI API over `backend`, with the API keys, admission limits and body size limit
+    of `settings` (default: from the environment). Serve it with `handler_cancellation=True`
+    (AppRunner or run_app) so that a client that disconnects early is noticed at once."""
+    settings = settings or GatewaySettings()
+    admission = Admission(
+        AdmissionLimits(
+            max_inflight=settings.max_inflight_requests,
+            max_queued=settings.max_queued_requests,
+            max_queue_wait_s=settings.max_queue_wait_s,
+            max_per_key=settings.max_requests_per_key,
+        )
+    )
+    keys = ApiKeys(settings.api_key.get_secret_value())
+    api = _OpenAIHandlers(backend, tokenizer, admission, settings.max_request_body_bytes)
+    app = web.Application(
+        middlewares=[_error_boundary, _authenticate(keys)],
+        client_max_size=settings.max_request_body_bytes,
+    )
+    app[ADMISSION] = admission
     app.router.add_post("/v1/completions", api.completions)
     app.router.add_post("/v1/chat/completions", api.chat_completions)
     app.router.add_get("/v1/models", api.models)
     app.router.add_get("/health", api.health)
+    app.router.add_get("/metrics", _metrics)
     return app
 
 
+_ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error"}
+
+
 def _error_response(
-    status: int, message: str, param: str | None = None, code: str | None = None
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    retry_after: int | None = None,
 ) -> web.Response:
-    error_type = "server_error" if status >= 500 else "invalid_request_error"
-    return web.json_response(error_body(message, param, code, error_type), status=status)
+    error_type = _ERROR_TYPES.get(
+        status, "server_error" if status >= 500 else "invalid_request_error"
+    )
+    response = web.json_response(error_body(message, param, code, error_type), status=status)
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
 
 
 @web.middleware
@@ -65,8 +104,19 @@ async def _error_boundary(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     except InvalidRequest as exc:
         return _error_response(exc.status, exc.message, exc.param, exc.code)
+    except Unauthorized as exc:
+        metrics.UNAUTHORIZED.inc()
+        response = _error_response(401, exc.message, code="invalid_api_key")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+    except Shed as exc:
+        return _error_response(
+            exc.status, exc.message, code=exc.reason, retry_after=exc.retry_after
+        )
     except GenerationError as exc:
-        return _error_response(exc.status, str(exc), code=exc.code)
+        # A system that cannot serve now (503, e.g. no free KV blocks in time) says when to retry.
+        retry_after = request.app[ADMISSION].retry_after() if exc.status == 503 else None
+        return _error_response(exc.status, str(exc), code=exc.code, retry_after=retry_after)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -76,10 +126,29 @@ async def _error_boundary(request: web.Request, handler: Handler) -> web.StreamR
         return _error_response(500, "Internal server error", code="internal_error")
 
 
+def _authenticate(keys: ApiKeys):  # noqa: ANN202 - an aiohttp middleware
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if keys.enabled and request.path not in OPEN_PATHS:
+            request[_TENANT] = keys.tenant(request.headers.get("Authorization"))
+        return await handler(request)
+
+    return authenticate
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body, content_type = metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
 class _OpenAIHandlers:
-    def __init__(self, backend: Backend, tokenizer: Tokenizer):
+    def __init__(
+        self, backend: Backend, tokenizer: Tokenizer, admission: Admission, max_body_bytes: int
+    ):
         self.backend = backend
         self.tokenizer = tokenizer
+        self.admission = admission
+        self.max_body_bytes = max_body_bytes
         self.started = int(time.time())
 
     def _served(self) -> ServedModel:
@@ -88,14 +157,47 @@ class _OpenAIHandlers:
         )
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        parsed = parse_request(await request.read(), CompletionRequest)
-        prepared = prepare_completion(parsed, self.tokenizer, self._served())
-        return await self._serve(request, prepared, CompletionBodies)
+        async with self._admitted(request):
+            parsed = parse_request(await self._body(request), CompletionRequest)
+            prepared = prepare_completion(parsed, self.tokenizer, self._served())
+            return await self._serve(request, prepared, CompletionBodies)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        parsed = parse_request(await request.read(), ChatRequest)
-        prepared = prepare_chat(parsed, self.tokenizer, self._served())
-        return await self._serve(request, prepared, ChatBodies)
+        async with self._admitted(request):
+            parsed = parse_request(await self._body(request), ChatRequest)
+            prepared = prepare_chat(parsed, self.tokenizer, self._served())
+            return await self._serve(request, prepared, ChatBodies)
+
+    def _admitted(self, request: web.Request) -> contextlib.AbstractAsyncContextManager[None]:
+        """An in-flight slot for the request, or Shed. What can be refused without waiting
+        (a body too large, a system with no capacity at all) is refused first."""
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
+            raise self._too_large(request.content_length)
+        live = self.backend.live_roles()
+        missing = [role for role in _ROLES_EVERY_REQUEST_NEEDS if live.get(role, 0) < 1]
+        if missing:
+            raise self.admission.shed(
+                503,
+                "no_capacity",
+                f"No live {' or '.join(missing)} instance: the system cannot serve requests now",
+                retry_after=_NO_CAPACITY_RETRY_AFTER_S,
+            )
+        return self.admission.slot(request.get(_TENANT))
+
+    async def _body(self, request: web.Request) -> bytes:
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:  # a body without (or with a false) length
+            raise self._too_large(None) from None
+
+    def _too_large(self, size: int | None) -> InvalidRequest:
+        limit = self.max_body_bytes
+        message = (
+            f"The request body is {size} bytes; this server accepts at most {limit}"
+            if size is not None
+            else f"The request body is larger than {limit} bytes, the most this server accepts"
+        )
+        return InvalidRequest(message, status=413, code="request_too_large")
 
     async def models(self, request: web.Request) -> web.Response:
         card = {

@@ -30,13 +30,32 @@ class InvalidRequest(Exception):
         self.code = code
 
 
-# Fields this server does not implement -> the values that mean "not used".
+# Fields this server does not implement -> the values that mean "not used". OpenAI's fields
+# first, then vLLM's extensions that would change the output.
 _UNSUPPORTED_COMMON: dict[str, tuple[Any, ...]] = {
     "n": (None, 1),
     "frequency_penalty": (None, 0),
     "presence_penalty": (None, 0),
     "logit_bias": (None, {}),
+    "repetition_penalty": (None, 1),
+    "min_p": (None, 0),
+    "min_tokens": (None, 0),
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1),
+    "prompt_logprobs": (None,),
+    "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True),
+    "truncate_prompt_tokens": (None,),
+    "bad_words": (None, []),
+    "allowed_token_ids": (None,),
+    "logits_processors": (None,),
+    "structured_outputs": (None,),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
 }
+_SHOWN_VALUE_CHARS = 80  # an unsupported field's value, as the error message quotes it
 
 
 def _one_prompt(value: Any) -> Any:
@@ -97,7 +116,7 @@ class _GenerationRequest(_Strict):
     model: str | None = None
     temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    top_k: int | None = None  # vLLM extension; -1 or 0: off
+    top_k: int | None = Field(None, lt=2**63)  # vLLM extension; -1 or 0: off
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stop: list[str] = []
     stop_token_ids: list[int] | None = None  # vLLM extension
@@ -156,7 +175,21 @@ class ChatRequest(_GenerationRequest):
         "tools": (None, []),
         "functions": (None, []),
         "tool_choice": (None, "none", "auto"),
+        "function_call": (None, "none", "auto"),
         "response_format": (None, {"type": "text"}),
+        "audio": (None,),
+        "modalities": (None, ["text"]),
+        "reasoning_effort": (None,),
+        "verbosity": (None,),
+        "web_search_options": (None,),
+        "store": (None, False),  # nothing is stored for later retrieval
+        "service_tier": (None, "auto", "default"),
+        "echo": (None, False),
+        "add_generation_prompt": (None, True),
+        "continue_final_message": (None, False),
+        "chat_template": (None,),
+        "chat_template_kwargs": (None, {}),
+        "documents": (None,),
     }
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -171,18 +204,52 @@ def parse_request(raw: bytes, model: type[R]) -> R:
     """Parse a request body; raises InvalidRequest naming the offending parameter."""
     try:
         data = json.loads(raw)
-    except ValueError as exc:
+    except ValueError as exc:  # also bad UTF-8, and integers of more than 4300 digits
         raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("The request body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object")
+    if (where := _lone_surrogate(data)) is not None:
+        raise InvalidRequest(
+            f"Invalid value for '{where}': a \\u escape encodes half of a UTF-16 surrogate "
+            "pair, which is not a character",
+            param=where,
+        )
     for name, allowed in model.unsupported.items():
         if name in data and data[name] not in allowed:
-            value = json.dumps(data[name])
+            value = json.dumps(data[name], ensure_ascii=False)
+            if len(value) > _SHOWN_VALUE_CHARS:
+                value = value[: _SHOWN_VALUE_CHARS - 3] + "..."
             raise InvalidRequest(f"{name}={value} is not supported by this server", param=name)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise _from_validation_error(exc) from None
+
+
+def _lone_surrogate(data: dict[str, Any]) -> str | None:
+    """Where the JSON holds a string that is not Unicode text (a lone surrogate, which JSON's
+    \\u escapes can spell): it could be neither tokenised nor sent on in UTF-8."""
+    stack: list[tuple[str, Any]] = [(key, value) for key, value in data.items()]
+    while stack:
+        where, value = stack.pop()
+        texts = [where, value] if isinstance(value, str) else [where]
+        if any(not text.isascii() and _has_surrogate(text) for text in texts):
+            return where
+        if isinstance(value, dict):
+            stack += [(f"{where}.{key}", item) for key, item in value.items()]
+        elif isinstance(value, list):
+            stack += [(f"{where}[{i}]", item) for i, item in enumerate(value)]
+    return None
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _from_validation_error(exc: ValidationError) -> InvalidRequest:
