@@ -59,7 +59,10 @@ class WorkerSettings(CommonSettings):
     max_batch_size: int = Field(64, ge=1)
     # native engine: prompt tokens computed in one prefill step (longer prompts are chunked)
     max_batched_tokens: int = Field(2048, ge=1)
-    prefix_caching: bool = False  # native engine: reuse cached KV of a prompt's prefix
+    prefix_caching: bool = True  # native engine: reuse cached KV of a prompt's prefix
+    # decode: prompts with at most this many uncached tokens are prefilled here, not sent
+    # through a prefill instance (conditional disaggregation; 0: never)
+    prefill_locally_below: int = Field(0, ge=0)
     # tensor parallelism: one process per rank, all with the same instance id
     tp_size: int = Field(1, ge=1)
     tp_rank: int = Field(0, ge=0)
@@ -106,6 +109,14 @@ class SchedulerSettings(CommonSettings):
     reserve_timeout_s: float = Field(5.0, gt=0)
     reserve_hold_s: float = Field(30.0, gt=0)
     max_in_flight: int = Field(256, ge=1)
+    # kv_aware: by estimated completion (cached prefixes, queues, measured speeds, route
+    # costs); load: most free decode blocks, shortest prefill queue (the older policy)
+    routing: Literal["kv_aware", "load"] = "kv_aware"
+    # what the estimates assume until instances have measured themselves
+    default_prefill_tokens_per_s: float = Field(2000.0, gt=0)
+    default_decode_step_s: float = Field(0.02, gt=0)
+    kv_bytes_per_s: float = Field(2.5e8, gt=0)
+    converter_bytes_per_s: float = Field(1.2e8, gt=0)
 
 
 class ConverterSettings(CommonSettings):

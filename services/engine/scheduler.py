@@ -91,7 +91,9 @@ class Scheduler:
             self._free(seq)
 
     def _free(self, seq: Sequence) -> None:
+        """Blocks back; the full ones it computed stay cached for a later prompt's prefix."""
         if seq.block_table:
+            self.blocks.cache_prefix(seq.block_table, seq.all_ids[: seq.num_computed])
             self.blocks.free(seq.block_table)
             seq.block_table = []
 
