@@ -30,6 +30,12 @@ from services.engine.hf_config import load_model_config
 from services.engine.tokenizer import Tokenizer
 from services.models import smollm2 as converter
 from tests.engine_loop import generate_batched
+from tests.system import (
+    BF16_MIN_ARGMAX_SHARE,
+    BF16_TOLERANCE_ULPS,
+    bf16_gaps,
+    hf_teacher_forced_logits,
+)
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -43,8 +49,6 @@ MULTI_TURN = [
     {"role": "assistant", "content": "Hello! How can I help?"},
     {"role": "user", "content": "Tell me a joke about cats, with émojis 🐱."},
 ]
-BF16_ULPS = 2
-BF16_MIN_ARGMAX_SHARE = 0.9
 
 
 def chat_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
@@ -63,20 +67,6 @@ def native_greedy(model_dir: Path, kv_dtype: str, prompts: list[list[int]], n: i
     ]
     # the second request joins the running batch two steps after the first
     return generate_batched(engine, requests, join_every=2)
-
-
-def teacher_forced_logits(model_dir: Path, dtype: torch.dtype, prompt: list[int], out: list[int]):  # noqa: ANN201
-    """transformers' logits for each of `out`'s tokens, given the prompt and out's earlier ones."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-    with torch.inference_mode():
-        logits = model(torch.tensor([prompt + out])).logits[0]
-    return logits[len(prompt) - 1 : -1].float()
-
-
-def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
-    return torch.finfo(torch.bfloat16).eps * torch.exp2(torch.floor(torch.log2(x.abs())))
 
 
 # ---------------------------------------------------------------- the converted directory
@@ -173,7 +163,7 @@ def test_native_float32_greedy_equals_transformers_teacher_forced(
     prompts = [chat_ids(tokenizer, chat) for chat in CHATS]
     outs = native_greedy(model_dir, "float32", prompts, 24)
     for prompt, out in zip(prompts, outs, strict=True):
-        logits = teacher_forced_logits(model_dir, torch.float32, prompt, out)
+        logits = hf_teacher_forced_logits(model_dir, "float32", prompt, out)
         assert logits.argmax(-1).tolist() == out
     assert tokenizer.decode(outs[0]).startswith("The capital of France is Paris.")
     assert "4" in tokenizer.decode(outs[1])
@@ -188,11 +178,9 @@ def test_native_bfloat16_greedy_within_bf16_resolution_of_transformers(
     tokenizer = Tokenizer.from_model_dir(model_dir)
     prompt = chat_ids(tokenizer, CHATS[0])
     (out,) = native_greedy(model_dir, "bfloat16", [prompt], 16)
-    logits = teacher_forced_logits(model_dir, torch.bfloat16, prompt, out)
-    best = logits.max(-1).values
-    chosen = logits.gather(1, torch.tensor(out)[:, None])[:, 0]
-    assert ((best - chosen) <= BF16_ULPS * bf16_ulp(best)).all(), (best - chosen).tolist()
-    assert (chosen == best).float().mean() >= BF16_MIN_ARGMAX_SHARE
+    gaps = bf16_gaps(hf_teacher_forced_logits(model_dir, "bfloat16", prompt, out), out)
+    assert (gaps <= BF16_TOLERANCE_ULPS).all(), gaps.tolist()
+    assert (gaps == 0).float().mean() >= BF16_MIN_ARGMAX_SHARE
     assert tokenizer.decode(out).startswith("The capital of France is Paris.")
 
 
