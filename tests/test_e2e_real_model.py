@@ -39,11 +39,12 @@ OTHER = [{"role": "user", "content": "Name a primary colour."}]
 MAX_TOKENS = 10
 SMALL_ASCEND = {"kv_layout": "ascend", "num_blocks": 8}  # 1024 tokens
 FLASH_TP3 = {"tp": 3, "kv_layout": "vllm-flash", "num_blocks": 32}
+VLLM_TP3 = {"engine": "vllm", "tp": 3, "max_model_len": 1024}
 
 
-def vllm_prefill() -> list[dict]:
-    """A vLLM prefill with nothing but its engine set, when vLLM is installed."""
-    return [{"name": "p-vllm", "engine": "vllm"}] if vllm_missing_reason() is None else []
+def if_vllm(*specs: dict) -> list[dict]:
+    """vLLM instances, when vLLM is installed (else their tests skip)."""
+    return list(specs) if vllm_missing_reason() is None else []
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +54,13 @@ def real_system(nats_server, smollm2, tmp_path_factory) -> Iterator[RunningSyste
         "prefill": [
             {"name": "p-flash", "kv_layout": "vllm-flash", "num_blocks": 64},
             {"name": "p-tp3", **FLASH_TP3},
-            *vllm_prefill(),
+            # nothing but the engine set: every other field's default must do
+            *if_vllm({"name": "p-vllm", "engine": "vllm"}, {"name": "p-vllm-tp3", **VLLM_TP3}),
         ],
         "decode": [
             {"name": "d-ascend", **SMALL_ASCEND},
             {"name": "d-tp3", **FLASH_TP3},
+            *if_vllm({"name": "d-vllm", "engine": "vllm", "num_blocks": 64}),
         ],
         "converter": {"replicas": 1},
     }
@@ -71,7 +74,10 @@ def real_system(nats_server, smollm2, tmp_path_factory) -> Iterator[RunningSyste
 def bf16_system(nats_server, smollm2, tmp_path_factory) -> Iterator[RunningSystem]:  # noqa: ANN001
     topology = {
         "model": str(smollm2["bfloat16"]),
-        "prefill": [{"name": "p-flash", "dtype": "bfloat16", "num_blocks": 64}],
+        "prefill": [
+            {"name": "p-flash", "dtype": "bfloat16", "num_blocks": 64},
+            *if_vllm({"name": "p-vllm", "engine": "vllm", "dtype": "bfloat16"}),
+        ],
         "decode": [{"name": "d-ascend", "dtype": "bfloat16", **SMALL_ASCEND}],
         "converter": {"replicas": 1},
     }
@@ -156,31 +162,49 @@ async def test_native_pairs_give_transformers_tokens(
     assert stats.free_blocks == stats.total_blocks
 
 
+VLLM_PAIRS = [
+    ("p-vllm", "d-ascend"),  # vllm-cpu@32 -> converter -> ascend@128
+    ("p-vllm", "d-tp3"),  # ... split three ways for native TP 3
+    ("p-vllm-tp3", "d-ascend"),  # each vLLM rank sends its KV head; the converter merges
+    ("p-flash", "d-vllm"),  # native vllm-flash@16 -> converter -> vLLM decode
+    ("p-vllm", "d-vllm"),  # identical descriptors, vLLM on both sides: direct
+]
+
+
 @NEEDS_VLLM
-@pytest.mark.parametrize("decode", ["d-ascend", "d-tp3"])
-async def test_vllm_prefill_native_decode_gives_transformers_tokens(
-    real_system: RunningSystem, decode: str
+@pytest.mark.parametrize(
+    ("prefill", "decode"), VLLM_PAIRS, ids=[f"{p}->{d}" for p, d in VLLM_PAIRS]
+)
+async def test_vllm_pairs_give_transformers_tokens(
+    real_system: RunningSystem, prefill: str, decode: str
 ) -> None:
-    stats = await real_system.stats("p-vllm-0")
-    assert (stats.kv.layout, stats.kv.block_size) == ("vllm-cpu", 32)  # the defaults
     prompt = chat_prompt(real_system, QUESTION)
-    assert await greedy_ids(real_system, prompt, "p-vllm", decode) == hf_greedy(
+    assert await greedy_ids(real_system, prompt, prefill, decode) == hf_greedy(
         real_system.model_dir, prompt, MAX_TOKENS
     )
-    answer = await streamed_chat(real_system, "p-vllm", decode)
+    answer = await streamed_chat(real_system, prefill, decode)
     assert "Paris" in answer, answer
 
 
+@NEEDS_VLLM
+async def test_vllm_instances_got_working_defaults(real_system: RunningSystem) -> None:
+    for instance, tp in (("p-vllm-0", 1), ("p-vllm-tp3-0", 3), ("d-vllm-0", 1)):
+        stats = await real_system.stats(instance)
+        assert (stats.kv.layout, stats.kv.block_size, stats.kv.tp_size) == ("vllm-cpu", 32, tp)
+        assert stats.kv.num_kv_heads == 3
+
+
+@pytest.mark.parametrize("prefill", ["p-flash", pytest.param("p-vllm", marks=NEEDS_VLLM)])
 async def test_bfloat16_system_says_paris_within_bf16_resolution(
-    bf16_system: RunningSystem,
+    bf16_system: RunningSystem, prefill: str
 ) -> None:
-    answer = await streamed_chat(bf16_system, "p-flash", "d-ascend")
+    answer = await streamed_chat(bf16_system, prefill, "d-ascend")
     assert "Paris" in answer, answer
     prompt = chat_prompt(bf16_system, QUESTION)
-    out = await greedy_ids(bf16_system, prompt, "p-flash", "d-ascend")
+    out = await greedy_ids(bf16_system, prompt, prefill, "d-ascend")
     logits = hf_teacher_forced_logits(bf16_system.model_dir, "bfloat16", prompt, out)
     gaps = bf16_gaps(logits, out)
     assert (gaps <= BF16_TOLERANCE_ULPS).all(), gaps.tolist()
     assert (gaps == 0).float().mean() >= BF16_MIN_ARGMAX_SHARE
-    stats = await bf16_system.stats("d-ascend-0")
-    assert (stats.kv.dtype, stats.kv.layout) == ("bfloat16", "ascend")
+    for instance in (f"{prefill}-0", "d-ascend-0"):
+        assert (await bf16_system.stats(instance)).kv.dtype == "bfloat16"
