@@ -5,12 +5,18 @@ a real vLLM prefill with every field but the engine left to its default (block s
 model's max_model_len 8192), native decode in the vllm-ascend layout (block 128) and at TP 3;
 the converter bridges the layouts and merges or splits the shards. Tokens must equal
 transformers' greedy tokens; the chat answer to "What is the capital of France?" says Paris.
-A bfloat16 system (model and KV in bfloat16) answers the same and stays within bfloat16's
-resolution of transformers (tests/test_real_model.py says why that is the tolerance).
+vLLM decodes too (from native and from vLLM prefills) and prefills at TP 3. A bfloat16 system
+(model and KV in bfloat16, native and vLLM prefill) answers the same and stays within
+bfloat16's resolution of transformers (tests/test_real_model.py says why that is the
+tolerance). A third system samples three more layouts (TensorRT-LLM prefill, Gaudi and SGLang
+decode) and kills the decode instance serving a stream: it resumes on the other one with
+transformers' tokens.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 
 import openai
@@ -83,6 +89,24 @@ def bf16_system(nats_server, smollm2, tmp_path_factory) -> Iterator[RunningSyste
     }
     with run_system(
         topology, nats_server.url, tmp_path_factory.mktemp("real-bf16"), timeout_s=300
+    ) as system:
+        yield system
+
+
+@pytest.fixture(scope="module")
+def failover_system(nats_server, smollm2, tmp_path_factory) -> Iterator[RunningSystem]:  # noqa: ANN001
+    """Three more layouts (TensorRT-LLM, Gaudi, SGLang), two decode instances to fail over."""
+    topology = {
+        "model": str(smollm2["float32"]),
+        "prefill": [{"name": "p-trt", "kv_layout": "tensorrt-llm", "num_blocks": 64}],
+        "decode": [
+            {"name": "d-gaudi", "kv_layout": "gaudi", "num_blocks": 8},
+            {"name": "d-sglang", "kv_layout": "sglang", "num_blocks": 64},
+        ],
+        "converter": {"replicas": 1},
+    }
+    with run_system(
+        topology, nats_server.url, tmp_path_factory.mktemp("real-failover"), timeout_s=300
     ) as system:
         yield system
 
@@ -208,3 +232,42 @@ async def test_bfloat16_system_says_paris_within_bf16_resolution(
     assert (gaps == 0).float().mean() >= BF16_MIN_ARGMAX_SHARE
     for instance in (f"{prefill}-0", "d-ascend-0"):
         assert (await bf16_system.stats(instance)).kv.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("decode", ["d-gaudi", "d-sglang"])
+async def test_more_layouts_give_transformers_tokens(
+    failover_system: RunningSystem, decode: str
+) -> None:
+    prompt = chat_prompt(failover_system, QUESTION)
+    assert await greedy_ids(failover_system, prompt, "p-trt", decode) == hf_greedy(
+        failover_system.model_dir, prompt, MAX_TOKENS
+    )
+
+
+async def test_killed_decode_resumes_elsewhere_with_the_same_tokens(
+    failover_system: RunningSystem,
+) -> None:
+    prompt = chat_prompt(failover_system, OTHER)
+    n = 40
+    stream = await client_of(failover_system).completions.create(
+        model=failover_system.model_dir.name,
+        prompt=prompt,
+        max_tokens=n,
+        temperature=0,
+        stream=True,
+        extra_body={"return_token_ids": True, "ignore_eos": True},
+    )
+    tokens: list[int] = []
+    killed = None
+    async for chunk in stream:
+        for choice in chunk.choices:
+            tokens.extend(choice.model_extra.get("token_ids") or [])
+        if killed is None and len(tokens) >= 8:
+            stats = {d: await failover_system.stats(f"{d}-0") for d in ("d-gaudi", "d-sglang")}
+            (killed,) = [d for d, info in stats.items() if info.running > 0]
+            os.kill(stats[killed].pid, signal.SIGKILL)
+    assert killed is not None
+    assert tokens == hf_greedy(failover_system.model_dir, prompt, n)
+    survivor = next(d for d in ("d-gaudi", "d-sglang") if d != killed)
+    after = await failover_system.stats(f"{survivor}-0")
+    assert after.free_blocks == after.total_blocks
