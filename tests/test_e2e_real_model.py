@@ -88,7 +88,7 @@ def bf16_system(nats_server, smollm2, tmp_path_factory) -> Iterator[RunningSyste
         "converter": {"replicas": 1},
     }
     with run_system(
-        topology, nats_server.url, tmp_path_factory.mktemp("real-bf16"), timeout_s=300
+        topology, nats_server.url, tmp_path_factory.mktemp("real-bf16"), timeout_s=600
     ) as system:
         yield system
 
