@@ -21,20 +21,27 @@ class WorkerSpec(BaseModel):
     # native: the layout its cache is stored in. vllm: "" (vLLM's cache decides) or the layout
     # it must turn out to be.
     kv_layout: str | None = None
-    block_size: int = 16
+    # None: one the engine and layout accept (settings.default_block_size)
+    block_size: int | None = Field(None, ge=1)
     dtype: str = "float32"
     max_model_len: int = Field(0, ge=0)
     tp: int = Field(1, ge=1)
     replicas: int = Field(1, ge=1)
-    num_blocks: int = Field(1024, ge=2)
+    num_blocks: int | None = Field(None, ge=2)  # None: settings.default_num_blocks
     device: str = ""
     # engine vllm: WorkerSettings' vllm_* options without the prefix, e.g. {kv_cache_gib: 1}
     vllm: dict[str, str | int | float | bool] = {}
     env: dict[str, str] = {}
 
     def model_post_init(self, _context: object) -> None:
+        from services.common.settings import WorkerSettings, default_block_size, default_num_blocks
+
         if self.kv_layout is None:
             self.kv_layout = "vllm-flash" if self.engine == "native" else ""
+        if self.block_size is None:
+            self.block_size = default_block_size(self.engine, self.kv_layout)
+        if self.num_blocks is None:
+            self.num_blocks = default_num_blocks(self.block_size)
         if self.kv_layout:
             spec = get_layout(self.kv_layout)
             if self.block_size not in spec.block_sizes:
@@ -46,8 +53,6 @@ class WorkerSpec(BaseModel):
             if self.vllm:
                 raise ValueError(f"{self.name}: vllm options on a {self.engine} instance")
             return
-        from services.common.settings import WorkerSettings
-
         unknown = [k for k in self.vllm if f"vllm_{k}" not in WorkerSettings.model_fields]
         if unknown:
             raise ValueError(f"{self.name}: unknown vllm options {unknown}")

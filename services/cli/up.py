@@ -39,7 +39,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not (Path(topology.model) / "config.json").exists():
         print(
             f"hetserve up: no model at {topology.model} (config.json missing); build the demo "
-            "one with: python scripts/make_tiny_model.py models/tiny-llama",
+            "one with: hetserve model fetch (or a random tiny one with: hetserve model tiny "
+            "models/tiny-llama)",
             file=sys.stderr,
         )
         return 2
