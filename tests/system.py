@@ -227,8 +227,8 @@ def instance_ids(topology: dict) -> list[str]:
     """The ids `hetserve up` gives a topology's workers (name-index)."""
     return [
         f"{spec['name']}-{i}"
-        for role in ("prefill", "decode")
-        for spec in topology[role]
+        for role in ("prefill", "decode", "both")
+        for spec in topology.get(role, [])
         for i in range(spec.get("replicas", 1))
     ]
 

@@ -29,6 +29,7 @@ class Load:
     kv_loaded_tokens: int = 0  # prompt tokens decode took from transferred KV
     cached_tokens: int = 0  # prompt tokens found in the prefix cache
     cached_prefixes: list[int] = field(default_factory=list)  # prefix hashes it holds
+    queued_tokens: int = 0  # prompt tokens it has yet to prefill
     prefill_tokens_per_s: float = 0.0  # measured (0: not yet)
     decode_step_s: float = 0.0
 

@@ -11,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from proto.layout_registry import get_layout
 
 DEMO_TOPOLOGY = Path(__file__).parent / "demo_topology.yaml"
+SPEED_KEYS = ("prefill_tokens_per_s", "decode_step_s")
+# a `both` instance prefills every prompt it decodes, however long
+ALWAYS = 1 << 30
 
 
 class WorkerSpec(BaseModel):
@@ -29,6 +32,12 @@ class WorkerSpec(BaseModel):
     replicas: int = Field(1, ge=1)
     num_blocks: int | None = Field(None, ge=2)  # None: settings.default_num_blocks
     device: str = ""
+    # decode: prompts with at most this many uncached tokens are prefilled on this instance
+    # (conditional disaggregation); `both` instances prefill every prompt themselves
+    prefill_locally_below: int = Field(0, ge=0)
+    # what the planner expects of it (prefill_tokens_per_s, decode_step_s), used for routing
+    # until the instance has measured itself
+    speed: dict[str, float] = {}
     # engine vllm: WorkerSettings' vllm_* options without the prefix, e.g. {kv_cache_gib: 1}
     vllm: dict[str, str | int | float | bool] = {}
     env: dict[str, str] = {}
@@ -49,6 +58,9 @@ class WorkerSpec(BaseModel):
                     f"{self.name}: layout {self.kv_layout} takes block sizes "
                     f"{spec.block_sizes}, not {self.block_size}"
                 )
+        unknown_speed = set(self.speed) - set(SPEED_KEYS)
+        if unknown_speed:
+            raise ValueError(f"{self.name}: unknown speed keys {sorted(unknown_speed)}")
         if self.engine != "vllm":
             if self.vllm:
                 raise ValueError(f"{self.name}: vllm options on a {self.engine} instance")
@@ -77,8 +89,20 @@ class Topology(BaseModel):
     gateway: GatewaySpec = GatewaySpec()
     scheduler: ReplicasSpec = ReplicasSpec()
     converter: ReplicasSpec = ReplicasSpec()
-    prefill: list[WorkerSpec]
-    decode: list[WorkerSpec]
+    prefill: list[WorkerSpec] = []
+    decode: list[WorkerSpec] = []
+    # aggregated instances: each prefills and decodes its own requests (no KV moves)
+    both: list[WorkerSpec] = []
+
+    def model_post_init(self, _context: object) -> None:
+        if not (self.decode or self.both):
+            raise ValueError("a topology needs a decode or a both instance")
+        local = any(spec.prefill_locally_below for spec in self.decode)
+        if not (self.prefill or self.both or local):
+            raise ValueError(
+                "a topology needs a prefill or a both instance (or decode instances with "
+                "prefill_locally_below)"
+            )
 
 
 def load_topology(path: Path) -> Topology:

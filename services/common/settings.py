@@ -84,6 +84,9 @@ class WorkerSettings(CommonSettings):
     # decode: prompts with at most this many uncached tokens are prefilled here, not sent
     # through a prefill instance (conditional disaggregation; 0: never)
     prefill_locally_below: int = Field(0, ge=0)
+    # what the planner expects of this instance, announced until it has measured itself
+    expected_prefill_tokens_per_s: float = Field(0.0, ge=0)
+    expected_decode_step_s: float = Field(0.0, ge=0)
     # tensor parallelism: one process per rank, all with the same instance id
     tp_size: int = Field(1, ge=1)
     tp_rank: int = Field(0, ge=0)

@@ -96,6 +96,7 @@ class DecodeService(Service):
         info.preemptions = load.preemptions
         info.kv_loaded_tokens = load.kv_loaded_tokens
         info.cached_prefixes = pack_hashes(load.cached_prefixes)
+        info.queued_tokens = load.queued_tokens
         info.prefill_tokens_per_s = load.prefill_tokens_per_s
         info.decode_step_s = load.decode_step_s
         info.local_prefill_max_tokens = self.settings.prefill_locally_below

@@ -46,6 +46,7 @@ class PrefillService(Service):
         info.free_blocks = load.free_blocks
         info.total_blocks = load.total_blocks
         info.cached_prefixes = pack_hashes(load.cached_prefixes)
+        info.queued_tokens = load.queued_tokens
         info.prefill_tokens_per_s = load.prefill_tokens_per_s
         info.max_model_len = self.backend.max_model_len
         return info

@@ -26,6 +26,7 @@ class Defaults:
     kv_bytes_per_s: float = 2.5e8  # one direct KV stream (docs/benchmarks.md: NATS ~0.25 GB/s)
     converter_bytes_per_s: float = 1.2e8  # through the converter: about half
     output_tokens: int = 64  # cap on the output tokens an estimate counts
+    handoff_s: float = 0.005  # a hop between instances: the prefill job, the KV stream's end
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,8 @@ def estimate(
     if prefill is None:
         cached = prefix.cached_tokens(decode, index)
         speed = decode.prefill_tokens_per_s or defaults.prefill_tokens_per_s
-        # its prompt waits for the decode steps already running, one step per prompt queued
-        ttft = decode.queued_tokens / speed + (tokens - cached) / speed + tpot
+        # its prompt waits for the queued prompts and for the decode step in progress
+        ttft = decode.queued_tokens / speed + (tokens - cached) / speed + tpot / 2
         return Estimate(ttft, 0.0, tpot, cached, cached)
     assert prefill.kv is not None
     align = max(prefill.kv.block_size, decode.kv.block_size)
@@ -117,5 +118,5 @@ def estimate(
     speed = prefill.prefill_tokens_per_s or defaults.prefill_tokens_per_s
     moved = (tokens - cached_d) * kv_bytes_per_token(decode.kv)
     rate = defaults.converter_bytes_per_s if via_converter else defaults.kv_bytes_per_s
-    ttft = prefill_wait_s(prefill, defaults) + (tokens - cached_p) / speed
-    return Estimate(ttft, moved / rate, tpot, cached_p, cached_d)
+    ttft = defaults.handoff_s + prefill_wait_s(prefill, defaults) + (tokens - cached_p) / speed
+    return Estimate(ttft, defaults.handoff_s + moved / rate, tpot, cached_p, cached_d)

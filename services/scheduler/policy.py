@@ -36,6 +36,9 @@ class Option:
     prefill: InstanceInfo | None
     via_converter: bool
     estimate: Estimate | None = None
+    # the decode instance's operator asked for prompts this short to be prefilled there
+    # (conditional disaggregation): it goes before every estimate
+    preferred: bool = False
 
     @property
     def local(self) -> bool:

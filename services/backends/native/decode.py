@@ -40,7 +40,9 @@ class NativeDecode:
         self.preemptions = 0
         self.kv_loaded_tokens = 0
         self.cached_tokens = 0  # context tokens reused from this cache instead of transferred
-        self.speed = SpeedMeter()
+        self.speed = SpeedMeter(
+            settings.expected_prefill_tokens_per_s, settings.expected_decode_step_s
+        )
         self._wake = asyncio.Event()
 
     async def start(self, bus: Bus, spawn: Spawn, events: DecodeEvents) -> None:
@@ -81,6 +83,7 @@ class NativeDecode:
             kv_loaded_tokens=self.kv_loaded_tokens,
             cached_tokens=self.cached_tokens,
             cached_prefixes=blocks.cached_hashes(),
+            queued_tokens=self.scheduler.queued_tokens,
             prefill_tokens_per_s=self.speed.prefill_tokens_per_s,
             decode_step_s=self.speed.decode_step_s,
         )

@@ -47,7 +47,9 @@ class NativePrefill:
         self.cancelled: set[str] = set()
         self._wake = asyncio.Event()
         self.running = 0
-        self.speed = SpeedMeter()
+        self.speed = SpeedMeter(
+            settings.expected_prefill_tokens_per_s, settings.expected_decode_step_s
+        )
 
     async def start(self, bus: Bus, spawn: Spawn) -> None:
         self.bus = bus
@@ -79,6 +81,7 @@ class NativePrefill:
             total_blocks=blocks.num_total,
             cached_tokens=blocks.hits * blocks.block_size,
             cached_prefixes=blocks.cached_hashes(),
+            queued_tokens=self.scheduler.queued_tokens,
             prefill_tokens_per_s=self.speed.prefill_tokens_per_s,
         )
 

@@ -111,6 +111,8 @@ class VllmDecode:
             total_blocks=self.staging.num_total,
             peak_running=PeakBatch.peak_running,
             kv_loaded_tokens=self.kv_loaded_tokens,
+            prefill_tokens_per_s=self.settings.expected_prefill_tokens_per_s,
+            decode_step_s=self.settings.expected_decode_step_s,
         )
 
     def blocks_to_hold(self, request: GenerateRequest, num_tokens: int) -> int:

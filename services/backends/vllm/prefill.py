@@ -81,6 +81,8 @@ class VllmPrefill:
             waiting=len(self.new),
             free_blocks=self.num_blocks,
             total_blocks=self.num_blocks,
+            queued_tokens=sum(len(prompt) for _, prompt, _ in self.new),
+            prefill_tokens_per_s=self.settings.expected_prefill_tokens_per_s,
         )
 
     # -- the engine thread ------------------------------------------------------------
