@@ -87,6 +87,8 @@ class WorkerSettings(CommonSettings):
     # what the planner expects of this instance, announced until it has measured itself
     expected_prefill_tokens_per_s: float = Field(0.0, ge=0)
     expected_decode_step_s: float = Field(0.0, ge=0)
+    # benchmarks of a slow instance: every native engine step takes this much longer
+    step_delay_s: float = Field(0.0, ge=0)
     # tensor parallelism: one process per rank, all with the same instance id
     tp_size: int = Field(1, ge=1)
     tp_rank: int = Field(0, ge=0)

@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Callable
+from typing import TypeVar
 
 from proto.kv_descriptor import KVDescriptor
 from proto.messages import GenerateRequest
@@ -27,6 +29,8 @@ from services.engine.scheduler import PrefillChunk, Scheduler
 from services.engine.sequence import Sequence
 from services.engine.speed import SpeedMeter
 from services.engine.tp.leader import LeaderEngine
+
+T = TypeVar("T")
 
 
 class NativeDecode:
@@ -154,7 +158,7 @@ class NativeDecode:
             self.peak_running = max(self.peak_running, len(batch))
             started = time.perf_counter()
             with metrics.DECODE_STEP_SECONDS.time():
-                await asyncio.to_thread(self.leader.decode, batch)
+                await asyncio.to_thread(self._slowed, self.leader.decode, batch)
             self.speed.decoded(time.perf_counter() - started)
             metrics.DECODE_TOKENS.inc(len(batch))
             await self._report(batch)
@@ -164,7 +168,7 @@ class NativeDecode:
         started = time.perf_counter()
         try:
             with metrics.PREFILL_SECONDS.time():
-                await asyncio.to_thread(self.leader.prefill_step, chunks)
+                await asyncio.to_thread(self._slowed, self.leader.prefill_step, chunks)
         except Exception as exc:  # noqa: BLE001 - the step's prompts fail, others go on
             for chunk in chunks:
                 self.scheduler.remove(chunk.seq.request_id)
@@ -174,6 +178,13 @@ class NativeDecode:
         self.speed.prefilled(sum(c.stop - c.start for c in chunks), time.perf_counter() - started)
         done = self.scheduler.prefilled(chunks)
         await self._report(done)
+
+    def _slowed(self, step: Callable[..., T], *args: object) -> T:
+        """A step, made slower by `step_delay_s` (a benchmark's deliberately slow instance)."""
+        out = step(*args)
+        if self.settings.step_delay_s:
+            time.sleep(self.settings.step_delay_s)
+        return out
 
     async def _report(self, seqs: list[Sequence]) -> None:
         """Each sequence's new token goes out; finished ones leave (the leader released them

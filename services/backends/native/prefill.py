@@ -151,9 +151,7 @@ class NativePrefill:
             started = time.perf_counter()
             try:
                 with metrics.PREFILL_SECONDS.time():
-                    await asyncio.to_thread(
-                        self.leader.prefill_step, chunks, self._layer_hook(chunks), extras
-                    )
+                    await asyncio.to_thread(self._step, chunks, extras)
             except Exception as exc:  # noqa: BLE001 - the step's prompts fail, others go on
                 log.exception("a prefill step failed")
                 for chunk in chunks:
@@ -167,6 +165,11 @@ class NativePrefill:
                 prompt = self.prompts.get(seq.request_id)
                 if prompt is not None and not prompt.computed.done():
                     prompt.computed.set_result(seq.output_ids[-1])
+
+    def _step(self, chunks: list[PrefillChunk], extras: list) -> None:
+        self.leader.prefill_step(chunks, self._layer_hook(chunks), extras)
+        if self.settings.step_delay_s:  # a benchmark's deliberately slow instance
+            time.sleep(self.settings.step_delay_s)
 
     def _layer_hook(self, chunks: list[PrefillChunk]):  # noqa: ANN202 - a LayerDone
         feeds = [(self.prompts[c.seq.request_id].feed, c.stop) for c in chunks]
