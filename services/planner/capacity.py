@@ -5,7 +5,8 @@ conservative for short prompts) whose wait has the Pollaczek-Khinchine mean and 
 tail, P(W > t) = rho exp(-t rho / E[W]); TTFT = wait + prefill latency + exposed KV transfer.
 Decode: continuous batching; by Little's law the mean batch B = rate x decode steps x step time;
 the batch fluctuates like a Poisson count, so a request sees about B + z sqrt(B) sequences.
-Colocated: one queue for both phases, prefill first; decode runs in the time prefill leaves.
+Colocated: one queue for both phases, prefill first; decode runs in the time prefill leaves,
+and each request's TPOT carries the stalls of the prefills that arrive during its decode.
 `level` is the share of requests that must meet each phase's target.
 """
 
@@ -167,14 +168,47 @@ def decode_capacity(perf: PerfModel, mix: RequestMix, targets: PhaseTargets) -> 
     return Capacity(float(rate), binding)
 
 
+def interrupted_tpot_share(
+    round_s: float,
+    share: float,
+    rate: float,
+    second_moment: float,
+    outputs: np.ndarray,
+    tpot_s: float,
+) -> float:
+    """Share of requests whose TPOT meets `tpot_s` on a colocated instance, where prefills
+    (Poisson at `rate`, service S with E[S^2] = `second_moment`) preempt decode after the
+    round in progress. A request of L output tokens needs T = (L - 1) rounds of compute; each
+    prefill arriving meanwhile stalls it for an M/G/1 busy period (that prefill and those
+    arriving during it), so the stall is compound Poisson with mean rate T E[S] / share and
+    variance rate T E[S^2] / share^3 (share = 1 - rate E[S]), taken as normal."""
+    steps = np.maximum(outputs - 1, 0)
+    decoding = steps > 0
+    if not decoding.any():
+        return 1.0
+    steps = steps[decoding]
+    compute = steps * round_s
+    spread = np.sqrt(rate * compute * second_moment / share**3) / steps
+    mean = round_s / share
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(
+            spread > 0, (tpot_s - mean) / spread, np.where(mean <= tpot_s, np.inf, -np.inf)
+        )
+    met = np.sum(norm.cdf(z)) + np.sum(~decoding)
+    return float(met / len(outputs))
+
+
 def colocated_capacity(perf: PerfModel, mix: RequestMix, targets: PhaseTargets) -> Capacity:
-    """Both phases on one instance, prefill first: decode progresses in the remaining time."""
+    """Both phases on one instance, prefill first: decode progresses in the time prefill
+    leaves, and a request's TPOT carries the stalls of the prefills during its decode."""
     kv_tokens, largest, memory_reason = _decode_limits(perf, mix, targets)
     if kv_tokens < largest:
         return Capacity(0.0, memory_reason)
     s = mix.prompt.points
     service = np.asarray(perf.prefill_latency(s, s**2, 1))
     mean_service = float(service.mean())
+    second_moment = float(np.mean(service**2))
+    outputs = mix.output.points
     context = mix.mean_prompt + mix.mean_output / 2
     held = mix.mean_prompt + mix.mean_output
     steps = mix.mean_output - 1
@@ -196,7 +230,9 @@ def colocated_capacity(perf: PerfModel, mix: RequestMix, targets: PhaseTargets) 
             or (mean_batch + z_memory * np.sqrt(mean_batch)) * held > kv_tokens
         ):
             return False
-        if float(perf.decode_round(seen, seen * context)) / share > targets.tpot_s:
+        round_s = float(perf.decode_round(seen, seen * context))
+        met = interrupted_tpot_share(round_s, share, rate, second_moment, outputs, targets.tpot_s)
+        if met < targets.level:
             return False
         residual = float(perf.decode_round(mean_batch, mean_batch * context))
         queue = PrefillQueue(service, service + residual)
@@ -207,18 +243,64 @@ def colocated_capacity(perf: PerfModel, mix: RequestMix, targets: PhaseTargets) 
     return Capacity(float(_largest_rate(ok, 1 / mean_service)), "TTFT and TPOT on shared GPUs")
 
 
+def mean_decode_batch(
+    perf: PerfModel, mix: RequestMix, rate: float, max_batch: int, share: float = 1.0
+) -> float | None:
+    """The mean decode batch at `rate` requests/s (Little's law: B = rate x steps x round(B)
+    / share, `share` the time left to decode); None when no batch up to max_batch keeps up."""
+    if share <= 0:
+        return None
+    context = mix.mean_prompt + mix.mean_output / 2
+    batch = _batch_grid(max_batch)
+    step = np.asarray(perf.decode_round(batch, batch * context))
+    stable = rate * (mix.mean_output - 1) * step / share <= batch
+    return float(batch[np.argmax(stable)]) if stable.any() else None
+
+
 def tpot_quantile(
     perf: PerfModel, mix: RequestMix, rate: float, level: float, max_batch: int
 ) -> float:
     """TPOT at `level` for a decode instance at `rate` (inf when the batch cannot keep up)."""
     context = mix.mean_prompt + mix.mean_output / 2
-    batch = _batch_grid(max_batch)
-    step = np.asarray(perf.decode_round(batch, batch * context))
-    stable = rate * (mix.mean_output - 1) * step <= batch
     if rate <= 0:
         return float(perf.decode_round(1.0, context))
-    if not stable.any():
+    mean_batch = mean_decode_batch(perf, mix, rate, max_batch)
+    if mean_batch is None:
         return float("inf")
-    mean_batch = batch[np.argmax(stable)]
     seen = mean_batch + norm.ppf(level) * np.sqrt(mean_batch)
     return float(perf.decode_round(seen, seen * context))
+
+
+def colocated_tpot_quantile(
+    perf: PerfModel, mix: RequestMix, rate: float, level: float, max_batch: int
+) -> float:
+    """TPOT at `level` for a colocated instance at `rate`, prefill stalls included (inf when
+    decode cannot keep up in the time prefill leaves)."""
+    s = mix.prompt.points
+    service = np.asarray(perf.prefill_latency(s, s**2, 1))
+    share = 1 - rate * float(service.mean())
+    mean_batch = mean_decode_batch(perf, mix, rate, max_batch, share) if rate > 0 else 1.0
+    if mean_batch is None:
+        return float("inf")
+    seen = mean_batch + norm.ppf(level) * np.sqrt(mean_batch)
+    context = mix.mean_prompt + mix.mean_output / 2
+    round_s = float(perf.decode_round(seen, seen * context))
+    second = float(np.mean(service**2))
+    outputs = mix.output.points
+
+    def met(tpot: float) -> bool:
+        return interrupted_tpot_share(round_s, share, rate, second, outputs, tpot) >= level
+
+    low, high = 0.0, round_s / share * 2
+    while not met(high):
+        high *= 2
+    for _ in range(_BISECTION_STEPS):
+        middle = (low + high) / 2
+        low, high = (low, middle) if met(middle) else (middle, high)
+    return high
+
+
+def mean_prefill_s(perf: PerfModel, mix: RequestMix) -> float:
+    """Mean time one prompt of the mix holds an instance, prefilled alone."""
+    s = mix.prompt.points
+    return float(np.mean(perf.prefill_latency(s, s**2, 1)))

@@ -60,7 +60,12 @@ def run_plan(args: argparse.Namespace) -> int:
     from services.planner.planner import plan
     from services.planner.plot import plot_costs
     from services.planner.report import to_json, to_table
-    from services.planner.topology import compose_command, scale_numbers, topology
+    from services.planner.topology import (
+        COMPOSE_SERVICES,
+        compose_command,
+        scale_numbers,
+        topology,
+    )
 
     try:
         if args.rate is not None and args.rate <= 0:
@@ -87,11 +92,17 @@ def run_plan(args: argparse.Namespace) -> int:
     else:
         print(to_table(report))
     if args.compose and report.plan.feasible:
-        scale = ", ".join(f"{role}={n}" for role, n in sorted(scale_numbers(report.plan).items()))
-        print(
-            f"scale: {scale}\n{compose_command(report.plan)}",
-            file=sys.stderr if args.json else sys.stdout,
-        )
+        numbers = scale_numbers(report.plan)
+        scale = ", ".join(f"{role}={n}" for role, n in sorted(numbers.items()))
+        lines = [f"scale: {scale}"]
+        if set(numbers) - set(COMPOSE_SERVICES):
+            lines.append(
+                "both: colocated instances (prefill and decode in one engine); the compose "
+                "file has no service for them"
+            )
+        if set(numbers) & set(COMPOSE_SERVICES):
+            lines.append(compose_command(report.plan))
+        print("\n".join(lines), file=sys.stderr if args.json else sys.stdout)
     return 0 if report.plan.feasible else 1
 
 

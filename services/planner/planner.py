@@ -1,4 +1,5 @@
-"""Plan a deployment: search, solve, check in simulation, and compare with the baselines."""
+"""Plan a deployment: search, solve, check in simulation, and compare with the baselines
+(each a candidate: the plan never costs more than a baseline that meets the SLO)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from services.planner.baselines import single_type, solve_distserve
-from services.planner.capacity import prefill_queue, tpot_quantile
+from services.planner.capacity import colocated_tpot_quantile, prefill_queue, tpot_quantile
 from services.planner.confirm import Checked, Confirmer, Solver
 from services.planner.explain import explain_infeasible
 from services.planner.inputs import PlanInputs
 from services.planner.milp import solve_milp
 from services.planner.perf_model import PerfModel
-from services.planner.problem import Allocation, CapacityProblem, Infeasible
+from services.planner.problem import Allocation, CapacityProblem, Infeasible, Solution
 from services.planner.search import Rejection, SearchResult, build_problem
+from services.planner.speeds import Speed, instance_speed
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,8 @@ class PoolSummary:
     rate_per_instance: float  # requests/s one instance sustains within the SLO
     load: float  # requests/s routed through the pool
     limit: str  # what bounds the rate
-    predicted_s: float | None  # queueing estimate at this load: TTFT (prefill) or TPOT (decode)
+    predicted_s: float | None  # queueing estimate at this load: TTFT (prefill) or TPOT
+    speed: Speed  # per instance, from the performance model
 
     @property
     def gpus(self) -> int:
@@ -63,6 +66,15 @@ class Outcome:
     simulated: Simulated | None
     notes: tuple[str, ...]
 
+    @property
+    def meets_slo(self) -> bool:
+        """Feasible and, when it was simulated, meeting the SLO there."""
+        return self.feasible and (self.simulated is None or self.simulated.meets_slo)
+
+
+JOINT_SEARCH = "joint search"
+COLOCATED_BASELINE = "colocated (no P/D)"
+
 
 @dataclass(frozen=True)
 class PlanReport:
@@ -71,6 +83,7 @@ class PlanReport:
     baselines: tuple[Outcome, ...]
     rejected: tuple[Rejection, ...]
     seconds: dict[str, float]  # stage -> wall time
+    chosen: str = JOINT_SEARCH  # or the name of the baseline that is the plan
 
 
 def _pools(
@@ -80,9 +93,19 @@ def _pools(
     limits: tuple[str, ...],
     allocation: Allocation,
 ) -> tuple[PoolSummary, ...]:
-    level = inputs.level
+    level, max_batch = inputs.level, inputs.search.max_batch
+    counts, configs = allocation.counts, problem.configs
+
+    def supply(role: str, gpu: str | None = None) -> float:
+        return sum(
+            m * c.rate
+            for m, c in zip(counts, configs, strict=True)
+            if c.role == role and (gpu is None or c.gpu == gpu)
+        )
+
+    colocated_load = allocation.served - sum(allocation.flows.values())
     pools = []
-    for i, (n, config) in enumerate(zip(allocation.counts, problem.configs, strict=True)):
+    for i, (n, config) in enumerate(zip(counts, configs, strict=True)):
         if not n:
             continue
         if config.role == "prefill":
@@ -94,23 +117,13 @@ def _pools(
             predicted: float | None = queue.quantile(load / n, level)
         elif config.role == "decode":
             load = sum(r for (_, b), r in allocation.flows.items() if b == config.gpu)
-            supply = sum(
-                m * c.rate
-                for m, c in zip(allocation.counts, problem.configs, strict=True)
-                if c.role == "decode" and c.gpu == config.gpu
-            )
-            load *= n * config.rate / supply  # decode load splits in proportion to capacity
+            load *= n * config.rate / supply("decode", config.gpu)  # split by capacity
             rate = config.rate
-            predicted = tpot_quantile(perf[i], inputs.mix, load / n, level, inputs.search.max_batch)
+            predicted = tpot_quantile(perf[i], inputs.mix, load / n, level, max_batch)
         else:
             rate = config.rate
-            colocated = sum(
-                m * c.rate
-                for m, c in zip(allocation.counts, problem.configs, strict=True)
-                if c.role == "colocated"
-            )
-            load = allocation.served * n * rate / colocated
-            predicted = None
+            load = max(colocated_load, 0.0) * n * rate / supply("colocated")
+            predicted = colocated_tpot_quantile(perf[i], inputs.mix, load / n, level, max_batch)
         pools.append(
             PoolSummary(
                 role=config.role,
@@ -123,6 +136,7 @@ def _pools(
                 load=load,
                 limit=limits[i],
                 predicted_s=predicted,
+                speed=instance_speed(perf[i], inputs.mix, config.role, load / n, rate, max_batch),
             )
         )
     return tuple(pools)
@@ -132,8 +146,7 @@ def _outcome(
     name: str,
     inputs: PlanInputs,
     checked: Checked,
-    perf: tuple[PerfModel, ...],
-    limits: tuple[str, ...],
+    search: SearchResult,
     confirmer: Confirmer,
     why: Callable[[CapacityProblem], str] | None = None,
 ) -> Outcome:
@@ -159,7 +172,7 @@ def _outcome(
         reason="",
         cost_per_hour=solution.cost,
         served_rate=solution.served,
-        pools=_pools(inputs, checked.problem, perf, limits, solution),
+        pools=_pools(inputs, checked.problem, search.perf, search.limits, solution),
         kv_paths=tuple((a, b, r) for (a, b), r in sorted(paths.items())),
         simulated=simulated,
         notes=checked.notes,
@@ -178,71 +191,81 @@ def _run(
     return Checked(solver(problem), problem, None, ())
 
 
+def _rank(outcome: Outcome, goodput: bool) -> tuple[float, ...]:
+    """Larger is better: feasible, then meeting the SLO in simulation, then (with max_goodput)
+    more requests/s, then less cost."""
+    if not outcome.feasible:
+        return (0.0,)
+    served = outcome.served_rate if goodput else 0.0
+    return (1.0, float(outcome.meets_slo), served, -(outcome.cost_per_hour or 0.0))
+
+
 def _better(a: Outcome, b: Outcome, goodput: bool) -> bool:
-    if not b.feasible:
-        return True
-    if not a.feasible:
-        return False
-    if goodput:
-        return (a.served_rate, -(a.cost_per_hour or 0)) > (b.served_rate, -(b.cost_per_hour or 0))
-    return (a.cost_per_hour or 0) < (b.cost_per_hour or 0)
+    return _rank(a, goodput) > _rank(b, goodput)
+
+
+def _reusing(first: Solution, problem: CapacityProblem) -> Solver:
+    """solve_milp, answering `problem` itself with its solution already found."""
+    return lambda p: first if p is problem else solve_milp(p)
+
+
+def _single_type(
+    inputs: PlanInputs, search: SearchResult, confirmer: Confirmer, simulate: bool
+) -> Outcome:
+    """The best one-type plan. Simulation only lowers rates, so a type whose unchecked
+    optimum already costs no less than a checked plan that meets the SLO cannot beat it and
+    is not checked."""
+    goodput = inputs.objective == "max_goodput"
+    solved = []
+    for gpu in inputs.gpus:
+        own = single_type(search, gpu)
+        solved.append((gpu, own, solve_milp(own.problem)))
+    feasible = [(g, o, s) for g, o, s in solved if isinstance(s, Allocation)]
+    if not feasible:
+        reasons = "; ".join(f"single type ({g}): {s.reason}" for g, _, s in solved)
+        return Outcome("single type", False, reasons, None, 0.0, (), (), None, ())
+    feasible.sort(key=lambda item: (-item[2].served if goodput else 0.0, item[2].cost))
+    best: Outcome | None = None
+    for gpu, own, first in feasible:
+        if (
+            best is not None
+            and not goodput
+            and best.meets_slo
+            and first.cost >= (best.cost_per_hour or 0.0)
+        ):
+            break
+        checked = _run(own.problem, own.perf, _reusing(first, own.problem), confirmer, simulate)
+        outcome = _outcome(f"single type ({gpu})", inputs, checked, own, confirmer)
+        if best is None or _better(outcome, best, goodput):
+            best = outcome
+    assert best is not None  # at least one type is feasible
+    return best
 
 
 def _baselines(
-    inputs: PlanInputs, searches: Searches, confirmer: Confirmer, simulate: bool
+    inputs: PlanInputs, search: SearchResult, confirmer: Confirmer, simulate: bool
 ) -> tuple[Outcome, ...]:
-    goodput = inputs.objective == "max_goodput"
-    search = searches.disaggregated
-    singles = []
-    for gpu in inputs.gpus:
-        problem, perf = single_type(search, gpu)
-        limits = tuple(
-            search.limits[i] for i, c in enumerate(search.problem.configs) if c.gpu == gpu
-        )
-        checked = _run(problem, perf, solve_milp, confirmer, simulate)
-        singles.append(_outcome(f"single type ({gpu})", inputs, checked, perf, limits, confirmer))
-    best = singles[0]
-    for outcome in singles[1:]:
-        if _better(outcome, best, goodput):
-            best = outcome
-    if not best.feasible:
-        reasons = "; ".join(f"{o.name}: {o.reason}" for o in singles)
-        best = Outcome("single type", False, reasons, None, 0.0, (), (), None, ())
-    colocated = searches.colocated
-    assert colocated is not None  # searched whenever baselines are asked for
+    single = _single_type(inputs, search, confirmer, simulate)
+    colocated = search.restricted(("colocated",))
     together = _outcome(
-        "colocated (no P/D)",
+        COLOCATED_BASELINE,
         inputs,
         _run(colocated.problem, colocated.perf, solve_milp, confirmer, simulate),
-        colocated.perf,
-        colocated.limits,
+        colocated,
         confirmer,
         lambda problem: explain_infeasible(
-            inputs, replace(colocated, problem=problem), colocated=True
+            inputs, replace(colocated, problem=problem), roles=("colocated",)
         ),
     )
+    apart = search.restricted(("prefill", "decode"))
     distserve = _outcome(
         "DistServe-style (per phase)",
         inputs,
-        _run(search.problem, search.perf, solve_distserve, confirmer, simulate),
-        search.perf,
-        search.limits,
+        _run(apart.problem, apart.perf, solve_distserve, confirmer, simulate),
+        apart,
         confirmer,
     )
-    return best, together, distserve
-
-
-@dataclass(frozen=True)
-class Searches:
-    """What each configuration sustains does not depend on the demand: one search serves a
-    sweep of arrival rates (`for_inputs` sets the demand)."""
-
-    disaggregated: SearchResult
-    colocated: SearchResult | None
-
-    def for_inputs(self, inputs: PlanInputs) -> Searches:
-        colocated = None if self.colocated is None else _with_demand(self.colocated, inputs)
-        return Searches(_with_demand(self.disaggregated, inputs), colocated)
+    return single, together, distserve
 
 
 def _with_demand(search: SearchResult, inputs: PlanInputs) -> SearchResult:
@@ -254,27 +277,48 @@ def _with_demand(search: SearchResult, inputs: PlanInputs) -> SearchResult:
     return replace(search, problem=problem)
 
 
-def search_all(inputs: PlanInputs, baselines: bool = True) -> Searches:
-    colocated = build_problem(inputs, "colocated") if baselines else None
-    return Searches(build_problem(inputs), colocated)
+def search_all(inputs: PlanInputs) -> SearchResult:
+    """Every role's configurations (the baselines need them all). What each configuration
+    sustains does not depend on the demand: one search serves a sweep of arrival rates
+    (`plan(..., search=...)` sets the demand)."""
+    return build_problem(inputs, "all")
+
+
+def is_candidate(inputs: PlanInputs, baseline: Outcome) -> bool:
+    """Whether the plan may be this baseline: any, but the colocated one when the spec keeps
+    colocated instances out of the plan (`search.colocated: false`)."""
+    return inputs.search.colocated or baseline.name != COLOCATED_BASELINE
+
+
+def _as_plan(baseline: Outcome, joint: Outcome) -> Outcome:
+    """A baseline that beats the joint search's checked plan becomes the plan, saying so."""
+    if not joint.feasible:
+        why = "the joint search found no plan"
+    elif not joint.meets_slo:
+        why = "the joint search's plan misses the SLO in simulation"
+    else:
+        why = f"the joint search's plan, after its simulation checks, costs {joint.cost_per_hour:,.2f}/h"
+    note = f"the {baseline.name} baseline is the plan: {why}"
+    return replace(baseline, name="plan", notes=(*baseline.notes, note))
 
 
 def plan(
     inputs: PlanInputs,
     simulate: bool = True,
     baselines: bool = True,
-    searches: Searches | None = None,
+    search: SearchResult | None = None,
 ) -> PlanReport:
-    """The cheapest plan (or the most goodput within the budget), checked in simulation when
-    `simulate`, with the baselines when `baselines`; `searches` from an earlier call with
-    the same inputs but another rate saves the search."""
+    """The cheapest plan (or the most goodput within the budget) over prefill, decode and
+    (unless `search.colocated` is false) colocated instances of every type, checked in
+    simulation when `simulate`, with the baselines when `baselines`; a candidate baseline
+    better than the checked plan (meets the SLO at less cost) is the plan. `search` from
+    `search_all` with the same inputs but another rate saves the search."""
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    if searches is None:
-        searches = search_all(inputs, baselines)
-    else:
-        searches = searches.for_inputs(inputs)
-    search = searches.disaggregated
+    everything = search_all(inputs) if search is None else _with_demand(search, inputs)
+    search = everything
+    if not inputs.search.colocated:
+        search = everything.restricted(("prefill", "decode"))
     seconds["search"] = time.perf_counter() - start
     confirmer = Confirmer(inputs)
     start = time.perf_counter()
@@ -284,17 +328,22 @@ def plan(
         "plan",
         inputs,
         checked,
-        search.perf,
-        search.limits,
+        search,
         confirmer,
         lambda problem: explain_infeasible(inputs, replace(search, problem=problem)),
     )
     others: tuple[Outcome, ...] = ()
+    chosen = JOINT_SEARCH
     if baselines:
         start = time.perf_counter()
-        others = _baselines(inputs, searches, confirmer, simulate)
+        others = _baselines(inputs, everything, confirmer, simulate)
         seconds["baselines"] = time.perf_counter() - start
-    return PlanReport(inputs, main, others, search.rejected, seconds)
+        goodput = inputs.objective == "max_goodput"
+        eligible = [b for b in others if is_candidate(inputs, b)]
+        best = max(eligible, key=lambda o: _rank(o, goodput))
+        if _better(best, main, goodput):
+            main, chosen = _as_plan(best, main), best.name
+    return PlanReport(inputs, main, others, search.rejected, seconds, chosen)
 
 
 def cost_per_million_tokens(inputs: PlanInputs, outcome: Outcome) -> float | None:

@@ -15,6 +15,7 @@ def _spec_file(tmp_path: Path, spec: dict[str, Any], name: str = "spec.yaml") ->
 def test_plan_json_has_the_promised_shape(
     run_cli, tmp_path: Path, base_spec: dict[str, Any]
 ) -> None:
+    base_spec["search"] = {"colocated": False}  # P/D pools only (colocated ones are cheaper here)
     code, out, _ = run_cli("plan", _spec_file(tmp_path, base_spec), "--json", "--no-simulate")
     assert code == 0
     result = json.loads(out)
@@ -36,6 +37,7 @@ def test_plan_table_with_simulation_compose_and_topology(
 ) -> None:
     base_spec["model"] = "llama-3-8b"
     base_spec["simulation"] = {"requests": 300}
+    base_spec["search"] = {"colocated": False}  # the compose file runs prefill and decode only
     topology = tmp_path / "topology.yaml"
     code, out, _ = run_cli(
         "plan",

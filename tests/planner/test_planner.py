@@ -12,6 +12,7 @@ def _plan(spec: dict[str, Any], simulate: bool = False) -> PlanReport:
 
 
 def test_plan_is_no_dearer_than_the_disaggregated_baselines(base_spec: dict[str, Any]) -> None:
+    base_spec["search"] = {"colocated": False}  # P/D pools only (colocated ones are cheaper here)
     report = _plan(base_spec)
     assert report.plan.feasible and report.plan.cost_per_hour
     names = [b.name for b in report.baselines]
@@ -98,6 +99,7 @@ def test_a_link_that_limits_the_demand_is_named(base_spec: dict[str, Any]) -> No
         {"gpu": "l4", "count": 8, "price_per_hour": 0.8},
     ]
     base_spec["network"] = {"inter_pool_gbps": 5}
+    base_spec["search"] = {"colocated": False}  # colocated instances send no KV over links
     base_spec["workload"]["rate"] = 20.0
     mixed = _plan(base_spec)
     assert mixed.plan.feasible
