@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -146,6 +147,11 @@ def _solve(
     upper = np.full(layout.width, np.inf)
     for i, c in enumerate(configs):
         upper[i] = problem.inventory.get(c.gpu, 0) // c.gpus
+        if problem.demand is not None and c.worst_positive_rate() > 0:
+            # more instances than carry the whole demand alone are never optimal (the oracle
+            # uses the same bound): dropping one keeps every flow feasible at less cost
+            needed = math.ceil(problem.demand / c.worst_positive_rate())
+            upper[i] = min(upper[i], needed)
     lower[layout.z], upper[layout.z] = z_range
     integrality = np.zeros(layout.width)
     integrality[: layout.n] = 1

@@ -8,69 +8,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from services.planner.baselines import single_type, solve_distserve
-from services.planner.capacity import colocated_tpot_quantile, prefill_queue, tpot_quantile
 from services.planner.confirm import Checked, Confirmer, Solver
 from services.planner.explain import explain_infeasible
 from services.planner.inputs import PlanInputs
 from services.planner.milp import solve_milp
+from services.planner.outcome import Outcome, better, outcome_of, rank
 from services.planner.perf_model import PerfModel
-from services.planner.problem import Allocation, CapacityProblem, Infeasible, Solution
+from services.planner.problem import Allocation, CapacityProblem, Solution
 from services.planner.search import Rejection, SearchResult, build_problem
-from services.planner.speeds import Speed, instance_speed
-
-
-@dataclass(frozen=True)
-class PoolSummary:
-    """Instances of one configuration in a plan."""
-
-    role: str
-    gpu: str
-    tp: int
-    pp: int
-    instances: int
-    cost_per_hour: float
-    rate_per_instance: float  # requests/s one instance sustains within the SLO
-    load: float  # requests/s routed through the pool
-    limit: str  # what bounds the rate
-    predicted_s: float | None  # queueing estimate at this load: TTFT (prefill) or TPOT
-    speed: Speed  # per instance, from the performance model
-
-    @property
-    def gpus(self) -> int:
-        return self.instances * self.tp * self.pp
-
-    @property
-    def utilisation(self) -> float:
-        """Share of the pool's SLO-bounded capacity the load uses."""
-        return self.load / (self.instances * self.rate_per_instance)
-
-
-@dataclass(frozen=True)
-class Simulated:
-    ttft_s: float  # at the SLO percentile
-    tpot_s: float
-    attainment: float  # share of requests meeting both targets
-    meets_slo: bool
-    busy: dict[str, float]  # role -> mean busy share of its instances
-
-
-@dataclass(frozen=True)
-class Outcome:
-    name: str
-    feasible: bool
-    reason: str
-    cost_per_hour: float | None
-    served_rate: float
-    pools: tuple[PoolSummary, ...]
-    kv_paths: tuple[tuple[str, str, float], ...]  # (from type, to type, requests/s)
-    simulated: Simulated | None
-    notes: tuple[str, ...]
-
-    @property
-    def meets_slo(self) -> bool:
-        """Feasible and, when it was simulated, meeting the SLO there."""
-        return self.feasible and (self.simulated is None or self.simulated.meets_slo)
-
 
 JOINT_SEARCH = "joint search"
 COLOCATED_BASELINE = "colocated (no P/D)"
@@ -86,99 +31,6 @@ class PlanReport:
     chosen: str = JOINT_SEARCH  # or the name of the baseline that is the plan
 
 
-def _pools(
-    inputs: PlanInputs,
-    problem: CapacityProblem,
-    perf: tuple[PerfModel, ...],
-    limits: tuple[str, ...],
-    allocation: Allocation,
-) -> tuple[PoolSummary, ...]:
-    level, max_batch = inputs.level, inputs.search.max_batch
-    counts, configs = allocation.counts, problem.configs
-
-    def supply(role: str, gpu: str | None = None) -> float:
-        return sum(
-            m * c.rate
-            for m, c in zip(counts, configs, strict=True)
-            if c.role == role and (gpu is None or c.gpu == gpu)
-        )
-
-    colocated_load = allocation.served - sum(allocation.flows.values())
-    pools = []
-    for i, (n, config) in enumerate(zip(counts, configs, strict=True)):
-        if not n:
-            continue
-        if config.role == "prefill":
-            out = {b: rate for (j, b), rate in allocation.flows.items() if j == i}
-            load = sum(out.values())
-            slowest = min(out, key=lambda b: inputs.link_gbps[(config.gpu, b)], default=config.gpu)
-            rate = config.rate_to[slowest]
-            queue = prefill_queue(perf[i], inputs.mix, inputs.link_gbps[(config.gpu, slowest)])
-            predicted: float | None = queue.quantile(load / n, level)
-        elif config.role == "decode":
-            load = sum(r for (_, b), r in allocation.flows.items() if b == config.gpu)
-            load *= n * config.rate / supply("decode", config.gpu)  # split by capacity
-            rate = config.rate
-            predicted = tpot_quantile(perf[i], inputs.mix, load / n, level, max_batch)
-        else:
-            rate = config.rate
-            load = max(colocated_load, 0.0) * n * rate / supply("colocated")
-            predicted = colocated_tpot_quantile(perf[i], inputs.mix, load / n, level, max_batch)
-        pools.append(
-            PoolSummary(
-                role=config.role,
-                gpu=config.gpu,
-                tp=config.tp,
-                pp=config.pp,
-                instances=n,
-                cost_per_hour=n * config.price_per_hour,
-                rate_per_instance=rate,
-                load=load,
-                limit=limits[i],
-                predicted_s=predicted,
-                speed=instance_speed(perf[i], inputs.mix, config.role, load / n, rate, max_batch),
-            )
-        )
-    return tuple(pools)
-
-
-def _outcome(
-    name: str,
-    inputs: PlanInputs,
-    checked: Checked,
-    search: SearchResult,
-    confirmer: Confirmer,
-    why: Callable[[CapacityProblem], str] | None = None,
-) -> Outcome:
-    solution = checked.solution
-    if isinstance(solution, Infeasible):
-        reason = why(checked.problem) if why is not None else solution.reason
-        return Outcome(name, False, reason, None, 0.0, (), (), None, checked.notes)
-    paths: dict[tuple[str, str], float] = {}
-    for (i, b), rate in solution.flows.items():
-        key = (checked.problem.configs[i].gpu, b)
-        paths[key] = paths.get(key, 0.0) + rate
-    simulated = None
-    if checked.simulation is not None:
-        sim = checked.simulation
-        slo = inputs.slo
-        ttft, tpot = sim.quantiles(slo.percentile)
-        simulated = Simulated(
-            ttft, tpot, sim.attainment(slo.ttft_s, slo.tpot_s), confirmer.meets_slo(sim), sim.busy
-        )
-    return Outcome(
-        name=name,
-        feasible=True,
-        reason="",
-        cost_per_hour=solution.cost,
-        served_rate=solution.served,
-        pools=_pools(inputs, checked.problem, search.perf, search.limits, solution),
-        kv_paths=tuple((a, b, r) for (a, b), r in sorted(paths.items())),
-        simulated=simulated,
-        notes=checked.notes,
-    )
-
-
 def _run(
     problem: CapacityProblem,
     perf: tuple[PerfModel, ...],
@@ -191,81 +43,94 @@ def _run(
     return Checked(solver(problem), problem, None, ())
 
 
-def _rank(outcome: Outcome, goodput: bool) -> tuple[float, ...]:
-    """Larger is better: feasible, then meeting the SLO in simulation, then (with max_goodput)
-    more requests/s, then less cost."""
-    if not outcome.feasible:
-        return (0.0,)
-    served = outcome.served_rate if goodput else 0.0
-    return (1.0, float(outcome.meets_slo), served, -(outcome.cost_per_hour or 0.0))
+NOT_SIMULATED = (
+    "not simulated: its estimate already costs no less than the plan that meets the SLO, and "
+    "simulation only lowers estimates (the cost shown is a lower bound)"
+)
 
 
-def _better(a: Outcome, b: Outcome, goodput: bool) -> bool:
-    return _rank(a, goodput) > _rank(b, goodput)
+@dataclass(frozen=True)
+class _Comparison:
+    """Builds each baseline against the checked plan `joint`."""
 
+    inputs: PlanInputs
+    confirmer: Confirmer
+    simulate: bool
+    joint: Outcome
 
-def _reusing(first: Solution, problem: CapacityProblem) -> Solver:
-    """solve_milp, answering `problem` itself with its solution already found."""
-    return lambda p: first if p is problem else solve_milp(p)
+    @property
+    def goodput(self) -> bool:
+        return self.inputs.objective == "max_goodput"
 
+    def outcome(
+        self,
+        name: str,
+        search: SearchResult,
+        first: Solution,
+        solver: Solver,
+        why: Callable[[CapacityProblem], str] | None = None,
+    ) -> Outcome:
+        """The baseline whose unchecked solution is `first`: checked in simulation, unless
+        even unchecked it does not beat the plan (checks only lower rates, so they could
+        only make it worse)."""
+        estimate = outcome_of(
+            name, self.inputs, Checked(first, search.problem, None, ()), search, self.confirmer, why
+        )
+        if not self.simulate or not estimate.feasible:
+            return estimate
+        if self.joint.meets_slo and not better(estimate, self.joint, self.goodput):
+            return replace(estimate, notes=(*estimate.notes, NOT_SIMULATED))
+        problem = search.problem
+        again: Solver = lambda p: first if p is problem else solver(p)  # noqa: E731
+        checked = self.confirmer.check(problem, search.perf, again)
+        return outcome_of(name, self.inputs, checked, search, self.confirmer, why)
 
-def _single_type(
-    inputs: PlanInputs, search: SearchResult, confirmer: Confirmer, simulate: bool
-) -> Outcome:
-    """The best one-type plan. Simulation only lowers rates, so a type whose unchecked
-    optimum already costs no less than a checked plan that meets the SLO cannot beat it and
-    is not checked."""
-    goodput = inputs.objective == "max_goodput"
-    solved = []
-    for gpu in inputs.gpus:
-        own = single_type(search, gpu)
-        solved.append((gpu, own, solve_milp(own.problem)))
-    feasible = [(g, o, s) for g, o, s in solved if isinstance(s, Allocation)]
-    if not feasible:
-        reasons = "; ".join(f"single type ({g}): {s.reason}" for g, _, s in solved)
-        return Outcome("single type", False, reasons, None, 0.0, (), (), None, ())
-    feasible.sort(key=lambda item: (-item[2].served if goodput else 0.0, item[2].cost))
-    best: Outcome | None = None
-    for gpu, own, first in feasible:
-        if (
-            best is not None
-            and not goodput
-            and best.meets_slo
-            and first.cost >= (best.cost_per_hour or 0.0)
-        ):
-            break
-        checked = _run(own.problem, own.perf, _reusing(first, own.problem), confirmer, simulate)
-        outcome = _outcome(f"single type ({gpu})", inputs, checked, own, confirmer)
-        if best is None or _better(outcome, best, goodput):
-            best = outcome
-    assert best is not None  # at least one type is feasible
-    return best
+    def single_type(self, search: SearchResult) -> Outcome:
+        """The best one-type plan, types tried from the best unchecked solution on; once a
+        checked one meets the SLO, a type whose unchecked solution does not beat it cannot
+        after its checks either."""
+        solved = []
+        for gpu in self.inputs.gpus:
+            own = single_type(search, gpu)
+            solved.append((gpu, own, solve_milp(own.problem)))
+        feasible = [(g, o, s) for g, o, s in solved if isinstance(s, Allocation)]
+        if not feasible:
+            reasons = "; ".join(f"single type ({g}): {s.reason}" for g, _, s in solved)
+            return Outcome("single type", False, reasons, None, 0.0, (), (), None, ())
+        feasible.sort(key=lambda item: (-item[2].served if self.goodput else 0.0, item[2].cost))
+        best: Outcome | None = None
+        for gpu, own, first in feasible:
+            name = f"single type ({gpu})"
+            if best is not None and best.meets_slo:
+                unchecked = Checked(first, own.problem, None, ())
+                estimate = outcome_of(name, self.inputs, unchecked, own, self.confirmer)
+                if not better(estimate, best, self.goodput):
+                    break
+            outcome = self.outcome(name, own, first, solve_milp)
+            if best is None or better(outcome, best, self.goodput):
+                best = outcome
+            if NOT_SIMULATED in outcome.notes:
+                break  # the rest are no better unchecked
+        assert best is not None  # at least one type is feasible
+        return best
 
-
-def _baselines(
-    inputs: PlanInputs, search: SearchResult, confirmer: Confirmer, simulate: bool
-) -> tuple[Outcome, ...]:
-    single = _single_type(inputs, search, confirmer, simulate)
-    colocated = search.restricted(("colocated",))
-    together = _outcome(
-        COLOCATED_BASELINE,
-        inputs,
-        _run(colocated.problem, colocated.perf, solve_milp, confirmer, simulate),
-        colocated,
-        confirmer,
-        lambda problem: explain_infeasible(
-            inputs, replace(colocated, problem=problem), roles=("colocated",)
-        ),
-    )
-    apart = search.restricted(("prefill", "decode"))
-    distserve = _outcome(
-        "DistServe-style (per phase)",
-        inputs,
-        _run(apart.problem, apart.perf, solve_distserve, confirmer, simulate),
-        apart,
-        confirmer,
-    )
-    return single, together, distserve
+    def all(self, search: SearchResult) -> tuple[Outcome, ...]:
+        single = self.single_type(search)
+        colocated = search.restricted(("colocated",))
+        together = self.outcome(
+            COLOCATED_BASELINE,
+            colocated,
+            solve_milp(colocated.problem),
+            solve_milp,
+            lambda problem: explain_infeasible(
+                self.inputs, replace(colocated, problem=problem), roles=("colocated",)
+            ),
+        )
+        apart = search.restricted(("prefill", "decode"))
+        distserve = self.outcome(
+            "DistServe-style (per phase)", apart, solve_distserve(apart.problem), solve_distserve
+        )
+        return single, together, distserve
 
 
 def _with_demand(search: SearchResult, inputs: PlanInputs) -> SearchResult:
@@ -324,7 +189,7 @@ def plan(
     start = time.perf_counter()
     checked = _run(search.problem, search.perf, solve_milp, confirmer, simulate)
     seconds["solve_and_check" if simulate else "solve"] = time.perf_counter() - start
-    main = _outcome(
+    main = outcome_of(
         "plan",
         inputs,
         checked,
@@ -336,19 +201,20 @@ def plan(
     chosen = JOINT_SEARCH
     if baselines:
         start = time.perf_counter()
-        others = _baselines(inputs, everything, confirmer, simulate)
+        others = _Comparison(inputs, confirmer, simulate, main).all(everything)
         seconds["baselines"] = time.perf_counter() - start
-        goodput = inputs.objective == "max_goodput"
-        eligible = [b for b in others if is_candidate(inputs, b)]
-        best = max(eligible, key=lambda o: _rank(o, goodput))
-        if _better(best, main, goodput):
-            main, chosen = _as_plan(best, main), best.name
+        main, chosen = choose(inputs, main, others)
     return PlanReport(inputs, main, others, search.rejected, seconds, chosen)
 
 
-def cost_per_million_tokens(inputs: PlanInputs, outcome: Outcome) -> float | None:
-    """Per million tokens processed (prompt + output)."""
-    if outcome.cost_per_hour is None or outcome.served_rate <= 0:
-        return None
-    tokens_per_hour = outcome.served_rate * (inputs.mix.mean_prompt + inputs.mix.mean_output) * 3600
-    return outcome.cost_per_hour / tokens_per_hour * 1e6
+def choose(
+    inputs: PlanInputs, joint: Outcome, baselines: tuple[Outcome, ...]
+) -> tuple[Outcome, str]:
+    """The plan and where it comes from: the joint search's checked plan, unless a candidate
+    baseline is better (meets the SLO where it does not, or at less cost)."""
+    goodput = inputs.objective == "max_goodput"
+    eligible = [b for b in baselines if is_candidate(inputs, b)]
+    best = max(eligible, key=lambda o: rank(o, goodput), default=None)
+    if best is not None and better(best, joint, goodput):
+        return _as_plan(best, joint), best.name
+    return joint, JOINT_SEARCH

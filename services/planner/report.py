@@ -4,14 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.planner.planner import (
-    JOINT_SEARCH,
-    Outcome,
-    PlanReport,
-    PoolSummary,
-    cost_per_million_tokens,
-    is_candidate,
-)
+from services.planner.outcome import Outcome, PoolSummary, cost_per_million_tokens
+from services.planner.planner import JOINT_SEARCH, NOT_SIMULATED, PlanReport, is_candidate
 from services.planner.search import kv_bytes_per_request
 from services.planner.topology import role_name, topology
 
@@ -121,6 +115,7 @@ def to_json(report: PlanReport) -> dict[str, Any]:
                 "cost_per_hour": b.cost_per_hour,
                 "served_rate": b.served_rate,
                 "ratio": _ratio(report, b),
+                "simulated": b.simulated is not None,
                 "attainment": b.simulated.attainment if b.simulated else None,
                 "meets_slo": b.simulated.meets_slo if b.simulated else None,
                 "pools": [
@@ -135,6 +130,7 @@ def to_json(report: PlanReport) -> dict[str, Any]:
                 ],
                 "reason": b.reason or None,
                 "candidate": is_candidate(inputs, b),
+                "notes": list(b.notes),
             }
             for b in report.baselines
         },
@@ -222,14 +218,16 @@ def to_table(report: PlanReport) -> str:
         rows = []
         for b in report.baselines:
             ratio = _ratio(report, b)
-            attained = b.simulated.attainment if b.simulated else None
+            attained = "-" if b.simulated is None else f"{b.simulated.attainment:.1%}"
+            if NOT_SIMULATED in b.notes:
+                attained = "not simulated"
             rows.append(
                 [
                     b.name if is_candidate(inputs, b) else f"{b.name} (not a candidate)",
                     "yes" if b.feasible else "no",
                     _money(b.cost_per_hour),
                     "-" if ratio is None else f"{ratio:.2f}",
-                    "-" if attained is None else f"{attained:.1%}",
+                    attained,
                     b.reason,
                 ]
             )
@@ -237,6 +235,8 @@ def to_table(report: PlanReport) -> str:
             "",
             _table(["baseline", "feasible", "$/h", ratio_label, "attainment", "why not"], rows),
         ]
+    if any(NOT_SIMULATED in b.notes for b in report.baselines):
+        out.append(f"not simulated: {NOT_SIMULATED.removeprefix('not simulated: ')}")
     for note in plan.notes:
         out.append(f"note: {note}")
     return "\n".join(out)

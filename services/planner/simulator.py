@@ -99,6 +99,7 @@ class _Simulation:
         self.colocated: list[_Decoder] = []
         for pool in deployment.pools:
             self._build(pool)
+        self.largest_kv = {g: max(d.kv_total for d in ds) for g, ds in self.decoders.items()}
         self.pending: dict[str, deque[_Request]] = {
             r.decode_gpu: deque() for r in deployment.routes if not r.colocated
         }
@@ -196,11 +197,12 @@ class _Simulation:
         """Reserve decode memory for waiting requests in order, then start their prefill."""
         waiting = self.pending[gpu]
         decoders = self.decoders.get(gpu, [])
+        largest = self.largest_kv.get(gpu, 0)
         while waiting:
             request = waiting[0]
             need = request.prompt + request.output
             if decoders:
-                if need > max(d.kv_total for d in decoders):
+                if need > largest:
                     self._refuse(waiting.popleft())
                     continue
                 decoder = max(decoders, key=lambda d: d.kv_free)
@@ -231,8 +233,7 @@ class _Simulation:
             squares += p.queue[0].prompt ** 2
             batch.append(p.queue.popleft())
         p.queued_tokens -= tokens
-        stage = float(p.perf.prefill_stage_time(tokens, squares, len(batch)))
-        latency = float(p.perf.prefill_latency(tokens, squares, len(batch)))
+        stage, latency = p.perf.prefill_times(tokens, squares, len(batch))
         p.free = False
         p.busy += stage
         self.at(self.now + stage, lambda: self._prefill_free(p))
@@ -252,11 +253,10 @@ class _Simulation:
         together than one after the other (batching pays only while GEMMs are memory-bound)."""
         if tokens + prompt > self.settings.max_prefill_tokens:
             return False
-        apart = perf.prefill_stage_time(tokens, squares, count) + perf.prefill_stage_time(
-            prompt, prompt**2, 1
-        )
-        together = perf.prefill_stage_time(tokens + prompt, squares + prompt**2, count + 1)
-        return bool(together < BATCH_GAIN * apart)
+        apart = perf.prefill_times(tokens, squares, count)[0]
+        apart += perf.prefill_times(prompt, prompt**2, 1)[0]
+        together = perf.prefill_times(tokens + prompt, squares + prompt**2, count + 1)[0]
+        return together < BATCH_GAIN * apart
 
     def _prefill_free(self, p: _Prefiller) -> None:
         p.free = True
@@ -376,7 +376,7 @@ class _Simulation:
             tokens += request.prompt
             squares += request.prompt**2
         if batch:
-            duration = float(d.perf.prefill_latency(tokens, squares, len(batch)))
+            duration = d.perf.prefill_times(tokens, squares, len(batch))[1]
             d.stepping = True
             d.span_rounds = 0  # a prefill is not cut short
             d.busy += duration

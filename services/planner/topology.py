@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.planner.planner import Outcome
+from services.planner.outcome import Outcome
 
 ROLE_NAMES = {"prefill": "prefill", "decode": "decode", "colocated": "both"}
 COMPOSE_SERVICES = ("prefill", "decode")  # roles the compose file has a service for
