@@ -28,6 +28,11 @@ def register(subparsers: Any) -> None:
     plan.add_argument("--plot", type=Path, help="write a PNG of cost against arrival rate")
     plan.add_argument("--no-simulate", action="store_true", help="skip the simulation checks")
     plan.add_argument("--no-baselines", action="store_true", help="skip the baselines")
+    plan.add_argument(
+        "--check-baselines",
+        action="store_true",
+        help="simulate every baseline, also those whose estimate cannot beat the plan",
+    )
     plan.set_defaults(func=run_plan)
 
     gpus = subparsers.add_parser("gpus", help="list the built-in accelerator catalog")
@@ -73,7 +78,12 @@ def run_plan(args: argparse.Namespace) -> int:
         inputs = resolve(load_spec(args.spec))
         if args.rate is not None:
             inputs = inputs.with_rate(args.rate)
-        report = plan(inputs, simulate=not args.no_simulate, baselines=not args.no_baselines)
+        report = plan(
+            inputs,
+            simulate=not args.no_simulate,
+            baselines=not args.no_baselines,
+            check_baselines=args.check_baselines,
+        )
         if args.plot is not None:
             plot_costs(inputs, args.plot)
         if args.topology is not None and report.plan.feasible:

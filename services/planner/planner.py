@@ -57,6 +57,7 @@ class _Comparison:
     confirmer: Confirmer
     simulate: bool
     joint: Outcome
+    check_all: bool  # simulate every baseline, even one that cannot beat the plan
 
     @property
     def goodput(self) -> bool:
@@ -78,7 +79,11 @@ class _Comparison:
         )
         if not self.simulate or not estimate.feasible:
             return estimate
-        if self.joint.meets_slo and not better(estimate, self.joint, self.goodput):
+        if (
+            not self.check_all
+            and self.joint.meets_slo
+            and not better(estimate, self.joint, self.goodput)
+        ):
             return replace(estimate, notes=(*estimate.notes, NOT_SIMULATED))
         problem = search.problem
         again: Solver = lambda p: first if p is problem else solver(p)  # noqa: E731
@@ -109,7 +114,7 @@ class _Comparison:
             outcome = self.outcome(name, own, first, solve_milp)
             if best is None or better(outcome, best, self.goodput):
                 best = outcome
-            if NOT_SIMULATED in outcome.notes:
+            if NOT_SIMULATED in outcome.notes and not self.check_all:
                 break  # the rest are no better unchecked
         assert best is not None  # at least one type is feasible
         return best
@@ -172,12 +177,14 @@ def plan(
     simulate: bool = True,
     baselines: bool = True,
     search: SearchResult | None = None,
+    check_baselines: bool = False,
 ) -> PlanReport:
     """The cheapest plan (or the most goodput within the budget) over prefill, decode and
     (unless `search.colocated` is false) colocated instances of every type, checked in
     simulation when `simulate`, with the baselines when `baselines`; a candidate baseline
-    better than the checked plan (meets the SLO at less cost) is the plan. `search` from
-    `search_all` with the same inputs but another rate saves the search."""
+    better than the checked plan (meets the SLO at less cost) is the plan. A baseline whose
+    estimate cannot beat the checked plan is not simulated unless `check_baselines`.
+    `search` from `search_all` with the same inputs but another rate saves the search."""
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     everything = search_all(inputs) if search is None else _with_demand(search, inputs)
@@ -201,7 +208,8 @@ def plan(
     chosen = JOINT_SEARCH
     if baselines:
         start = time.perf_counter()
-        others = _Comparison(inputs, confirmer, simulate, main).all(everything)
+        comparison = _Comparison(inputs, confirmer, simulate, main, check_baselines)
+        others = comparison.all(everything)
         seconds["baselines"] = time.perf_counter() - start
         main, chosen = choose(inputs, main, others)
     return PlanReport(inputs, main, others, search.rejected, seconds, chosen)
