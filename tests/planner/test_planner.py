@@ -3,7 +3,7 @@ from typing import Any
 import pytest
 
 from services.planner.inputs import resolve
-from services.planner.planner import PlanReport, plan
+from services.planner.planner import NOT_SIMULATED, PlanReport, plan
 from services.planner.spec import parse_spec
 
 
@@ -33,12 +33,20 @@ def test_every_reported_plan_was_simulated(base_spec: dict[str, Any]) -> None:
         "output_tokens": {"mean": 64},
     }
     base_spec["simulation"] = {"requests": 400}
-    report = _plan(base_spec, simulate=True)
+    inputs = resolve(parse_spec(base_spec))
+    report = plan(inputs, simulate=True, check_baselines=True)
     for outcome in (report.plan, *report.baselines):
         if outcome.feasible:
             assert outcome.simulated is not None, outcome.name
             assert 0 <= outcome.simulated.attainment <= 1
     assert report.plan.simulated is not None and report.plan.simulated.meets_slo
+    # by default a baseline whose estimate cannot beat the plan is left unsimulated, said so
+    default = plan(inputs, simulate=True)
+    assert default.plan.cost_per_hour == report.plan.cost_per_hour
+    for outcome in default.baselines:
+        if outcome.feasible and outcome.simulated is None:
+            assert NOT_SIMULATED in outcome.notes
+            assert outcome.cost_per_hour >= default.plan.cost_per_hour
 
 
 def test_a_model_that_fits_no_gpu(base_spec: dict[str, Any]) -> None:
