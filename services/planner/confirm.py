@@ -34,6 +34,7 @@ from services.planner.problem import Allocation, CapacityProblem, Config, Infeas
 from services.planner.simulator import first_measured, simulate
 
 Solver = Callable[[CapacityProblem], Solution]
+Refit = Callable[[CapacityProblem, tuple[int, ...]], Allocation | None]
 
 BISECTION_SIMULATIONS = 5
 PHASE_REQUESTS = 1500  # per single-instance simulation (at least 8 full batches)
@@ -185,18 +186,27 @@ class Confirmer:
 
     # both steps ------------------------------------------------------------------------
     def check(
-        self, problem: CapacityProblem, perf: tuple[PerfModel, ...], solver: Solver
+        self,
+        problem: CapacityProblem,
+        perf: tuple[PerfModel, ...],
+        solver: Solver,
+        refit: Refit | None = None,
     ) -> Checked:
+        """Both steps. With `refit` (for an exact solver), a solution whose counts still fit
+        after its rates were lowered is kept, with new flows, rather than solved again."""
         notes: list[str] = []
         checked: set[int] = set()
         derates = 0
+        kept: Allocation | None = None
         for _ in range(MAX_SOLVE_ROUNDS + MAX_DERATE_ROUNDS):
-            solution = solver(problem)
+            solution = kept if kept is not None else solver(problem)
+            kept = None
             if isinstance(solution, Infeasible):
                 return Checked(solution, problem, None, tuple(notes))
             confirmed = self._confirm_used(problem, perf, solution, checked, notes)
             if any(a is not b for a, b in zip(confirmed.configs, problem.configs, strict=True)):
                 problem = confirmed
+                kept = refit(problem, solution.counts) if refit is not None else None
                 continue
             simulation = self.simulate(problem, perf, solution)
             short = self.short_phases(simulation)
@@ -212,6 +222,9 @@ class Confirmer:
                 for n, c in zip(solution.counts, problem.configs, strict=True)
             )
             problem = replace(problem, configs=configs)
+            # the same counts with lowered rates only fit where they had slack: then they
+            # would simulate the same way, so they must be solved again
+
         notes.append(f"stopped re-solving after {MAX_SOLVE_ROUNDS + MAX_DERATE_ROUNDS} rounds")
         return Checked(solution, problem, self.simulate(problem, perf, solution), tuple(notes))
 

@@ -140,8 +140,10 @@ def _solve(
     layout: _Layout,
     objective: np.ndarray,
     z_range: tuple[float, float],
+    counts: tuple[int, ...] | None = None,
 ) -> np.ndarray | None:
-    """Solve with the served rate z within `z_range`; None when that is infeasible."""
+    """Solve with the served rate z within `z_range` (and the instance counts fixed to
+    `counts` when given); None when that is infeasible."""
     configs = problem.configs
     lower = np.zeros(layout.width)
     upper = np.full(layout.width, np.inf)
@@ -152,6 +154,8 @@ def _solve(
             # uses the same bound): dropping one keeps every flow feasible at less cost
             needed = math.ceil(problem.demand / c.worst_positive_rate())
             upper[i] = min(upper[i], needed)
+    if counts is not None:
+        lower[: layout.n] = upper[: layout.n] = counts
     lower[layout.z], upper[layout.z] = z_range
     integrality = np.zeros(layout.width)
     integrality[: layout.n] = 1
@@ -211,3 +215,15 @@ def solve_milp(problem: CapacityProblem) -> Solution:
     return Allocation(
         counts=tuple(counts), flows=flows, served=local.served, cost=problem.cost(tuple(counts))
     )
+
+
+def refit(problem: CapacityProblem, counts: tuple[int, ...]) -> Allocation | None:
+    """The same instance counts with flows that fit `problem` (min_cost), or None when they
+    no longer serve the demand. When `problem` only lowers rates of a problem to which
+    `counts` was optimal, a refit is optimal too: lowering rates cannot make the optimum
+    cheaper, and these counts still cost what it did."""
+    if problem.demand is None:
+        return None
+    layout = _Layout(problem)
+    x = _solve(problem, layout, np.zeros(layout.width), (problem.demand, problem.demand), counts)
+    return None if x is None else _allocation(problem, layout, x)

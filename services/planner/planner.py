@@ -8,10 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from services.planner.baselines import single_type, solve_distserve
-from services.planner.confirm import Checked, Confirmer, Solver
+from services.planner.confirm import Checked, Confirmer, Refit, Solver
 from services.planner.explain import explain_infeasible
 from services.planner.inputs import PlanInputs
-from services.planner.milp import solve_milp
+from services.planner.milp import refit, solve_milp
 from services.planner.outcome import Outcome, better, outcome_of, rank
 from services.planner.perf_model import PerfModel
 from services.planner.problem import Allocation, CapacityProblem, Solution
@@ -39,8 +39,13 @@ def _run(
     simulate: bool,
 ) -> Checked:
     if simulate:
-        return confirmer.check(problem, perf, solver)
+        return confirmer.check(problem, perf, solver, _refit_for(solver))
     return Checked(solver(problem), problem, None, ())
+
+
+def _refit_for(solver: Solver) -> Refit | None:
+    """Keeping counts that still fit is only right for an exact solver (milp.refit)."""
+    return refit if solver is solve_milp else None
 
 
 NOT_SIMULATED = (
@@ -87,7 +92,7 @@ class _Comparison:
             return replace(estimate, notes=(*estimate.notes, NOT_SIMULATED))
         problem = search.problem
         again: Solver = lambda p: first if p is problem else solver(p)  # noqa: E731
-        checked = self.confirmer.check(problem, search.perf, again)
+        checked = self.confirmer.check(problem, search.perf, again, _refit_for(solver))
         return outcome_of(name, self.inputs, checked, search, self.confirmer, why)
 
     def single_type(self, search: SearchResult) -> Outcome:

@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 
 from services.planner.inputs import resolve
-from services.planner.milp import solve_milp, undominated
+from services.planner.milp import refit, solve_milp, undominated
 from services.planner.oracle import solve_exhaustive
 from services.planner.problem import Allocation, CapacityProblem, Config, Infeasible, Role
 from services.planner.search import Mode, build_problem
@@ -119,3 +119,19 @@ def test_dominated_shapes_are_dropped_before_the_milp() -> None:
     )
     problem = CapacityProblem(configs, {"a": 8}, {}, demand=1)
     assert undominated(problem) == [0, 2]
+
+
+def test_refit_keeps_counts_that_still_fit_and_refuses_those_that_do_not() -> None:
+    configs = (
+        _config("prefill", "a", 0, price=1.0, a=10),
+        _config("decode", "a", 8, price=1.0),
+    )
+    problem = CapacityProblem(configs, {"a": 8}, {("a", "a"): 100}, demand=12)
+    solution = solve_milp(problem)
+    assert isinstance(solution, Allocation) and solution.counts == (2, 2)
+    slack = replace(problem, configs=(configs[0], replace(configs[1], rate=7.0)))  # 14 >= 12
+    kept = refit(slack, solution.counts)
+    assert kept is not None and kept.counts == (2, 2) and kept.served == pytest.approx(12)
+    assert _cost(solve_milp(slack)) == kept.cost  # still optimal, as the docstring argues
+    short = replace(problem, configs=(configs[0], replace(configs[1], rate=5.0)))  # 10 < 12
+    assert refit(short, solution.counts) is None
