@@ -207,6 +207,8 @@ class Confirmer:
             if any(a is not b for a, b in zip(confirmed.configs, problem.configs, strict=True)):
                 problem = confirmed
                 kept = refit(problem, solution.counts) if refit is not None else None
+                if kept is not None:
+                    kept = replace(kept, gap=solution.gap)  # as optimal as the solution was
                 continue
             simulation = self.simulate(problem, perf, solution)
             short = self.short_phases(simulation)

@@ -16,7 +16,7 @@ from scipy.sparse import coo_array
 from services.planner.errors import PlannerError
 from services.planner.problem import Allocation, CapacityProblem, Config, Infeasible, Solution
 
-TIME_LIMIT_S = 60.0
+TIME_LIMIT_S = 10.0  # per solve; past it the best solution found is kept, with its gap
 _FLOW_EPSILON = 1e-9
 
 
@@ -141,9 +141,10 @@ def _solve(
     objective: np.ndarray,
     z_range: tuple[float, float],
     counts: tuple[int, ...] | None = None,
-) -> np.ndarray | None:
+) -> tuple[np.ndarray, float] | None:
     """Solve with the served rate z within `z_range` (and the instance counts fixed to
-    `counts` when given); None when that is infeasible."""
+    `counts` when given): the solution and its relative gap to the proven bound (0 unless
+    the time limit stopped the proof), or None when that is infeasible."""
     configs = problem.configs
     lower = np.zeros(layout.width)
     upper = np.full(layout.width, np.inf)
@@ -171,9 +172,12 @@ def _solve(
         return None
     if result.x is None:
         raise PlannerError(f"MILP solver stopped without a solution: {result.message}")
-    if result.status != 0:
-        raise PlannerError(f"MILP solver did not prove optimality: {result.message}")
-    return result.x
+    if result.status == 0:
+        return result.x, 0.0
+    if result.status == 1:  # the time limit, with a solution: keep it, and say how far
+        gap = getattr(result, "mip_gap", None)
+        return result.x, float(gap) if gap is not None and np.isfinite(gap) else float("inf")
+    raise PlannerError(f"MILP solver did not prove optimality: {result.message}")
 
 
 def _allocation(problem: CapacityProblem, layout: _Layout, x: np.ndarray) -> Allocation:
@@ -197,23 +201,30 @@ def solve_milp(problem: CapacityProblem) -> Solution:
     prices = np.zeros(layout.width)
     prices[: layout.n] = [c.price_per_hour for c in reduced.configs]
     if problem.demand is not None:
-        x = _solve(reduced, layout, prices, (problem.demand, problem.demand))
+        found = _solve(reduced, layout, prices, (problem.demand, problem.demand))
     else:
         goodput = np.zeros(layout.width)
         goodput[layout.z] = -1.0
         first = _solve(reduced, layout, goodput, (0.0, np.inf))
-        if first is None or first[layout.z] <= _FLOW_EPSILON:
+        if first is None or first[0][layout.z] <= _FLOW_EPSILON:
             return Infeasible("no instance set within the inventory and budget serves any request")
-        x = _solve(reduced, layout, prices, (first[layout.z] * (1 - 1e-9), np.inf))
-    if x is None:
+        found = _solve(reduced, layout, prices, (first[0][layout.z] * (1 - 1e-9), np.inf))
+        if found is not None:
+            found = (found[0], max(found[1], first[1]))
+    if found is None:
         return Infeasible(f"no allocation within the inventory serves {problem.demand:g} req/s")
+    x, gap = found
     local = _allocation(reduced, layout, x)
     counts = [0] * len(problem.configs)
     for k, i in enumerate(keep):
         counts[i] = local.counts[k]
     flows = {(keep[k], b): rate for (k, b), rate in local.flows.items()}
     return Allocation(
-        counts=tuple(counts), flows=flows, served=local.served, cost=problem.cost(tuple(counts))
+        counts=tuple(counts),
+        flows=flows,
+        served=local.served,
+        cost=problem.cost(tuple(counts)),
+        gap=gap,
     )
 
 
@@ -225,5 +236,7 @@ def refit(problem: CapacityProblem, counts: tuple[int, ...]) -> Allocation | Non
     if problem.demand is None:
         return None
     layout = _Layout(problem)
-    x = _solve(problem, layout, np.zeros(layout.width), (problem.demand, problem.demand), counts)
-    return None if x is None else _allocation(problem, layout, x)
+    found = _solve(
+        problem, layout, np.zeros(layout.width), (problem.demand, problem.demand), counts
+    )
+    return None if found is None else _allocation(problem, layout, found[0])

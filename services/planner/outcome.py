@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from services.planner.capacity import colocated_tpot_quantile, prefill_queue, tpot_quantile
 from services.planner.confirm import Checked, Confirmer
 from services.planner.inputs import PlanInputs
+from services.planner.milp import TIME_LIMIT_S
 from services.planner.perf_model import PerfModel
 from services.planner.problem import Allocation, CapacityProblem, Infeasible
 from services.planner.search import SearchResult
@@ -148,6 +149,13 @@ def outcome_of(
         simulated = Simulated(
             ttft, tpot, sim.attainment(slo.ttft_s, slo.tpot_s), confirmer.meets_slo(sim), sim.busy
         )
+    notes = checked.notes
+    if solution.gap > 0:
+        notes = (
+            *notes,
+            f"the MILP stopped at its {TIME_LIMIT_S:g} s time limit {solution.gap:.2%} from its "
+            "proven bound: the plan may cost up to that much more than the optimum",
+        )
     return Outcome(
         name=name,
         feasible=True,
@@ -157,7 +165,7 @@ def outcome_of(
         pools=pools_of(inputs, checked.problem, search.perf, search.limits, solution),
         kv_paths=tuple((a, b, r) for (a, b), r in sorted(paths.items())),
         simulated=simulated,
-        notes=checked.notes,
+        notes=notes,
     )
 
 
