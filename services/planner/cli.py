@@ -66,7 +66,6 @@ def run_plan(args: argparse.Namespace) -> int:
     from services.planner.plot import plot_costs
     from services.planner.report import to_json, to_table
     from services.planner.topology import (
-        COMPOSE_SERVICES,
         compose_command,
         scale_numbers,
         topology,
@@ -105,13 +104,12 @@ def run_plan(args: argparse.Namespace) -> int:
         numbers = scale_numbers(report.plan)
         scale = ", ".join(f"{role}={n}" for role, n in sorted(numbers.items()))
         lines = [f"scale: {scale}"]
-        if set(numbers) - set(COMPOSE_SERVICES):
+        if "both" in numbers:
             lines.append(
-                "both: colocated instances (prefill and decode in one engine); the compose "
-                "file has no service for them"
+                "both: colocated instances (prefill and decode in one engine): compose's "
+                "`both` service, a topology's `both:` workers"
             )
-        if set(numbers) & set(COMPOSE_SERVICES):
-            lines.append(compose_command(report.plan))
+        lines.append(compose_command(report.plan))
         print("\n".join(lines), file=sys.stderr if args.json else sys.stdout)
     return 0 if report.plan.feasible else 1
 

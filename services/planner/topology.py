@@ -10,7 +10,7 @@ from typing import Any
 from services.planner.outcome import Outcome
 
 ROLE_NAMES = {"prefill": "prefill", "decode": "decode", "colocated": "both"}
-COMPOSE_SERVICES = ("prefill", "decode")  # roles the compose file has a service for
+COMPOSE_SERVICES = ("prefill", "decode", "both")  # `both` runs under --profile aggregated
 
 
 def role_name(role: str) -> str:
@@ -27,12 +27,17 @@ def scale_numbers(outcome: Outcome) -> dict[str, int]:
 
 
 def compose_command(outcome: Outcome) -> str:
-    """The compose line for the roles compose has a service for (`both` has none)."""
+    """The compose line: every role's scale (aggregated `both` workers need their profile,
+    and prefill goes to 0 when a plan has none)."""
     scale = scale_numbers(outcome)
+    if "both" in scale:
+        scale.setdefault("prefill", 0)
+        scale.setdefault("decode", 0)
     flags = " ".join(
         f"--scale {role}={scale[role]}" for role in sorted(scale) if role in COMPOSE_SERVICES
     )
-    return f"docker compose -f compose/docker-compose.yml up -d {flags}".rstrip()
+    profile = "--profile aggregated " if "both" in scale else ""
+    return f"docker compose -f compose/docker-compose.yml {profile}up -d {flags}".rstrip()
 
 
 def topology(outcome: Outcome, model: str) -> dict[str, Any]:

@@ -162,5 +162,6 @@ def test_a_colocated_plan_in_json_topology_and_compose(
     assert written["services"] == {"both": {"scale": pool["instances"]}}
     (entry,) = written["pools"]
     assert entry["role"] == "both" and entry["speed"]["decode_step_s"] > 0
-    assert "scale: both=" in err and "no service for them" in err
-    assert "docker compose" not in err
+    assert "scale: both=" in err and "compose's `both` service" in err
+    n = pool["instances"]
+    assert f"--profile aggregated up -d --scale both={n} --scale decode=0 --scale prefill=0" in err
