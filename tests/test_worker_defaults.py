@@ -48,7 +48,7 @@ def test_native_defaults_fit_every_layout(
         settings.num_blocks,
         "cpu",
     )
-    assert engine.allocator.num_total > 0
+    assert engine.blocks.num_total > 0
 
 
 def test_native_defaults_without_a_layout(monkeypatch: pytest.MonkeyPatch) -> None:
