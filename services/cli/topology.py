@@ -8,8 +8,6 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from proto.layout_registry import get_layout
-
 DEMO_TOPOLOGY = Path(__file__).parent / "demo_topology.yaml"
 
 
@@ -33,15 +31,10 @@ class WorkerSpec(BaseModel):
     env: dict[str, str] = {}
 
     def model_post_init(self, _context: object) -> None:
+        # What the layout, engine and model accept is checked by services/cli/preflight, field
+        # by field, before `hetserve up` starts anything.
         if self.kv_layout is None:
             self.kv_layout = "vllm-flash" if self.engine == "native" else ""
-        if self.kv_layout:
-            spec = get_layout(self.kv_layout)
-            if self.block_size not in spec.block_sizes:
-                raise ValueError(
-                    f"{self.name}: layout {self.kv_layout} takes block sizes "
-                    f"{spec.block_sizes}, not {self.block_size}"
-                )
         if self.engine != "vllm":
             if self.vllm:
                 raise ValueError(f"{self.name}: vllm options on a {self.engine} instance")
@@ -51,6 +44,11 @@ class WorkerSpec(BaseModel):
         unknown = [k for k in self.vllm if f"vllm_{k}" not in WorkerSettings.model_fields]
         if unknown:
             raise ValueError(f"{self.name}: unknown vllm options {unknown}")
+
+
+def worker_instance_id(spec: WorkerSpec, replica: int) -> str:
+    """The instance id `hetserve up` gives replica `replica` of a prefill or decode entry."""
+    return f"{spec.name}-{replica}"
 
 
 class GatewaySpec(BaseModel):
