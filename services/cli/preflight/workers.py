@@ -34,17 +34,23 @@ class VllmProbe:
         return self.platform
 
 
-def valid_tp_sizes(cfg: ModelConfig) -> list[int]:
-    """Tensor parallel sizes the model splits over: attention heads and MLP evenly, KV heads
-    evenly or replicated (vLLM's rule, proto.kv_descriptor.kv_heads_of_rank)."""
+def tp_misfits(cfg: ModelConfig, tp: int) -> list[str]:
+    """What of the model tensor parallel size `tp` cannot split: attention heads and the MLP
+    evenly, KV heads evenly or, when tp exceeds them, replicated (vLLM's rule,
+    proto.kv_descriptor.kv_heads_of_rank)."""
     kv = cfg.num_kv_heads
-    return [
-        tp
-        for tp in range(1, cfg.num_heads + 1)
-        if cfg.num_heads % tp == 0
-        and cfg.intermediate_size % tp == 0
-        and (kv % tp == 0 if tp <= kv else tp % kv == 0)
-    ]
+    out = []
+    if cfg.num_heads % tp:
+        out.append(f"{cfg.num_heads} attention heads")
+    if (kv % tp if tp <= kv else tp % kv) != 0:
+        out.append(f"{kv} KV heads" + (" (tp above them must be a multiple)" if tp > kv else ""))
+    if cfg.intermediate_size % tp:
+        out.append(f"MLP of {cfg.intermediate_size}")
+    return out
+
+
+def valid_tp_sizes(cfg: ModelConfig) -> list[int]:
+    return [tp for tp in range(1, cfg.num_heads + 1) if not tp_misfits(cfg, tp)]
 
 
 class WorkerCheck:
@@ -143,14 +149,12 @@ class WorkerCheck:
 
     def fits_model(self, cfg: ModelConfig) -> None:
         tp = self.spec.tp
-        valid = valid_tp_sizes(cfg)
-        if tp not in valid:
+        misfits = tp_misfits(cfg, tp)
+        if misfits:
             self.refuse(
                 "tp",
-                f"tp {tp} does not split the model: {cfg.num_heads} attention heads, "
-                f"{cfg.num_kv_heads} KV heads (split evenly or replicated), MLP "
-                f"{cfg.intermediate_size}",
-                f"use tp {', '.join(map(str, valid))}",
+                f"tp {tp} does not split the model's {', '.join(misfits)}",
+                f"use tp {', '.join(map(str, valid_tp_sizes(cfg)))}",
             )
 
     def device(self) -> None:
