@@ -17,8 +17,10 @@ from pathlib import Path
 
 import openai
 import pytest
+import yaml
 
 from proto.messages import InstanceInfo
+from services.backends.vllm.engine_args import vllm_missing_reason
 from tests.system import ROOT, RunningSystem, run_system
 
 pytestmark = pytest.mark.slow
@@ -244,3 +246,34 @@ def test_status_watch_refreshes(system: RunningSystem) -> None:
     # a heartbeat every second: the decode entry was refreshed between the first and last
     beats = [next(i for i in r["instances"] if i["instance_id"] == "d-0") for r in reports]
     assert beats[-1]["heartbeat_at"] >= beats[0]["heartbeat_at"]
+
+
+@pytest.mark.skipif(
+    vllm_missing_reason() is not None,
+    reason=f"the vllm extra is not installed: {vllm_missing_reason()}",
+)
+def test_summary_shows_what_vllm_allocated(nats_server, tiny_llama: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    """The shipped vLLM -> native topology: the vLLM row is what vLLM's real cache is (its
+    kv_layout is left to vLLM), and the pair goes direct."""
+    topology = yaml.safe_load(
+        (ROOT / "scripts/topologies/vllm-prefill-native-decode.yaml").read_text()
+    )
+    topology["model"] = str(tiny_llama)
+    with run_system(topology, nats_server.url, tmp_path, timeout_s=400) as system:
+        lines = wait_for_summary(system)
+        run = hetserve_status(system)
+    summary_at = next(i for i, line in enumerate(lines) if "instances ready in" in line)
+    rows = {line.split()[0]: line.split() for line in lines[summary_at + 2 : summary_at + 7]}
+    assert rows["p-vllm-0"][:8] == [
+        "p-vllm-0", "prefill", "vllm", "vllm-cpu", "32", "float32", "1", "cpu",
+    ]  # fmt: skip
+    assert rows["d-native-0"][:8] == [
+        "d-native-0", "decode", "native", "vllm-cpu", "32", "float32", "1", "cpu",
+    ]  # fmt: skip
+    assert (
+        "  p-vllm-0 -> d-native-0: direct (vllm-cpu/32 float32 tp1 -> vllm-cpu/32 float32 tp1)"
+        in lines
+    )
+    assert run.returncode == 0, run.stderr
+    status_rows = {line.split()[0]: line.split() for line in run.stdout.splitlines()[3:8]}
+    assert status_rows["p-vllm-0"][:5] == ["p-vllm-0", "prefill", "vllm", "vllm-cpu/32", "float32"]
