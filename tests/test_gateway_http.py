@@ -19,7 +19,7 @@ from aiohttp import web
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from proto.messages import GenerateRequest, TokenEvent
+from proto.messages import ROLES, GenerateRequest, TokenEvent
 from services.common.settings import GatewaySettings
 from services.gateway.backend import GenerationError
 from services.gateway.http_app import create_app
@@ -103,6 +103,9 @@ class ScriptedBackend:
 
     def live_roles(self) -> dict[str, int]:
         return dict(self.roles)
+
+    def missing_roles(self) -> list[str]:
+        return [r for r in ROLES if r != "gateway" and self.roles.get(r, 0) < 1]
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         self.requests.append(request)

@@ -169,14 +169,16 @@ def test_one_request_moves_every_service_counter(system: MetricsSystem) -> None:
 def test_state_gauges_follow_the_heartbeat(system: MetricsSystem) -> None:
     labels = {"role": "decode", "instance_id": "d-ascend-0"}
 
+    blocks = yaml.safe_load(DEMO_TOPOLOGY.read_text())["decode"][0]["num_blocks"]
+
     def settled() -> bool:  # after the request above, every block is back
         decode = system.scrape("d-ascend-0")
         return (
-            value(decode, "hetserve_kv_free_blocks", **labels) == 256
+            value(decode, "hetserve_kv_free_blocks", **labels) == blocks
             and value(decode, "hetserve_kv_used_blocks", **labels) == 0
         )
 
-    _wait(settled, 10, "decode's free-block gauge never showed 256 free")
+    _wait(settled, 10, f"decode's free-block gauge never showed {blocks} free")
     decode = system.scrape("d-ascend-0")
     assert ("hetserve_running_requests", tuple(sorted(labels.items()))) in decode
     prefill = system.scrape("p-nvidia-0")

@@ -150,7 +150,7 @@ REFUSALS = [
         _duplicate_names,
         "decode[0].name",
         "instance id vllm-tp1-0 clashes with prefill[0] (vllm-tp1)",
-        "give every prefill and decode entry a name of its own",
+        "give every prefill, decode and both entry a name of its own",
     ),
     (
         _unknown_layout,
@@ -257,13 +257,19 @@ def test_a_malformed_topology_names_each_bad_field(tmp_path: Path) -> None:
     path.write_text("model: m\nprefill: [{name: a, tp: 0, replica: 2}]\n")
     run = hetserve("check", str(path))
     assert run.returncode == 2
-    assert run.stdout.splitlines()[:3] == [
+    assert run.stdout.splitlines()[:2] == [
         f"{path}: prefill[0].tp: Input should be greater than or equal to 1; "
         "fix: correct prefill[0].tp",
         f"{path}: prefill[0].replica: Extra inputs are not permitted; "
         "fix: remove prefill[0].replica (or fix its spelling)",
-        f"{path}: decode: Field required; fix: add decode",
     ]
+    path.write_text("model: m\nprefill: [{name: a}]\n")
+    run = hetserve("check", str(path))
+    assert run.returncode == 2
+    assert run.stdout.splitlines()[0] == (
+        f"{path}: (top level): a topology needs a decode or a both instance; "
+        "fix: see scripts/topologies/*.yaml for complete topologies"
+    )
     path.write_text("model: m\nprefill: [{name: a\n")
     run = hetserve("check", str(path))
     assert run.returncode == 2

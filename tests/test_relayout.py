@@ -404,3 +404,22 @@ def test_convert_needs_every_target_head(flash: KVDescriptor) -> None:
     assert len(convert_layer([source], half, 20, 10**6)) == 1
     with pytest.raises(ValueError, match=r"head\(s\) \[2, 3\]"):
         convert_layer([source], flash, 20, 10**6)
+
+
+@pytest.mark.parametrize(("source", "target"), [("vllm-flash", "ascend"), ("ascend", "vllm-cpu")])
+def test_a_stream_that_starts_after_a_cached_prefix(source: str, target: str) -> None:
+    """The receiver holds the first blocks already: pieces from there convert to the same
+    bytes as the whole layer's pieces from there on."""
+    src = desc_of(source, block_size=16 if source != "ascend" else 128)
+    dst = desc_of(target, block_size=128 if target == "ascend" else 32)
+    num_tokens, first = 300, 128
+    pieces = frames(src, num_tokens, src.payload_nbytes(1))
+    whole = convert_layer([ShardLayer(src, pieces)], dst, num_tokens, dst.payload_nbytes(1))
+    tail = [p for p in pieces if p[0] >= first]
+    part = convert_layer(
+        [ShardLayer(src, tail)], dst, num_tokens, dst.payload_nbytes(1), first=first
+    )
+    want = [(a, b, bytes(p)) for a, b, p in whole if a >= first]
+    assert [(a, b, bytes(p)) for a, b, p in part] == want and want
+    with pytest.raises(ValueError, match="missing"):
+        convert_layer([ShardLayer(src, tail[1:])], dst, num_tokens, 1 << 20, first=first)

@@ -5,6 +5,7 @@ request, a stale entry), and the recent-error window instances announce."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -23,6 +24,8 @@ from services.common.nats_server import free_port
 from services.common.settings import CommonSettings
 from tests.system import ROOT
 
+TTL_S = 600  # the registry TTL status judges by: a loaded machine may start it slowly
+
 
 def status(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -31,6 +34,7 @@ def status(*args: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=60,
+        env={**os.environ, "HETSERVE_INSTANCE_TTL_S": str(TTL_S)},
     )
 
 
@@ -43,7 +47,7 @@ KV = KVDescriptor(
 async def bus_with_backlog(nats_server):  # noqa: ANN001, ANN201
     """Under a fresh prefix: the request stream with the scheduler's consumer, 3 requests
     queued of which the scheduler took 1 and has not acknowledged it; a live decode entry,
-    and a scheduler entry whose heartbeat stopped 30 s ago."""
+    and a scheduler entry whose heartbeat stopped an hour ago."""
     settings = CommonSettings(nats_url=nats_server.url, prefix=f"t{uuid.uuid4().hex[:8]}")
     bus = await Bus.connect(settings, name="test")
     await bus.ensure_streams()
@@ -72,7 +76,9 @@ async def bus_with_backlog(nats_server):  # noqa: ANN001, ANN201
         errors={"kv_stream/frame_rejected": 3},
         recent_errors={"kv_stream/frame_rejected": 1},
     )
-    gone = InstanceInfo(instance_id="scheduler-0", role="scheduler", heartbeat_at=time.time() - 30)
+    gone = InstanceInfo(
+        instance_id="scheduler-0", role="scheduler", heartbeat_at=time.time() - 3600
+    )
     await registry.put("d-0", decode.pack())
     await registry.put("scheduler-0", gone.pack())
     yield settings
@@ -95,7 +101,7 @@ async def test_status_table_queue_and_stale_entries(bus_with_backlog: CommonSett
     ]  # fmt: skip
     assert rows["d-0"].split()[8] == "1/3"  # errors: last 5 minutes / since start
     assert rows["scheduler-0"].endswith("(stale)")
-    assert "stale (no heartbeat for 4s: stopped or hung): scheduler-0" in lines
+    assert f"stale (no heartbeat for {TTL_S}s: stopped or hung): scheduler-0" in lines
     assert (
         f"request queue {settings.prefix}_requests: 2 waiting for a scheduler, 1 being placed"
         in lines
@@ -116,7 +122,8 @@ async def test_status_json(bus_with_backlog: CommonSettings) -> None:
     }
     by_id = {i["instance_id"]: i for i in report["instances"]}
     assert by_id["d-0"]["live"] is True and by_id["scheduler-0"]["live"] is False
-    assert by_id["scheduler-0"]["heartbeat_age_s"] >= 30
+    assert by_id["scheduler-0"]["heartbeat_age_s"] >= 3600
+    assert report["instance_ttl_s"] == TTL_S
     assert KVDescriptor.model_validate(by_id["d-0"]["kv"]) == KV
     assert report["recent_errors"] == {"kv_stream/frame_rejected": 1}
 

@@ -15,9 +15,7 @@ from tokenizers import decoders, models
 
 from services.hf.text_stream import IncrementalDetokenizer, StopStringMatcher
 from services.hf.tokenizer import ChatTemplateError, Tokenizer
-from tests.test_tiny_model import load_script
-
-tiny = load_script()
+from services.models import tiny
 
 ARCHS = sorted(tiny.ARCHS)
 FUZZ = settings(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from proto.kv_descriptor import KVDescriptor
@@ -28,6 +28,10 @@ class Load:
     preemptions: int = 0  # sequences given back for lack of KV blocks
     kv_loaded_tokens: int = 0  # prompt tokens decode took from transferred KV
     cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    cached_prefixes: list[int] = field(default_factory=list)  # prefix hashes it holds
+    queued_tokens: int = 0  # prompt tokens it has yet to prefill
+    prefill_tokens_per_s: float = 0.0  # measured (0: not yet)
+    decode_step_s: float = 0.0
 
 
 class PrefillBackend(Protocol):
@@ -82,8 +86,12 @@ class DecodeBackend(Protocol):
         """Blocks a reservation holds for a request of `num_tokens` (context + output)."""
         ...
 
-    async def reserve(self, request_id: str, count: int) -> list[int]:
-        """Hold `count` blocks on every rank (raises OutOfBlocks)."""
+    async def reserve(
+        self, request: GenerateRequest, count: int, align: int
+    ) -> tuple[list[int], int]:
+        """Hold `count` blocks on every rank for `request` (raises OutOfBlocks): the blocks,
+        and how many leading context tokens they hold already (a cached prefix, a multiple
+        of `align` tokens)."""
         ...
 
     def release(self, request_id: str, blocks: list[int]) -> None:
@@ -96,6 +104,11 @@ class DecodeBackend(Protocol):
         """`seq`'s context KV is in its blocks on this process's ranks (seq.block_table) and
         its first token appended: decode it. Ranks elsewhere must be ready by `deadline`
         (time.monotonic) or the sequence fails."""
+        ...
+
+    async def start_local(self, seq: Sequence) -> None:
+        """Prefill `seq` here (its blocks held, seq.num_computed of its context cached), then
+        decode it: conditional disaggregation. Its first token is reported like the others."""
         ...
 
     def abort(self, request_id: str) -> None:

@@ -55,6 +55,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dataset", help='JSONL rows {"prompt": str | [ids], "max_tokens": int}')
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument(
+        "--turns", type=int, default=1, help="conversations of this many turns (KV reuse)"
+    )
+    p.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with")
+    p.add_argument(
         "--vocab-size", type=int, default=1000, help="random prompt ids are in [10, vocab-size)"
     )
     p.add_argument("--seed", type=int, default=0)
@@ -90,6 +94,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         timeout=args.timeout,
         api_key=args.api_key,
         vllm_extras=args.vllm_extras,
+        turns=args.turns,
+        shared_prefix=args.shared_prefix,
     )
 
 

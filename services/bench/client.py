@@ -37,6 +37,8 @@ class RequestResult:
     prompt_tokens: int = 0  # from usage, else the known prompt length, else 0
     counted_tokens: int = 0  # tokens seen in the stream
     exact_token_counts: bool = False  # the chunks carried token_ids
+    output_ids: list[int] = field(default_factory=list)  # when the chunks carried token_ids
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, if sent
 
     @property
     def tpot(self) -> float | None:
@@ -134,11 +136,16 @@ async def _read_stream(resp: aiohttp.ClientResponse, timing: _Timing) -> None:
         for choice in event.get("choices") or []:
             count, exact = _chunk_tokens(choice)
             r.exact_token_counts |= exact
+            if exact:
+                r.output_ids.extend(choice["token_ids"])
             timing.tokens(now, count)
         usage = event.get("usage")
         if usage:
             r.output_tokens = int(usage.get("completion_tokens") or 0)
             r.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict) and details.get("cached_tokens") is not None:
+                r.cached_tokens = int(details["cached_tokens"])
     raise RuntimeError("stream ended without [DONE]")
 
 

@@ -36,11 +36,17 @@ def format_table(run: BenchRun) -> str:
         _row("Model:", run.model),
         _row("Endpoint:", c.endpoint),
         _row("Load:", load),
+        *(
+            [_row("Turns, shared prefix:", f"{c.turns}, {c.shared_prefix}")]
+            if c.conversational
+            else []
+        ),
         _row("Successful requests:", s.requests_ok),
         _row("Shed requests (429/503):", s.requests_shed),
         _row("Failed requests:", s.requests_failed),
         _row("Duration (s):", s.duration_s),
         _row("Prompt tokens:", s.prompt_tokens),
+        _row("Prompt tokens from a prefix cache:", s.cached_tokens),
         _row("Output tokens:", s.output_tokens),
         _row("Request throughput (req/s):", s.request_throughput),
         _row("Output token throughput (tok/s):", s.output_token_throughput),

@@ -19,6 +19,7 @@ import aiohttp
 import numpy as np
 
 from services.bench.client import ENDPOINT_PATHS, RequestResult, build_payload, send_request
+from services.bench.conversations import conversations, flatten, run_conversation
 from services.bench.distributions import parse_distribution
 from services.bench.stats import RunSummary, summarize
 from services.bench.workload import (
@@ -51,6 +52,11 @@ class BenchConfig:
     timeout: float = 300.0  # seconds per request
     api_key: str | None = None
     vllm_extras: bool = True  # ignore_eos and return_token_ids in the request body
+    # KV reuse workloads (token-id prompts on completions): every prompt starts with the same
+    # `shared_prefix` tokens; conversations of `turns` turns, each turn's prompt the whole
+    # conversation so far plus `prompt_tokens` new tokens
+    turns: int = 1
+    shared_prefix: int = 0
 
     def __post_init__(self) -> None:
         if (self.rate is None) == (self.concurrency is None):
@@ -69,6 +75,18 @@ class BenchConfig:
             raise ValueError(f"endpoint must be one of {', '.join(ENDPOINT_PATHS)}")
         parse_distribution(self.prompt_tokens)
         parse_distribution(self.output_tokens)
+        if self.turns < 1 or self.shared_prefix < 0:
+            raise ValueError("turns must be >= 1 and shared_prefix >= 0")
+        if self.conversational and (self.endpoint != "completions" or self.dataset):
+            raise ValueError(
+                "turns and shared_prefix need synthetic token-id prompts (completions)"
+            )
+        if self.conversational and not self.vllm_extras:
+            raise ValueError("a conversation's next turn needs return_token_ids (vllm extras)")
+
+    @property
+    def conversational(self) -> bool:
+        return self.turns > 1 or self.shared_prefix > 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -174,6 +192,35 @@ async def _closed_loop(
     return [r for r in results if r is not None]
 
 
+async def _conversations(
+    sender: _Sender, config: BenchConfig, rng: np.random.Generator, arrivals: np.random.Generator
+) -> list[RequestResult]:
+    """Conversations in a closed loop (`concurrency` at a time) or starting at Poisson times."""
+    talks = conversations(
+        rng, config.num_requests, config.turns, config.shared_prefix,
+        parse_distribution(config.prompt_tokens), parse_distribution(config.output_tokens),
+        config.vocab_size,
+    )  # fmt: skip
+    if config.concurrency is not None:
+        results: list[list[RequestResult]] = [[] for _ in talks]
+        pending = iter(range(len(talks)))
+
+        async def worker() -> None:
+            for i in pending:
+                results[i] = await run_conversation(talks[i], sender.send)
+
+        await asyncio.gather(*(worker() for _ in range(min(config.concurrency, len(talks)))))
+        return flatten(results)
+    rate = config.rate if config.rate is not None else math.inf
+    start, tasks = time.perf_counter(), []
+    for talk, offset in zip(talks, poisson_offsets(arrivals, len(talks), rate), strict=True):
+        delay = start + float(offset) - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(run_conversation(talk, sender.send)))
+    return flatten(await asyncio.gather(*tasks))
+
+
 async def run_benchmark(config: BenchConfig) -> BenchRun:
     """Warm up, run the workload, summarize. Raises EndpointError, ValueError."""
     workload_seed, arrival_seed, warmup_seed = np.random.SeedSequence(config.seed).spawn(3)
@@ -186,7 +233,10 @@ async def run_benchmark(config: BenchConfig) -> BenchRun:
         for request in warmup:
             await sender.send(request)
         start = time.perf_counter()
-        if config.concurrency is not None:
+        if config.conversational:
+            rng = np.random.default_rng(workload_seed)
+            results = await _conversations(sender, config, rng, np.random.default_rng(arrival_seed))
+        elif config.concurrency is not None:
             results = await _closed_loop(sender, requests, config.concurrency)
         else:
             rate = config.rate if config.rate is not None else math.inf

@@ -67,6 +67,7 @@ class RunSummary:
     # Refused for load (429, or 503 with Retry-After) and how fast the refusal came
     requests_shed: int = 0
     shed_latency: LatencyStats = LatencyStats(0, math.nan, math.nan, math.nan, math.nan)
+    cached_tokens: int = 0  # prompt tokens the server says a prefix cache served
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,4 +97,5 @@ def summarize(results: Sequence[RequestResult], duration_s: float) -> RunSummary
         errors=dict(Counter(r.error for r in results if r.error is not None).most_common()),
         requests_shed=len(shed),
         shed_latency=LatencyStats.of_seconds([r.latency for r in shed if r.latency is not None]),
+        cached_tokens=sum(r.cached_tokens or 0 for r in ok),
     )

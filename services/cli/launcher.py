@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from services.cli.startup_report import StartupReport
-from services.cli.topology import Topology, WorkerSpec, worker_instance_id
+from services.cli.topology import ALWAYS, Topology, WorkerSpec, worker_instance_id
 from services.common.nats_server import NatsServer, free_port
 
 log = logging.getLogger(__name__)
@@ -36,12 +36,16 @@ def plan_instances(
         out.append(Instance(f"scheduler-{i}", "scheduler", {**base}))
     for i in range(topology.converter.replicas):
         out.append(Instance(f"converter-{i}", "converter", {**base}))
-    for role, specs in (("prefill", topology.prefill), ("decode", topology.decode)):
+    for role, specs, aggregated in (
+        ("prefill", topology.prefill, False),
+        ("decode", topology.decode, False),
+        ("decode", topology.both, True),  # a decode instance that prefills every prompt itself
+    ):
         for spec in specs:
             for i in range(spec.replicas):
                 env = {
                     **base,
-                    **worker_env(topology, spec),
+                    **worker_env(topology, spec, aggregated),
                     "HETSERVE_INSTANCE_ID": worker_instance_id(spec, i),
                 }
                 # One process per tensor-parallel rank, all with the instance's id; vLLM
@@ -83,7 +87,7 @@ def plan_instances(
     return out
 
 
-def worker_env(topology: Topology, spec: WorkerSpec) -> dict[str, str]:
+def worker_env(topology: Topology, spec: WorkerSpec, aggregated: bool = False) -> dict[str, str]:
     env = {
         "HETSERVE_MODEL": topology.model,
         "HETSERVE_ENGINE": spec.engine,
@@ -94,7 +98,9 @@ def worker_env(topology: Topology, spec: WorkerSpec) -> dict[str, str]:
         "HETSERVE_DEVICE": spec.device,
         "HETSERVE_TORCH_THREADS": "1",
         "HETSERVE_MAX_MODEL_LEN": str(spec.max_model_len),
+        "HETSERVE_PREFILL_LOCALLY_BELOW": str(ALWAYS if aggregated else spec.prefill_locally_below),
     }
+    env.update({f"HETSERVE_EXPECTED_{key.upper()}": str(v) for key, v in spec.speed.items()})
     env.update({f"HETSERVE_VLLM_{key.upper()}": str(value) for key, value in spec.vllm.items()})
     env.update(spec.env)
     return env

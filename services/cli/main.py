@@ -10,6 +10,7 @@ import sys
 from services.bench.cli import register as register_bench
 from services.cli import check, layouts, serve, status, up
 from services.common.service import configure_logging
+from services.models.cli import register as register_model
 from services.planner.cli import register as register_planner
 
 
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks")
     register_bench(bench.add_subparsers(dest="bench_command", required=True))
     register_planner(sub)
+    register_model(sub)
     return parser
 
 

@@ -16,7 +16,7 @@ from typing import Protocol, TextIO
 
 from proto.messages import InstanceInfo
 from services.cli.table import format_table
-from services.cli.topology import Topology
+from services.cli.topology import ALWAYS, Topology
 from services.common.bus import Bus
 from services.common.registry import Registry
 from services.common.settings import CommonSettings
@@ -155,6 +155,14 @@ class StartupReport:
                 lines.append(
                     f"  {p.instance_id} -> {d.instance_id}: {route} "
                     f"({_kv_words(p)} -> {_kv_words(d)})"
+                )
+        for d in decodes:
+            if d.local_prefill_max_tokens >= ALWAYS:
+                lines.append(f"  {d.instance_id}: prefills every prompt it decodes (both)")
+            elif d.local_prefill_max_tokens:
+                lines.append(
+                    f"  {d.instance_id}: prefills prompts of up to "
+                    f"{d.local_prefill_max_tokens} uncached tokens itself"
                 )
         gateway = self.topology.gateway
         for i in range(gateway.replicas):

@@ -1,14 +1,19 @@
-"""A topology file: which instances `hetserve up` starts, with which settings."""
+"""A topology file: which instances `hetserve up` starts, with which settings (read and
+checked by services/cli/preflight)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
+
+from proto.layout_registry import LAYOUTS
 
 DEMO_TOPOLOGY = Path(__file__).parent / "demo_topology.yaml"
+SPEED_KEYS = ("prefill_tokens_per_s", "decode_step_s")
+# a `both` instance prefills every prompt it decodes, however long
+ALWAYS = 1 << 30
 
 
 class WorkerSpec(BaseModel):
@@ -19,35 +24,51 @@ class WorkerSpec(BaseModel):
     # native: the layout its cache is stored in. vllm: "" (vLLM's cache decides) or the layout
     # it must turn out to be.
     kv_layout: str | None = None
-    block_size: int = 16
+    # None: one the engine and layout accept (settings.default_block_size)
+    block_size: int | None = Field(None, ge=1)
     dtype: str = "float32"
     max_model_len: int = Field(0, ge=0)
     tp: int = Field(1, ge=1)
     replicas: int = Field(1, ge=1)
-    num_blocks: int = Field(1024, ge=2)
+    num_blocks: int | None = Field(None, ge=2)  # None: settings.default_num_blocks
     device: str = ""
+    # decode: prompts with at most this many uncached tokens are prefilled on this instance
+    # (conditional disaggregation); `both` instances prefill every prompt themselves
+    prefill_locally_below: int = Field(0, ge=0)
+    # what the planner expects of it (prefill_tokens_per_s, decode_step_s), used for routing
+    # until the instance has measured itself
+    speed: dict[str, float] = {}
     # engine vllm: WorkerSettings' vllm_* options without the prefix, e.g. {kv_cache_gib: 1}
     vllm: dict[str, str | int | float | bool] = {}
     env: dict[str, str] = {}
 
     def model_post_init(self, _context: object) -> None:
         # What the layout, engine and model accept is checked by services/cli/preflight, field
-        # by field, before `hetserve up` starts anything.
+        # by field, before `hetserve up` starts anything; the defaults wait for a known layout.
+        from services.common.settings import WorkerSettings, default_block_size, default_num_blocks
+
         if self.kv_layout is None:
             self.kv_layout = "vllm-flash" if self.engine == "native" else ""
+        known = self.engine == "vllm" or not self.kv_layout or self.kv_layout in LAYOUTS
+        if self.block_size is None and known:
+            self.block_size = default_block_size(self.engine, self.kv_layout)
+        if self.num_blocks is None and self.block_size:
+            self.num_blocks = default_num_blocks(self.block_size)
+        unknown_speed = set(self.speed) - set(SPEED_KEYS)
+        if unknown_speed:
+            raise ValueError(f"{self.name}: unknown speed keys {sorted(unknown_speed)}")
         if self.engine != "vllm":
             if self.vllm:
                 raise ValueError(f"{self.name}: vllm options on a {self.engine} instance")
             return
-        from services.common.settings import WorkerSettings
-
         unknown = [k for k in self.vllm if f"vllm_{k}" not in WorkerSettings.model_fields]
         if unknown:
             raise ValueError(f"{self.name}: unknown vllm options {unknown}")
 
 
 def worker_instance_id(spec: WorkerSpec, replica: int) -> str:
-    """The instance id `hetserve up` gives replica `replica` of a prefill or decode entry."""
+    """The instance id `hetserve up` gives replica `replica` of a prefill, decode or both
+    entry."""
     return f"{spec.name}-{replica}"
 
 
@@ -70,15 +91,17 @@ class Topology(BaseModel):
     gateway: GatewaySpec = GatewaySpec()
     scheduler: ReplicasSpec = ReplicasSpec()
     converter: ReplicasSpec = ReplicasSpec()
-    prefill: list[WorkerSpec]
-    decode: list[WorkerSpec]
+    prefill: list[WorkerSpec] = []
+    decode: list[WorkerSpec] = []
+    # aggregated instances: each prefills and decodes its own requests (no KV moves)
+    both: list[WorkerSpec] = []
 
-
-def load_topology(path: Path) -> Topology:
-    try:
-        raw = yaml.safe_load(path.read_text())
-        return Topology.model_validate(raw)
-    except FileNotFoundError:
-        raise ValueError(f"topology file {path} does not exist") from None
-    except (yaml.YAMLError, ValidationError) as exc:
-        raise ValueError(f"topology {path} is invalid: {exc}") from None
+    def model_post_init(self, _context: object) -> None:
+        if not (self.decode or self.both):
+            raise ValueError("a topology needs a decode or a both instance")
+        local = any(spec.prefill_locally_below for spec in self.decode)
+        if not (self.prefill or self.both or local):
+            raise ValueError(
+                "a topology needs a prefill or a both instance (or decode instances with "
+                "prefill_locally_below)"
+            )

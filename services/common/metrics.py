@@ -82,6 +82,10 @@ ROUTED = Counter(
     "Requests placed, by route (direct or converter).",
     ["route"],
 )
+LOCAL_ROUTES = Counter(
+    "hetserve_scheduler_local_prefill_routes_total",
+    "Requests routed to a decode instance that prefills them itself.",
+)
 ROUTE_SECONDS = Histogram(
     "hetserve_route_seconds",
     "Time to place a request: reserve on decode, hand to prefill.",
@@ -109,6 +113,10 @@ RESERVATIONS = Counter(
 )
 DECODE_REQUESTS = Counter(
     "hetserve_decode_requests_total", "Requests a decode instance finished generating."
+)
+LOCAL_PREFILLS = Counter(
+    "hetserve_decode_local_prefills_total",
+    "Prompts a decode instance prefilled itself (conditional disaggregation).",
 )
 DECODE_TOKENS = Counter("hetserve_decode_tokens_total", "Tokens a decode instance generated.")
 DECODE_KV_LOADED_TOKENS = Counter(

@@ -7,9 +7,10 @@ import socket
 import uuid
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from proto.layout_registry import get_layout
 from proto.subjects import Subjects
 
 
@@ -17,6 +18,26 @@ def default_instance_id(role: str) -> str:
     """Unique per process and per container (hostname), safe as a subject token."""
     host = "".join(c if c.isalnum() else "-" for c in socket.gethostname())[:63]
     return f"{role}-{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+# A worker given no block size gets one its engine and layout accept: vLLM's CPU attention
+# takes multiples of 32 only (its CUDA backends take 32 too); a native instance gets 16 when
+# its layout takes it, else the layout's smallest size above (ascend: 128).
+VLLM_BLOCK_SIZE = 32
+NATIVE_BLOCK_SIZE = 16
+# A worker given no block count gets blocks for this many tokens, whatever its block size.
+DEFAULT_CACHE_TOKENS = 16384
+
+
+def default_block_size(engine: str, kv_layout: str) -> int:
+    if engine == "vllm":
+        return VLLM_BLOCK_SIZE
+    sizes = sorted(get_layout(kv_layout or "vllm-flash").block_sizes)
+    return next((b for b in sizes if b >= NATIVE_BLOCK_SIZE), sizes[-1])
+
+
+def default_num_blocks(block_size: int) -> int:
+    return max(2, -(-DEFAULT_CACHE_TOKENS // block_size))
 
 
 class CommonSettings(BaseSettings):
@@ -45,21 +66,29 @@ class CommonSettings(BaseSettings):
 class WorkerSettings(CommonSettings):
     """Prefill and decode instances."""
 
-    model: str = "models/tiny-llama"
+    model: str = "models/smollm2-135m-instruct"
     engine: Literal["native", "vllm"] = "native"
-    # The cache layout of a native instance; a vLLM instance reads its own from vLLM's real
-    # cache tensors ("" accepts it, a name must match it).
-    kv_layout: str = "vllm-flash"
-    block_size: int = 16
+    # The cache layout of a native instance ("": vllm-flash); a vLLM instance reads its own
+    # from vLLM's real cache tensors ("" accepts it, a name must match it).
+    kv_layout: str = ""
+    block_size: int = Field(0, ge=0)  # 0: default_block_size(engine, kv_layout)
     kv_dtype: str = "float32"
-    num_blocks: int = Field(1024, ge=2)
+    num_blocks: int = Field(0, ge=0)  # 0: default_num_blocks(block_size); else at least 2
     device: str = ""  # "" picks cuda when present, else cpu
     max_model_len: int = 0  # 0: the model's max_position_embeddings
     torch_threads: int = 0  # 0: torch's default
     max_batch_size: int = Field(64, ge=1)
     # native engine: prompt tokens computed in one prefill step (longer prompts are chunked)
     max_batched_tokens: int = Field(2048, ge=1)
-    prefix_caching: bool = False  # native engine: reuse cached KV of a prompt's prefix
+    prefix_caching: bool = True  # native engine: reuse cached KV of a prompt's prefix
+    # decode: prompts with at most this many uncached tokens are prefilled here, not sent
+    # through a prefill instance (conditional disaggregation; 0: never)
+    prefill_locally_below: int = Field(0, ge=0)
+    # what the planner expects of this instance, announced until it has measured itself
+    expected_prefill_tokens_per_s: float = Field(0.0, ge=0)
+    expected_decode_step_s: float = Field(0.0, ge=0)
+    # benchmarks of a slow instance: every native engine step takes this much longer
+    step_delay_s: float = Field(0.0, ge=0)
     # tensor parallelism: one process per rank, all with the same instance id
     tp_size: int = Field(1, ge=1)
     tp_rank: int = Field(0, ge=0)
@@ -70,17 +99,31 @@ class WorkerSettings(CommonSettings):
     reserve_ahead_tokens: int = Field(256, ge=1)
     # engine vllm: vLLM's own options (block_size, kv_dtype as the model dtype, max_model_len
     # and tp_size above apply too). num_blocks sizes the decode side's shared-memory staging.
-    vllm_kv_cache_gib: float = Field(0.25, ge=0)  # 0: vLLM sizes it by gpu_memory_utilization
+    # None: room for one max_model_len sequence, at least 0.25 GiB (vllm_engine.py);
+    # 0: vLLM sizes it by gpu_memory_utilization
+    vllm_kv_cache_gib: float | None = Field(None, ge=0)
     vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     vllm_enforce_eager: bool = True  # no CUDA graphs: layer-wise KV hooks run every layer
     vllm_max_num_batched_tokens: int = 0  # 0: vLLM's default (chunked prefill above it)
     vllm_enable_prefix_caching: bool = True  # prefill only; decode loads every prompt token
 
+    @model_validator(mode="after")
+    def _engine_defaults(self) -> WorkerSettings:
+        if self.engine != "vllm" and not self.kv_layout:
+            self.kv_layout = "vllm-flash"
+        if not self.block_size:
+            self.block_size = default_block_size(self.engine, self.kv_layout)
+        if not self.num_blocks:
+            self.num_blocks = default_num_blocks(self.block_size)
+        if self.num_blocks < 2:
+            raise ValueError(f"num_blocks must be at least 2, not {self.num_blocks}")
+        return self
+
 
 class GatewaySettings(CommonSettings):
     host: str = "127.0.0.1"
     port: int = 8000
-    model: str = "models/tiny-llama"
+    model: str = "models/smollm2-135m-instruct"
     served_model_name: str = ""  # "" : the model directory's name
     first_token_timeout_s: float = Field(120.0, gt=0)
     token_timeout_s: float = Field(60.0, gt=0)
@@ -106,6 +149,14 @@ class SchedulerSettings(CommonSettings):
     reserve_timeout_s: float = Field(5.0, gt=0)
     reserve_hold_s: float = Field(30.0, gt=0)
     max_in_flight: int = Field(256, ge=1)
+    # kv_aware: by estimated completion (cached prefixes, queues, measured speeds, route
+    # costs); load: most free decode blocks, shortest prefill queue (the older policy)
+    routing: Literal["kv_aware", "load"] = "kv_aware"
+    # what the estimates assume until instances have measured themselves
+    default_prefill_tokens_per_s: float = Field(2000.0, gt=0)
+    default_decode_step_s: float = Field(0.02, gt=0)
+    kv_bytes_per_s: float = Field(2.5e8, gt=0)
+    converter_bytes_per_s: float = Field(1.2e8, gt=0)
 
 
 class ConverterSettings(CommonSettings):

@@ -37,6 +37,7 @@ class Conversion:
     readers: dict[int, StreamReader] = field(default_factory=dict)  # per source shard
     shards: int = 0  # the source's tensor-parallel size
     num_tokens: int = 0
+    token_offset: int = 0  # the decode side holds the tokens before (a cached prefix)
     dest_instance: str = ""
     dest: KVDescriptor | None = None
     pieces: dict[int, dict[int, list[Piece]]] = field(default_factory=dict)  # layer, shard
@@ -156,7 +157,11 @@ class ConverterService(Service):
         if reader is None:
             if frame.kind != "begin":
                 raise FrameError(f"{frame.kind} for shard {frame.shard} before its begin")
-            reader = StreamReader(num_tokens=conv.num_tokens or None)
+            known = bool(conv.readers)  # later shards must agree with the first one
+            reader = StreamReader(
+                num_tokens=conv.num_tokens if known else None,
+                token_offset=conv.token_offset if known else None,
+            )
         reader.take(frame)
         if frame.kind == "begin":
             await self._begin(conv, frame, reader)
@@ -177,6 +182,7 @@ class ConverterService(Service):
         check_convertible(desc, frame.dest_descriptor)
         conv.readers[frame.shard] = reader
         conv.shards, conv.num_tokens = desc.tp_size, frame.num_tokens
+        conv.token_offset = frame.token_offset
         conv.dest_instance, conv.dest = frame.dest_instance, frame.dest_descriptor
         if len(conv.readers) < conv.shards:
             return
@@ -187,7 +193,12 @@ class ConverterService(Service):
             conv.links.append(link)
             conv.writers.append(StreamWriter(link, conv.request_id, target))
         for writer in conv.writers:
-            await writer.begin(conv.num_tokens)
+            if conv.token_offset % writer.kv.block_size:
+                raise FrameError(
+                    f"the stream starts at token {conv.token_offset}, inside a block of the "
+                    f"destination's {writer.kv.block_size}"
+                )
+            await writer.begin(conv.num_tokens, token_offset=conv.token_offset)
 
     async def _data(self, conv: Conversion, frame: Frame) -> None:
         key = (frame.layer, frame.shard)
@@ -210,7 +221,9 @@ class ConverterService(Service):
 
         def convert() -> list[list]:
             return [
-                convert_layer(sources, writer.kv, conv.num_tokens, limit, layer=layer)
+                convert_layer(
+                    sources, writer.kv, conv.num_tokens, limit, layer=layer, first=conv.token_offset
+                )
                 for writer in conv.writers
             ]
 

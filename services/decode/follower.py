@@ -58,7 +58,7 @@ class DecodeFollower(Service):
                 )
             except TimeoutError as exc:
                 raise FrameError(str(exc)) from None
-            self.intake.open(rid, None)
+            self.intake.open(rid, None, None)  # the leader checked the offset
         blocks = self.blocks.get(rid)
         if blocks is None:
             raise FrameError(f"frame for unknown request {rid!r}")

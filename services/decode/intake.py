@@ -18,9 +18,13 @@ class RankIntake:
         self.cache = cache
         self.readers: dict[str, StreamReader] = {}
 
-    def open(self, request_id: str, num_tokens: int | None) -> StreamReader:
-        """Expect a stream of `num_tokens` prompt tokens (None: the begin's) for a request."""
-        reader = self.readers[request_id] = StreamReader(expected=self.kv, num_tokens=num_tokens)
+    def open(
+        self, request_id: str, num_tokens: int | None, token_offset: int | None = 0
+    ) -> StreamReader:
+        """Expect a stream of `num_tokens` prompt tokens (None: the begin's) for a request,
+        starting at `token_offset` (the tokens its blocks hold already; None: the begin's)."""
+        reader = StreamReader(expected=self.kv, num_tokens=num_tokens, token_offset=token_offset)
+        self.readers[request_id] = reader
         return reader
 
     def close(self, request_id: str) -> None:

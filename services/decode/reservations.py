@@ -17,6 +17,7 @@ class Reservation:
     deadline: float  # time.monotonic() by which the KV must be complete
     span: Span
     pending_ranks: set[int] = field(default_factory=set)  # local ranks still receiving
+    cached_tokens: int = 0  # leading context tokens its blocks hold already
     first_token: int | None = None  # from rank 0's end frame
 
     @property

@@ -29,6 +29,7 @@ from proto.messages import (
     ReserveRequest,
     TokenEvent,
 )
+from proto.prefix_hash import pack_hashes
 from services.backends.base import DecodeBackend
 from services.common import metrics
 from services.common.bus import KV_HOOKS
@@ -95,6 +96,11 @@ class DecodeService(Service):
         info.peak_running = load.peak_running
         info.preemptions = load.preemptions
         info.kv_loaded_tokens = load.kv_loaded_tokens
+        info.cached_prefixes = pack_hashes(load.cached_prefixes)
+        info.queued_tokens = load.queued_tokens
+        info.prefill_tokens_per_s = load.prefill_tokens_per_s
+        info.decode_step_s = load.decode_step_s
+        info.local_prefill_max_tokens = self.settings.prefill_locally_below
         info.free_blocks = load.free_blocks
         info.total_blocks = load.total_blocks
         info.max_model_len = self.backend.max_model_len
@@ -119,10 +125,16 @@ class DecodeService(Service):
         if req.num_tokens > backend.max_model_len:
             reason = f"{req.num_tokens} tokens exceed max_model_len {backend.max_model_len}"
             return ReserveReply(ok=False, reason=reason)
+        count = backend.blocks_to_hold(req.request, req.num_tokens)
         try:
-            blocks = await backend.reserve(rid, backend.blocks_to_hold(req.request, req.num_tokens))
+            blocks, cached = await backend.reserve(req.request, count, req.token_align)
         except OutOfBlocks as exc:
             return ReserveReply(ok=False, reason=str(exc), retry_later=True)
+        if req.local_prefill:
+            await self._prefill_here(req, blocks, cached, msg)
+            return ReserveReply(
+                ok=True, free_blocks=backend.load().free_blocks, cached_tokens=cached
+            )
         context = len(req.request.context_token_ids)
         span = _tracer.start_span(
             "decode.admit",
@@ -136,11 +148,34 @@ class DecodeService(Service):
                 deadline=time.monotonic() + req.hold_seconds,
                 span=span,
                 pending_ranks=set(self.intakes),
+                cached_tokens=cached,
             )
         )
         for intake in self.intakes.values():
-            intake.open(rid, context)
-        return ReserveReply(ok=True, free_blocks=backend.load().free_blocks)
+            intake.open(rid, context, cached)
+        return ReserveReply(ok=True, free_blocks=backend.load().free_blocks, cached_tokens=cached)
+
+    async def _prefill_here(
+        self, req: ReserveRequest, blocks: list[int], cached: int, msg: Msg
+    ) -> None:
+        """Conditional disaggregation: no KV comes, this instance prefills the prompt itself
+        (its cached prefix reused) and decodes on."""
+        seq = self.backend.new_sequence(req.request)
+        seq.block_table = blocks
+        seq.num_computed = seq.num_cached = cached
+        span = _tracer.start_span(
+            "decode.generate",
+            context=extract(msg.headers),
+            attributes={
+                "request.id": seq.request_id,
+                "instance.id": self.instance_id,
+                "prompt.tokens": len(seq.context_ids),
+                "prefill.local": True,
+            },
+        )
+        self.decoding[seq.request_id] = Decoding(seq, req.request, span)
+        metrics.LOCAL_PREFILLS.inc()
+        await self.backend.start_local(seq)
 
     def _release(self, rid: str) -> None:
         reservation = self.reservations.pop(rid)
@@ -205,6 +240,7 @@ class DecodeService(Service):
             intake.close(rid)
         seq = self.backend.new_sequence(request)
         seq.block_table = reservation.blocks
+        seq.num_cached = reservation.cached_tokens
         assert reservation.first_token is not None
         seq.append(reservation.first_token)
         span = _tracer.start_span(
@@ -228,6 +264,7 @@ class DecodeService(Service):
     # -- what the backend reports ---------------------------------------------------------
 
     async def tokens(self, seq: Sequence) -> None:
+        prefilled_here = len(seq.output_ids) == 1  # the first token is decode's own
         await self.bus.publish(
             self.bus.subjects.request_events(seq.request_id),
             TokenEvent(
@@ -237,6 +274,7 @@ class DecodeService(Service):
                 finish_reason=seq.finish_reason,
                 stop_reason=seq.stop_reason,
                 instance_id=self.instance_id,
+                cached_tokens=seq.num_cached if prefilled_here else None,
             ),
         )
         if seq.finished:

@@ -3,9 +3,9 @@
 Blocks are reference counted: a block a request holds has a count of one per holder, and a
 prefix-cached block may be shared by several requests. A block whose count drops to zero is
 free; if it held a whole block of tokens it keeps its hash (automatic prefix caching, as
-vLLM and nano-vllm do it: each full block hashed with the hash of the block before it, so a
-hash names the whole prefix up to it) until the block is handed out again, least recently
-freed first.
+vLLM and nano-vllm do it: proto/prefix_hash.py, each full block hashed with the hash of the
+block before it, so a hash names the whole prefix up to it) until the block is handed out
+again, least recently freed first.
 """
 
 from __future__ import annotations
@@ -13,30 +13,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-import numpy as np
-import xxhash
-
 from proto.kv_descriptor import blocks_for
+from proto.prefix_hash import block_hashes
 
 
 class OutOfBlocks(RuntimeError):
     pass
-
-
-def block_hashes(token_ids: Sequence[int], block_size: int, count: int | None = None) -> list[int]:
-    """Chained hashes of the first `count` (default: every) full blocks of `token_ids`."""
-    full = len(token_ids) // block_size
-    count = full if count is None else min(count, full)
-    out: list[int] = []
-    parent = 0
-    for i in range(count):
-        block = token_ids[i * block_size : (i + 1) * block_size]
-        digest = xxhash.xxh3_64()
-        digest.update(parent.to_bytes(8, "little"))
-        digest.update(np.asarray(block, dtype="<i8").tobytes())
-        parent = digest.intdigest()
-        out.append(parent)
-    return out
 
 
 class BlockManager:

@@ -197,6 +197,7 @@ class NativeEngine:
         )
         out = []
         for seq, row in zip(seqs, logits, strict=True):
+            seq.num_computed = seq.num_tokens  # the step wrote its last token's KV
             token = seq.sampler.sample(row)
             seq.append(token)
             out.append(token)

@@ -63,6 +63,11 @@ class Scheduler:
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    @property
+    def queued_tokens(self) -> int:
+        """Context tokens still to prefill."""
+        return sum(len(seq.context_ids) - seq.num_computed for seq in self.waiting)
+
     def add(self, seq: Sequence) -> None:
         """A sequence to prefill from its num_computed on; it gets blocks when scheduled."""
         self.waiting.append(seq)
@@ -91,7 +96,9 @@ class Scheduler:
             self._free(seq)
 
     def _free(self, seq: Sequence) -> None:
+        """Blocks back; the full ones it computed stay cached for a later prompt's prefix."""
         if seq.block_table:
+            self.blocks.cache_prefix(seq.block_table, seq.all_ids[: seq.num_computed])
             self.blocks.free(seq.block_table)
             seq.block_table = []
 

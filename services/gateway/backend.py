@@ -25,6 +25,12 @@ class Backend(Protocol):
         """Live instance count per role (gateway, scheduler, prefill, decode, converter)."""
         ...
 
+    def missing_roles(self) -> list[str]:
+        """The roles the live system lacks to serve requests (in proto.messages.ROLES order):
+        a decode instance that prefills locally stands in for prefill, and a converter is
+        needed only when some live prefill -> decode pair stores KV differently."""
+        ...
+
     def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         """Token events in completion order; the last one has finish_reason set.
 

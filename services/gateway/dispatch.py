@@ -61,6 +61,20 @@ class NatsBackend:
         counts["gateway"] = max(counts["gateway"], 1)  # this one is answering
         return counts
 
+    def missing_roles(self) -> list[str]:
+        live = self.registry.live()
+        prefills = [i for i in live if i.role == "prefill" and i.kv is not None]
+        decodes = [i for i in live if i.role == "decode" and i.kv is not None]
+        have = {i.role for i in live} | {"gateway"}
+        if any(d.local_prefill_max_tokens > 0 for d in decodes):
+            have.add("prefill")
+        converted = any(
+            not p.kv.same_kv_as(d.kv) for p in prefills for d in decodes if p.kv and d.kv
+        )
+        if not converted:
+            have.add("converter")
+        return [role for role in ROLES if role not in have]
+
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         with (
             _tracer.start_as_current_span("gateway.request") as span,

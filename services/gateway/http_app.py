@@ -173,8 +173,7 @@ class _OpenAIHandlers:
         (a body too large, a system with no capacity at all) is refused first."""
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             raise self._too_large(request.content_length)
-        live = self.backend.live_roles()
-        missing = [role for role in _ROLES_EVERY_REQUEST_NEEDS if live.get(role, 0) < 1]
+        missing = [r for r in self.backend.missing_roles() if r in _ROLES_EVERY_REQUEST_NEEDS]
         if missing:
             raise self.admission.shed(
                 503,
@@ -213,7 +212,7 @@ class _OpenAIHandlers:
         live = self.backend.live_roles()
         roles = {role: live.get(role, 0) for role in ROLES}
         roles["gateway"] = max(roles["gateway"], 1)  # this process is one, heartbeat or not
-        missing = [role for role, count in roles.items() if count < 1]
+        missing = self.backend.missing_roles()
         body = {"status": "unavailable" if missing else "ok", "roles": roles, "missing": missing}
         return web.json_response(body, status=503 if missing else 200)
 
@@ -256,6 +255,7 @@ async def _whole(deltas: AsyncIterator[Delta], bodies: ResponseBodies) -> web.Re
     async for delta in deltas:
         text.append(delta.text)
         token_ids += delta.token_ids
+        bodies.saw(delta.cached_tokens)
         if delta.finish_reason is not None:
             body = bodies.whole("".join(text), token_ids, delta.finish_reason, delta.stop_reason)
             return web.json_response(body)
@@ -290,6 +290,7 @@ async def _send_chunks(
         delta: Delta | None = first
         while delta is not None:
             completion_tokens += len(delta.token_ids)
+            bodies.saw(delta.cached_tokens)
             if delta.text or (bodies.return_token_ids and delta.token_ids):
                 await response.write(sse_event(bodies.delta_chunk(delta.text, delta.token_ids)))
             if delta.finish_reason is not None:
@@ -319,6 +320,7 @@ class Delta:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    cached_tokens: int | None = None  # prompt tokens served from a prefix cache (first event)
 
 
 async def _text_deltas(
@@ -346,7 +348,8 @@ async def _text_deltas(
             match = stops.feed(detokenizer.feed([token_id]))
             text.append(match.text)
             if match.stop is not None:
-                yield Delta("".join(text), event.token_ids[:position], "stop", match.stop)
+                tokens = event.token_ids[:position]
+                yield Delta("".join(text), tokens, "stop", match.stop, event.cached_tokens)
                 return
         finish = event.finish_reason or ("length" if generated >= sampling.max_tokens else None)
         if finish is not None:
@@ -355,7 +358,7 @@ async def _text_deltas(
             text += [match.text, stops.flush()]
             if match.stop is not None:
                 finish, stop_reason = "stop", match.stop
-            yield Delta("".join(text), event.token_ids, finish, stop_reason)
+            yield Delta("".join(text), event.token_ids, finish, stop_reason, event.cached_tokens)
             return
-        yield Delta("".join(text), event.token_ids)
+        yield Delta("".join(text), event.token_ids, cached_tokens=event.cached_tokens)
     raise GenerationError("the backend ended a request without a finish reason", 502, "bad_gateway")

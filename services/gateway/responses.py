@@ -37,11 +37,12 @@ def sse_event(body: Body) -> bytes:
     return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
 
-def usage_body(prompt_tokens: int, completion_tokens: int) -> Body:
+def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Body:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -66,6 +67,12 @@ class ResponseBodies:
         self.prompt_token_ids = prompt_token_ids
         self.return_token_ids = return_token_ids
         self.include_usage = include_usage
+        self.cached_tokens = 0  # prompt tokens a prefix cache served (OpenAI's usage field)
+
+    def saw(self, cached_tokens: int | None) -> None:
+        """The system's word on the prompt's cached tokens, as the first token event carries."""
+        if cached_tokens is not None:
+            self.cached_tokens = cached_tokens
 
     def whole(
         self, text: str, token_ids: list[int], finish_reason: str, stop_reason: str | int | None
@@ -75,7 +82,7 @@ class ResponseBodies:
         if self.return_token_ids:
             choice["token_ids"] = token_ids
         body = self._envelope(self.whole_object, [choice])
-        body["usage"] = usage_body(len(self.prompt_token_ids), len(token_ids))
+        body["usage"] = usage_body(len(self.prompt_token_ids), len(token_ids), self.cached_tokens)
         return body
 
     def first_chunk(self) -> Body | None:
@@ -95,7 +102,9 @@ class ResponseBodies:
 
     def usage_chunk(self, completion_tokens: int) -> Body:
         body = self._envelope(self.chunk_object, [])
-        body["usage"] = usage_body(len(self.prompt_token_ids), completion_tokens)
+        body["usage"] = usage_body(
+            len(self.prompt_token_ids), completion_tokens, self.cached_tokens
+        )
         return body
 
     def _envelope(self, obj: str, choices: list[Body]) -> Body:

@@ -45,7 +45,8 @@ class LayerFeed:
     The prompt may be computed in chunks (chunked prefill, a prefix already cached): after
     each layer of a step that computed tokens up to `stop`, the layer's new whole blocks go
     out; a block the chunk left incomplete goes with the next chunk, so every frame starts on
-    a block boundary and each layer's tokens arrive in order.
+    a block boundary and each layer's tokens arrive in order. Tokens the receiver already
+    holds (a cached prefix) are not sent.
     """
 
     def __init__(
@@ -56,7 +57,9 @@ class LayerFeed:
         num_tokens: int,
         frame_limit: int,
         loop: asyncio.AbstractEventLoop | None = None,
+        token_offset: int = 0,
     ):
+        """`token_offset`: the receiver holds tokens [0, offset) already; they are not sent."""
         self.kv = kv
         self.export = export
         self.block_table = block_table
@@ -64,13 +67,13 @@ class LayerFeed:
         self.blocks_per_frame = blocks_per_frame(kv, frame_limit)
         self.loop = loop or asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.sent = 0  # tokens every layer has sent
+        self.sent = token_offset  # tokens every layer has sent (or the receiver has)
 
     def on_layer_done(self, layer: int, stop: int | None = None) -> None:
         """In the torch thread: copy this layer's new blocks out while the next layer runs."""
         stop = self.num_tokens if stop is None else stop
         bs = self.kv.block_size
-        upto = stop if stop >= self.num_tokens else stop // bs * bs
+        upto = max(stop if stop >= self.num_tokens else stop // bs * bs, self.sent)
         pieces: list[Piece] = []
         first_block, end_block = self.sent // bs, self.kv.blocks_for(upto)
         for first in range(first_block, end_block, self.blocks_per_frame):
@@ -114,6 +117,7 @@ async def stream_shard(
         feed.num_tokens,
         dest_instance=route.decode_instance if route.via_converter else "",
         dest_descriptor=route.decode_kv,
+        token_offset=route.token_offset,
     )
     try:
         while (item := await feed.queue.get()) is not LAYERS_DONE:

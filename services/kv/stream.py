@@ -62,12 +62,16 @@ class StreamWriter:
         num_tokens: int,
         dest_instance: str = "",
         dest_descriptor: KVDescriptor | None = None,
+        token_offset: int = 0,
     ) -> None:
+        """`token_offset`: the receiver holds tokens [0, offset) already (a cached prefix):
+        data frames start there."""
         await self.link.send(
             self._frame(
                 "begin",
                 descriptor=self.kv,
                 num_tokens=num_tokens,
+                token_offset=token_offset,
                 dest_instance=dest_instance,
                 dest_descriptor=dest_descriptor,
             )
@@ -123,12 +127,14 @@ class StreamReader:
 
     `expected`: the descriptor the receiver stores (None: whatever the begin frame
     announces, as a converter takes any). `num_tokens`: the prompt length the receiver
-    expects (None: the begin's). Receiver-specific checks (room in its blocks, payload sizes)
+    expects (None: the begin's); `token_offset`: where it expects the stream to start (the
+    tokens it already holds; None: the begin's). Receiver-specific checks (room in its blocks, payload sizes)
     stay with the receiver; this is the protocol's order, ids, continuity and completeness.
     """
 
     expected: KVDescriptor | None = None
     num_tokens: int | None = None
+    token_offset: int | None = None
     next_seq: int = 0
     descriptor: KVDescriptor | None = None
     data_frames: int = 0
@@ -163,18 +169,26 @@ class StreamReader:
             raise FrameError(
                 f"begin announces {frame.num_tokens} tokens, the request has {self.num_tokens}"
             )
+        if self.token_offset is not None and frame.token_offset != self.token_offset:
+            raise FrameError(
+                f"begin starts at token {frame.token_offset}, the receiver holds "
+                f"{self.token_offset}"
+            )
+        if frame.token_offset % frame.descriptor.block_size:
+            raise FrameError(f"begin starts at token {frame.token_offset}, inside a block")
         self.descriptor = frame.descriptor
         self.num_tokens = frame.num_tokens
+        self.token_offset = frame.token_offset
 
     def _data(self, frame: Frame) -> None:
         assert self.descriptor is not None and self.num_tokens is not None
         if frame.layer not in self.descriptor.layers:
             raise FrameError(f"layer {frame.layer} outside {self.descriptor.layers}")
-        have = self.layer_tokens.get(frame.layer, 0)
+        have = self.layer_tokens.get(frame.layer, self.token_offset or 0)
         if frame.token_start != have or frame.token_stop > self.num_tokens:
             raise FrameError(
                 f"layer {frame.layer}: tokens [{frame.token_start}, {frame.token_stop}) "
-                f"do not continue [0, {have}) within {self.num_tokens}"
+                f"do not continue [{self.token_offset or 0}, {have}) within {self.num_tokens}"
             )
         if frame.token_start % self.descriptor.block_size:
             raise FrameError(

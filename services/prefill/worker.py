@@ -11,6 +11,7 @@ import logging
 from nats.aio.msg import Msg
 
 from proto.messages import ErrorEvent, InstanceInfo, MessageError, PrefillJob, TokenEvent
+from proto.prefix_hash import pack_hashes
 from services.backends.base import PrefillBackend
 from services.common import metrics
 from services.common.service import Service
@@ -45,6 +46,9 @@ class PrefillService(Service):
         info.waiting = load.waiting
         info.free_blocks = load.free_blocks
         info.total_blocks = load.total_blocks
+        info.cached_prefixes = pack_hashes(load.cached_prefixes)
+        info.queued_tokens = load.queued_tokens
+        info.prefill_tokens_per_s = load.prefill_tokens_per_s
         info.max_model_len = self.backend.max_model_len
         return info
 
@@ -93,6 +97,7 @@ class PrefillService(Service):
                 finish_reason=seq.finish_reason,
                 stop_reason=seq.stop_reason,
                 instance_id=self.instance_id,
+                cached_tokens=seq.num_cached,
             ),
         )
 

@@ -31,7 +31,8 @@ from services.common import metrics
 from services.common.service import Service
 from services.common.settings import SchedulerSettings
 from services.common.telemetry import extract, inject, tracer
-from services.scheduler.policy import Busy, RoutingError, pairable, rank_decode, rank_prefill
+from services.scheduler.costs import Defaults, PrefixIndex
+from services.scheduler.policy import Busy, Option, RoutingError, options, unroutable_reason
 
 log = logging.getLogger(__name__)
 _tracer = tracer("hetserve.scheduler")
@@ -46,6 +47,13 @@ class SchedulerService(Service):
         self.in_flight = asyncio.Semaphore(settings.max_in_flight)
         self.routed = 0
         self.placing = 0  # requests being routed now (or waiting for free blocks)
+        self.prefixes = PrefixIndex()
+        self.defaults = Defaults(
+            prefill_tokens_per_s=settings.default_prefill_tokens_per_s,
+            decode_step_s=settings.default_decode_step_s,
+            kv_bytes_per_s=settings.kv_bytes_per_s,
+            converter_bytes_per_s=settings.converter_bytes_per_s,
+        )
 
     async def start(self) -> None:
         s = self.bus.subjects
@@ -128,44 +136,63 @@ class SchedulerService(Service):
             pause = min(pause * 2, 0.5)
 
     async def _route(self, request: GenerateRequest) -> RouteEvent:
-        prefills = rank_prefill(self.registry.live("prefill"), request)
-        decodes = rank_decode(self.registry.live("decode"), request)
-        if not prefills:
-            raise RoutingError("no live prefill instance can take this request")
-        if not decodes:
-            raise RoutingError("no live decode instance can take this request")
+        live = self.registry.live()
+        prefills = [i for i in live if i.role == "prefill"]
+        decodes = [i for i in live if i.role == "decode"]
+        converters = any(i.role == "converter" for i in live)
+        self.prefixes.forget({i.instance_id for i in live})
+        found = options(
+            request, prefills, decodes, converters, self.settings.routing, self.prefixes,
+            self.defaults,
+        )  # fmt: skip
+        if not found:
+            raise RoutingError(unroutable_reason(request, prefills, decodes, converters))
+        by_decode: dict[str, list[Option]] = {}
+        for option in found:  # each decode instance in the order of its best option
+            by_decode.setdefault(option.decode.instance_id, []).append(option)
         reasons = []
         full = True  # every refusal so far was for lack of free blocks
-        for decode in decodes:
-            candidates = [p for p in prefills if pairable(p, decode)]
-            if not candidates:
-                reasons.append(f"{decode.instance_id}: no prefill instance with the same model")
-                continue
-            reply = await self._reserve(decode, request)
+        for decode_id, choices in by_decode.items():
+            decode, best = choices[0].decode, choices[0]
+            align = max(choice.token_align for choice in choices)
+            reply = await self._reserve(decode, request, align, local=best.local)
             if not reply.ok:
-                reasons.append(f"{decode.instance_id}: {reply.reason}")
+                reasons.append(f"{decode_id}: {reply.reason}")
                 full = full and reply.retry_later
                 continue
-            for prefill in candidates:
-                route = await self._start_prefill(request, prefill, decode)
+            if best.local:  # the decode instance prefills it itself, from now on
+                return await self._announce(request, best)
+            for choice in choices:
+                if choice.local:
+                    continue
+                route = await self._start_prefill(request, choice, reply.cached_tokens)
                 if route is not None:
                     return route
             await self.bus.publish(
                 self.bus.subjects.aborts,
                 AbortRequest(request_id=request.request_id, reason="no prefill"),
             )
-            reasons.append(f"{decode.instance_id}: no prefill instance accepted the job")
+            reasons.append(f"{decode_id}: no prefill instance accepted the job")
         if full and reasons:
             raise Busy("; ".join(reasons))
         raise RoutingError("could not place the request: " + "; ".join(reasons))
 
-    async def _reserve(self, decode: InstanceInfo, request: GenerateRequest) -> ReserveReply:
+    async def _reserve(
+        self, decode: InstanceInfo, request: GenerateRequest, align: int, local: bool
+    ) -> ReserveReply:
         remaining = request.sampling.max_tokens - len(request.resumed_token_ids)
         ask = ReserveRequest(
             request=request,
             num_tokens=len(request.context_token_ids) + max(remaining, 1),
             hold_seconds=self.settings.reserve_hold_s,
+            token_align=align,
+            local_prefill=local,
         )
+        if local:  # the decode instance's first token goes to the gateway: it must know the route
+            await self.bus.publish(
+                self.bus.subjects.request_events(request.request_id),
+                self._route_event(request, decode.instance_id, decode.instance_id, None),
+            )
         try:
             return await self.bus.request(
                 self.bus.subjects.reserve(decode.instance_id),
@@ -176,25 +203,35 @@ class SchedulerService(Service):
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError, MessageError) as exc:
             return ReserveReply(ok=False, reason=f"no answer ({type(exc).__name__})")
 
-    async def _start_prefill(
-        self, request: GenerateRequest, prefill: InstanceInfo, decode: InstanceInfo
-    ) -> RouteEvent | None:
-        assert prefill.kv is not None and decode.kv is not None
-        converter = None
-        if not prefill.kv.same_kv_as(decode.kv):
-            converters = sorted(self.registry.live("converter"), key=lambda c: c.running)
-            if not converters:
-                raise RoutingError(
-                    f"{prefill.kv.layout} -> {decode.kv.layout} needs a converter and none is live"
-                )
-            converter = converters[0].instance_id
-        events = self.bus.subjects.request_events(request.request_id)
-        route = RouteEvent(
+    def _route_event(
+        self, request: GenerateRequest, prefill: str, decode: str, converter: str | None
+    ) -> RouteEvent:
+        return RouteEvent(
             request_id=request.request_id,
-            prefill_instance=prefill.instance_id,
-            decode_instance=decode.instance_id,
+            prefill_instance=prefill,
+            decode_instance=decode,
             converter_instance=converter,
         )
+
+    async def _announce(self, request: GenerateRequest, option: Option) -> RouteEvent:
+        """A local prefill was accepted: its route event went out before the reservation."""
+        decode = option.decode.instance_id
+        metrics.LOCAL_ROUTES.inc()
+        return self._route_event(request, decode, decode, None)
+
+    async def _start_prefill(
+        self, request: GenerateRequest, option: Option, cached_tokens: int
+    ) -> RouteEvent | None:
+        prefill, decode = option.prefill, option.decode
+        assert prefill is not None and decode.kv is not None
+        converter = None
+        if option.via_converter:
+            converters = sorted(self.registry.live("converter"), key=lambda c: c.running)
+            if not converters:
+                return None
+            converter = converters[0].instance_id
+        events = self.bus.subjects.request_events(request.request_id)
+        route = self._route_event(request, prefill.instance_id, decode.instance_id, converter)
         # The gateway learns the route first, so it can watch those instances' health.
         await self.bus.publish(events, route)
         job = PrefillJob(
@@ -205,6 +242,7 @@ class SchedulerService(Service):
                 decode_instance=decode.instance_id,
                 decode_kv=decode.kv,
                 via_converter=converter is not None,
+                token_offset=cached_tokens,
             ),
         )
         try:

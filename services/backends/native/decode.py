@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Callable
+from typing import TypeVar
 
 from proto.kv_descriptor import KVDescriptor
 from proto.messages import GenerateRequest
@@ -20,11 +22,15 @@ from services.backends.native.build import build_engine
 from services.common import metrics
 from services.common.bus import Bus
 from services.common.settings import WorkerSettings
+from services.engine.block_manager import OutOfBlocks
 from services.engine.engine import NativeEngine
 from services.engine.kv_cache import PagedKVCache
-from services.engine.scheduler import Scheduler
+from services.engine.scheduler import PrefillChunk, Scheduler
 from services.engine.sequence import Sequence
+from services.engine.speed import SpeedMeter
 from services.engine.tp.leader import LeaderEngine
+
+T = TypeVar("T")
 
 
 class NativeDecode:
@@ -37,6 +43,10 @@ class NativeDecode:
         self.peak_running = 0
         self.preemptions = 0
         self.kv_loaded_tokens = 0
+        self.cached_tokens = 0  # context tokens reused from this cache instead of transferred
+        self.speed = SpeedMeter(
+            settings.expected_prefill_tokens_per_s, settings.expected_decode_step_s
+        )
         self._wake = asyncio.Event()
 
     async def start(self, bus: Bus, spawn: Spawn, events: DecodeEvents) -> None:
@@ -79,6 +89,11 @@ class NativeDecode:
             peak_running=self.peak_running,
             preemptions=self.preemptions,
             kv_loaded_tokens=self.kv_loaded_tokens,
+            cached_tokens=self.cached_tokens,
+            cached_prefixes=blocks.cached_hashes(),
+            queued_tokens=self.scheduler.queued_tokens,
+            prefill_tokens_per_s=self.speed.prefill_tokens_per_s,
+            decode_step_s=self.speed.decode_step_s,
         )
 
     def blocks_to_hold(self, request: GenerateRequest, num_tokens: int) -> int:
@@ -86,11 +101,21 @@ class NativeDecode:
         ahead = len(request.context_token_ids) + self.settings.reserve_ahead_tokens
         return self.engine.blocks_for(min(num_tokens, ahead))
 
-    async def reserve(self, request_id: str, count: int) -> list[int]:
-        blocks = self.engine.blocks.allocate(count)
+    async def reserve(
+        self, request: GenerateRequest, count: int, align: int
+    ) -> tuple[list[int], int]:
+        manager, context = self.engine.blocks, request.context_token_ids
+        # a whole number of `align`-token runs, and never the last token: prefill computes it
+        usable = (len(context) - 1) // align * align // manager.block_size
+        cached = manager.match_prefix(context, min(usable, count))
+        try:
+            blocks = cached + manager.allocate(count - len(cached))
+        except OutOfBlocks:
+            manager.free(cached)
+            raise
         if self.leader.tp_size > 1:  # follower ranks import their shards into the same blocks
-            await asyncio.to_thread(self.leader.share_blocks, request_id, blocks)
-        return blocks
+            await asyncio.to_thread(self.leader.share_blocks, request.request_id, blocks)
+        return blocks, len(cached) * manager.block_size
 
     def release(self, request_id: str, blocks: list[int]) -> None:
         self.leader.release([request_id])
@@ -100,9 +125,15 @@ class NativeDecode:
         return self.engine.new_sequence(request)
 
     async def start_sequence(self, seq: Sequence, deadline: float) -> None:
-        self.kv_loaded_tokens += len(seq.context_ids)
-        metrics.DECODE_KV_LOADED_TOKENS.inc(len(seq.context_ids))
+        loaded = len(seq.context_ids) - seq.num_cached
+        self.kv_loaded_tokens += loaded
+        self.cached_tokens += seq.num_cached
+        metrics.DECODE_KV_LOADED_TOKENS.inc(loaded)
         self.ready.append((seq, deadline))
+        self._wake.set()
+
+    async def start_local(self, seq: Sequence) -> None:
+        self.scheduler.add(seq)  # prefill steps come first; then it joins the batch
         self._wake.set()
 
     def abort(self, request_id: str) -> None:
@@ -118,6 +149,9 @@ class NativeDecode:
                 self.preemptions += 1
                 self.leader.release([seq.request_id])
                 await self.events.preempted(seq)
+            if plan.prefill:
+                await self._prefill(plan.prefill)
+                continue
             if not plan.decode:
                 self._wake.clear()
                 # Ready sequences may be waiting for their KV on other TP ranks: poll.
@@ -126,14 +160,45 @@ class NativeDecode:
                 continue
             batch = plan.decode
             self.peak_running = max(self.peak_running, len(batch))
+            started = time.perf_counter()
             with metrics.DECODE_STEP_SECONDS.time():
-                await asyncio.to_thread(self.leader.decode, batch)
+                await asyncio.to_thread(self._slowed, self.leader.decode, batch)
+            self.speed.decoded(time.perf_counter() - started)
             metrics.DECODE_TOKENS.inc(len(batch))
-            finished = [seq for seq in batch if seq.finished]
-            self.scheduler.finish(finished)  # the leader released them in the step
-            for seq in batch:
-                if seq.request_id not in self.aborted:
-                    await self.events.tokens(seq)
+            await self._report(batch)
+
+    async def _prefill(self, chunks: list[PrefillChunk]) -> None:
+        """Prompts prefilled here (local prefill): the first token of each done one."""
+        started = time.perf_counter()
+        try:
+            with metrics.PREFILL_SECONDS.time():
+                await asyncio.to_thread(self._slowed, self.leader.prefill_step, chunks)
+        except Exception as exc:  # noqa: BLE001 - the step's prompts fail, others go on
+            for chunk in chunks:
+                self.scheduler.remove(chunk.seq.request_id)
+                self.leader.release([chunk.seq.request_id])
+                await self.events.failed(chunk.seq, f"prefill failed: {exc}")
+            return
+        self.speed.prefilled(sum(c.stop - c.start for c in chunks), time.perf_counter() - started)
+        done = self.scheduler.prefilled(chunks)
+        await self._report(done)
+
+    def _slowed(self, step: Callable[..., T], *args: object) -> T:
+        """A step, made slower by `step_delay_s` (a benchmark's deliberately slow instance)."""
+        out = step(*args)
+        if self.settings.step_delay_s:
+            time.sleep(self.settings.step_delay_s)
+        return out
+
+    async def _report(self, seqs: list[Sequence]) -> None:
+        """Each sequence's new token goes out; finished ones leave (the leader released them
+        in a decode step; a sequence done at its first token is released here)."""
+        finished = [seq for seq in seqs if seq.finished]
+        self.scheduler.finish(finished)
+        self.leader.release([seq.request_id for seq in finished])
+        for seq in seqs:
+            if seq.request_id not in self.aborted:
+                await self.events.tokens(seq)
 
     def _drop_aborted(self) -> None:
         if not self.aborted:

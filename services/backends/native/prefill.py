@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 from proto.kv_descriptor import KVDescriptor
@@ -21,6 +22,7 @@ from services.common.telemetry import tracer
 from services.engine.engine import NativeEngine
 from services.engine.scheduler import PrefillChunk, Scheduler
 from services.engine.sequence import Sequence
+from services.engine.speed import SpeedMeter
 from services.engine.tp.leader import LeaderEngine
 from services.kv.shard_stream import LayerFeed, receiver_rank, stream_shard
 
@@ -45,6 +47,9 @@ class NativePrefill:
         self.cancelled: set[str] = set()
         self._wake = asyncio.Event()
         self.running = 0
+        self.speed = SpeedMeter(
+            settings.expected_prefill_tokens_per_s, settings.expected_decode_step_s
+        )
 
     async def start(self, bus: Bus, spawn: Spawn) -> None:
         self.bus = bus
@@ -79,6 +84,9 @@ class NativePrefill:
             free_blocks=blocks.num_free,
             total_blocks=blocks.num_total,
             cached_tokens=blocks.hits * blocks.block_size,
+            cached_prefixes=blocks.cached_hashes(),
+            queued_tokens=self.scheduler.queued_tokens,
+            prefill_tokens_per_s=self.speed.prefill_tokens_per_s,
         )
 
     async def prefill(self, job: PrefillJob, announce: Announce) -> None:
@@ -98,7 +106,7 @@ class NativePrefill:
             )
         feed = LayerFeed(
             kv, self.engine.cache.export_blocks, seq.block_table, len(seq.context_ids),
-            self.bus.frame_limit,
+            self.bus.frame_limit, token_offset=route.token_offset,
         )  # fmt: skip
         prompt = _Prompt(seq, feed, job, asyncio.get_running_loop().create_future())
         self.prompts[rid] = prompt
@@ -144,22 +152,28 @@ class NativePrefill:
                 continue
             chunks = plan.prefill
             extras = [self.prompts[c.seq.request_id].job.route.model_dump() for c in chunks]
+            started = time.perf_counter()
             try:
                 with metrics.PREFILL_SECONDS.time():
-                    await asyncio.to_thread(
-                        self.leader.prefill_step, chunks, self._layer_hook(chunks), extras
-                    )
+                    await asyncio.to_thread(self._step, chunks, extras)
             except Exception as exc:  # noqa: BLE001 - the step's prompts fail, others go on
                 log.exception("a prefill step failed")
                 for chunk in chunks:
                     self._fail(chunk.seq, f"prefill failed: {exc}")
                 continue
+            computed = sum(c.stop - c.start for c in chunks)
+            self.speed.prefilled(computed, time.perf_counter() - started)
             done = self.scheduler.prefilled(chunks)
             self.scheduler.finish(done)  # every layer's KV was copied out in the step
             for seq in done:
                 prompt = self.prompts.get(seq.request_id)
                 if prompt is not None and not prompt.computed.done():
                     prompt.computed.set_result(seq.output_ids[-1])
+
+    def _step(self, chunks: list[PrefillChunk], extras: list) -> None:
+        self.leader.prefill_step(chunks, self._layer_hook(chunks), extras)
+        if self.settings.step_delay_s:  # a benchmark's deliberately slow instance
+            time.sleep(self.settings.step_delay_s)
 
     def _layer_hook(self, chunks: list[PrefillChunk]):  # noqa: ANN202 - a LayerDone
         feeds = [(self.prompts[c.seq.request_id].feed, c.stop) for c in chunks]

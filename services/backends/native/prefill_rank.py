@@ -51,13 +51,12 @@ class NativePrefillRank:
     def _feed(self, row: PrefillRow) -> LayerFeed:
         feed = self.feeds.get(row.request_id)
         if feed is None:
-            kv = self.engine.kv
+            kv, route = self.engine.kv, KVRoute.model_validate(row.extra)
             feed = LayerFeed(
                 kv, self.engine.cache.export_blocks, row.input.block_table, row.num_tokens,
-                self.bus.frame_limit, loop=self.loop,
+                self.bus.frame_limit, loop=self.loop, token_offset=route.token_offset,
             )  # fmt: skip
             self.feeds[row.request_id] = feed
-            route = KVRoute.model_validate(row.extra)
             asyncio.run_coroutine_threadsafe(self._stream(row.request_id, route, feed), self.loop)
         return feed
 

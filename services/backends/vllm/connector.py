@@ -87,7 +87,7 @@ class _Producing:
     route: dict
     prompt_len: int
     block_ids: list[int]
-    sent: int = 0  # tokens sent so far
+    sent: int = 0  # tokens sent so far (or that the receiver holds already)
 
 
 def _params(source: Any) -> dict:
@@ -273,6 +273,7 @@ class HetserveConnector(KVConnectorBase_V1):
                     route=params["route"],
                     prompt_len=len(req.prompt_token_ids),
                     block_ids=list(req.block_ids[0]),
+                    sent=int(params["route"].get("token_offset", 0)),  # the decode has these
                 )
                 self._add_save(
                     meta,

@@ -112,14 +112,19 @@ class VllmDecode:
             total_blocks=self.staging.num_total,
             peak_running=PeakBatch.peak_running,
             kv_loaded_tokens=self.kv_loaded_tokens,
+            prefill_tokens_per_s=self.settings.expected_prefill_tokens_per_s,
+            decode_step_s=self.settings.expected_decode_step_s,
         )
 
     def blocks_to_hold(self, request: GenerateRequest, num_tokens: int) -> int:
         """Staging holds the transferred context only; vLLM grows the sequence itself."""
         return self.kv.blocks_for(len(request.context_token_ids))
 
-    async def reserve(self, request_id: str, count: int) -> list[int]:
-        return self.staging.allocate(count)  # one block id on every rank's staging cache
+    async def reserve(
+        self, request: GenerateRequest, count: int, align: int
+    ) -> tuple[list[int], int]:
+        # one block id on every rank's staging cache; vLLM loads every prompt token from it
+        return self.staging.allocate(count), 0
 
     def release(self, request_id: str, blocks: list[int]) -> None:
         self.staging.free(blocks)
@@ -129,6 +134,12 @@ class VllmDecode:
 
     async def start_sequence(self, seq: Sequence, deadline: float) -> None:
         task = self.spawn(self._generate(seq), f"vllm-decode-{seq.request_id}")
+        self.generating[seq.request_id] = (seq, task)
+
+    async def start_local(self, seq: Sequence) -> None:
+        """vLLM prefills the prompt itself: no staged KV (the staging blocks go back now)."""
+        self._free_staging(seq)
+        task = self.spawn(self._generate(seq, local=True), f"vllm-local-{seq.request_id}")
         self.generating[seq.request_id] = (seq, task)
 
     def abort(self, request_id: str) -> None:
@@ -141,11 +152,11 @@ class VllmDecode:
             self.staging.free(seq.block_table)
             seq.block_table = []
 
-    async def _generate(self, seq: Sequence) -> None:
+    async def _generate(self, seq: Sequence, local: bool = False) -> None:
         rid = seq.request_id
         remaining = seq.params.max_tokens - seq.completion_offset - len(seq.output_ids)
         kv = {"rid": rid, "staged_blocks": seq.block_table, "num_tokens": len(seq.context_ids)}
-        params = engine_args.sampling_params(seq.params, remaining, kv)
+        params = engine_args.sampling_params(seq.params, remaining, {} if local else kv)
         try:
             async for out in self.vllm.generate(
                 {"prompt_token_ids": seq.all_ids}, params, request_id=rid

@@ -18,10 +18,15 @@ from services.common.settings import WorkerSettings
 from services.engine.sequence import Sequence
 from services.hf.config import ModelConfig, load_model_config
 from services.hf.tokenizer import Tokenizer
+from services.kv.dtypes import DTYPES
 
 CONNECTOR = "HetserveConnector"
 CONNECTOR_MODULE = "services.backends.vllm.connector"
 WORKER_EXTENSION = "services.backends.vllm.connector.HetserveWorkerExtension"
+# vllm_kv_cache_gib unset: at least this much, and room for one max_model_len sequence with
+# this margin (vLLM refuses to start when one sequence of max_model_len does not fit).
+MIN_KV_CACHE_GIB = 0.25
+KV_CACHE_MARGIN = 1.25
 
 
 def vllm_missing_reason() -> str | None:
@@ -48,13 +53,24 @@ def check_model(settings: WorkerSettings) -> ModelConfig:
     return cfg
 
 
+def kv_cache_bytes(settings: WorkerSettings, cfg: ModelConfig) -> int | None:
+    """vLLM's kv_cache_memory_bytes (per worker); None lets gpu_memory_utilization size it."""
+    gib = settings.vllm_kv_cache_gib
+    if gib is not None:
+        return int(gib * 2**30) if gib else None
+    max_len = settings.max_model_len or cfg.max_position_embeddings
+    # a dtype name only vLLM knows ("auto", "half") is counted as 4 bytes: too much, not too little
+    itemsize = DTYPES.get(settings.kv_dtype, DTYPES["float32"]).itemsize
+    per_token = cfg.num_layers * 2 * cfg.kv_size * itemsize
+    return max(int(MIN_KV_CACHE_GIB * 2**30), int(max_len * per_token * KV_CACHE_MARGIN))
+
+
 def engine_args(settings: WorkerSettings, role: str, asynchronous: bool) -> Any:
     """EngineArgs (or AsyncEngineArgs) with hetserve's connector, from an instance's settings."""
     from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
 
     cls = AsyncEngineArgs if asynchronous else EngineArgs
-    gib = settings.vllm_kv_cache_gib
     return cls(
         model=settings.model,
         dtype=settings.kv_dtype,
@@ -62,7 +78,7 @@ def engine_args(settings: WorkerSettings, role: str, asynchronous: bool) -> Any:
         max_model_len=settings.max_model_len or None,
         tensor_parallel_size=settings.tp_size,
         distributed_executor_backend="mp" if settings.tp_size > 1 else None,
-        kv_cache_memory_bytes=int(gib * 2**30) if gib else None,
+        kv_cache_memory_bytes=kv_cache_bytes(settings, load_model_config(settings.model)),
         gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
         enforce_eager=settings.vllm_enforce_eager,
         max_num_batched_tokens=settings.vllm_max_num_batched_tokens or None,

@@ -82,6 +82,8 @@ class VllmPrefill:
             waiting=len(self.new),
             free_blocks=self.num_blocks,
             total_blocks=self.num_blocks,
+            queued_tokens=sum(len(prompt) for _, prompt, _ in self.new),
+            prefill_tokens_per_s=self.settings.expected_prefill_tokens_per_s,
         )
 
     # -- the engine thread ------------------------------------------------------------
@@ -152,8 +154,9 @@ class VllmPrefill:
         error = ""
         try:
             with metrics.PREFILL_SECONDS.time():  # vLLM may batch it with others
-                first = (await output).outputs[0].token_ids[0]
-            seq.append(first)
+                result = await output
+            seq.num_cached = result.num_cached_tokens or 0  # vLLM's prefix cache
+            seq.append(result.outputs[0].token_ids[0])
             await announce(seq)
         except BaseException as exc:
             error = f"prefill failed: {exc!r}"

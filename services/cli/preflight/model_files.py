@@ -8,7 +8,7 @@ from pathlib import Path
 from services.cli.preflight.report import Report
 from services.hf.config import ModelConfig, load_model_config
 
-_MAKE_DEMO = "python scripts/make_tiny_model.py models/tiny-llama"
+_MAKE_DEMO = "hetserve model fetch (or a random tiny one: hetserve model tiny models/tiny-llama)"
 
 
 def check_model_dir(model: str, field: str, report: Report) -> ModelConfig | None:

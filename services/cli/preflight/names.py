@@ -11,6 +11,8 @@ from proto.subjects import check_token
 from services.cli.preflight.report import Report
 from services.cli.topology import Topology, worker_instance_id
 
+WORKER_ROLES = ("prefill", "decode", "both")  # the topology's lists of workers
+
 
 def instance_ids(topology: Topology) -> list[tuple[str, str, str]]:
     """(instance id, the topology field it comes from, whose it is) for every instance
@@ -20,7 +22,7 @@ def instance_ids(topology: Topology) -> list[tuple[str, str, str]]:
     for role in ("scheduler", "converter", "gateway"):
         replicas = getattr(topology, role).replicas
         out += [(f"{role}-{i}", f"{role}.replicas", f"the {role}") for i in range(replicas)]
-    for role in ("prefill", "decode"):
+    for role in WORKER_ROLES:
         for index, spec in enumerate(getattr(topology, role)):
             field = f"{role}[{index}].name"
             owner = f"{role}[{index}] ({spec.name})"
@@ -29,7 +31,7 @@ def instance_ids(topology: Topology) -> list[tuple[str, str, str]]:
 
 
 def check_names(topology: Topology, report: Report) -> None:
-    for role in ("prefill", "decode"):
+    for role in WORKER_ROLES:
         for index, spec in enumerate(getattr(topology, role)):
             try:
                 check_token(spec.name, "name")
@@ -48,5 +50,5 @@ def check_names(topology: Topology, report: Report) -> None:
             field,
             f"instance id {instance_id} clashes with {owners[instance_id]}: the two would "
             "share one registry entry and the system would never become healthy",
-            "give every prefill and decode entry a name of its own",
+            "give every prefill, decode and both entry a name of its own",
         )

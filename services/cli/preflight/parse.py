@@ -21,6 +21,8 @@ def field_path(loc: tuple[int | str, ...]) -> str:
 
 
 def _fix(error_type: str, field: str) -> str:
+    if field == "(top level)":
+        return "see scripts/topologies/*.yaml for complete topologies"
     if error_type == "missing":
         return f"add {field}"
     if error_type == "extra_forbidden":

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from services.cli.preflight.model_files import check_model_dir
-from services.cli.preflight.names import check_names
+from services.cli.preflight.names import WORKER_ROLES, check_names
 from services.cli.preflight.pairs import check_pairs
 from services.cli.preflight.parse import read_topology
 from services.cli.preflight.ports import check_ports
@@ -39,7 +39,7 @@ def check_topology(
         topology.model: check_model_dir(topology.model, model_field, report)
     }
     probe = VllmProbe()
-    for role in ("prefill", "decode"):
+    for role in WORKER_ROLES:
         for index, spec in enumerate(getattr(topology, role)):
             # a worker may serve another model than the gateway's (env: HETSERVE_MODEL)
             worker_model = spec.env.get("HETSERVE_MODEL", topology.model)

@@ -14,6 +14,7 @@ from services.cli.topology import WorkerSpec, worker_instance_id
 from services.hf.config import ModelConfig
 
 _KNOWN_LAYOUTS = ", ".join(sorted(LAYOUTS))
+NATIVE_DEFAULT_LAYOUT = "vllm-flash"  # a native instance's kv_layout when it names none
 
 
 class VllmProbe:
@@ -81,14 +82,8 @@ class WorkerCheck:
         return LAYOUTS[name]
 
     def native_layout(self) -> LayoutSpec | None:
-        if not self.spec.kv_layout:
-            self.refuse(
-                "kv_layout",
-                "a native instance stores its cache in a layout and none is given",
-                f"set kv_layout to one of: {_KNOWN_LAYOUTS}",
-            )
-            return None
-        return self.layout(self.spec.kv_layout)
+        # "" is the settings' default layout, as WorkerSettings resolves it
+        return self.layout(self.spec.kv_layout or NATIVE_DEFAULT_LAYOUT)
 
     def vllm_layout(self, probe: VllmProbe, cfg: ModelConfig | None) -> str | None:
         """The layout vLLM will allocate (None: not predictable), after vLLM's own rules."""

@@ -30,10 +30,12 @@ def convert_layer(
     *,
     scales: KVScales = UNIT_SCALES,
     layer: int | None = None,
+    first: int = 0,
 ) -> list[OutPiece]:
-    """Target shard's pieces of one layer, from the pieces of the source shards holding its
-    heads (extra shards and replicas are ignored). `scales` are the target's fp8 scales;
-    `layer`, when given, must lie in every descriptor's layer range."""
+    """Target shard's pieces of one layer's tokens [first, num_tokens), from the pieces of
+    the source shards holding its heads (extra shards and replicas are ignored). `scales` are
+    the target's fp8 scales; `layer`, when given, must lie in every descriptor's layer range;
+    `first` (the tokens the receiver already holds) must start a block on every side."""
     for src in sources:
         check_convertible(src.desc, target)
     if layer is not None:
@@ -42,13 +44,14 @@ def convert_layer(
                 raise ValueError(f"layer {layer} is outside {desc.layout} layers {desc.layers}")
     used = []
     for i, taken in assign_heads([s.desc for s in sources], target.heads):
-        pieces = sorted_pieces(sources[i].desc, sources[i].pieces, num_tokens)
+        pieces = sorted_pieces(sources[i].desc, sources[i].pieces, num_tokens, first)
         used.append((sources[i], taken, pieces))
     plan = plan_layer(
         tuple((s.desc, taken, tuple((a, b) for a, b, _ in pieces)) for s, taken, pieces in used),
         target,
         num_tokens,
         max_payload_bytes,
+        first,
     )
     flats = [[readonly_bytes(data) for _, _, data in pieces] for _, _, pieces in used]
     casts = [

@@ -61,11 +61,15 @@ def assign_heads(sources: Sequence[KVDescriptor], heads: range) -> list[tuple[in
     return groups
 
 
-def sorted_pieces(desc: KVDescriptor, pieces: Sequence[Piece], num_tokens: int) -> list[Piece]:
-    """The pieces in token order, checked to tile [0, num_tokens) with whole blocks."""
+def sorted_pieces(
+    desc: KVDescriptor, pieces: Sequence[Piece], num_tokens: int, first: int = 0
+) -> list[Piece]:
+    """The pieces in token order, checked to tile [first, num_tokens) with whole blocks."""
     if num_tokens < 1:
         raise ValueError(f"a layer has at least one token, not {num_tokens}")
-    ordered, covered = sorted(pieces, key=lambda p: (p[0], p[1])), 0
+    if not 0 <= first < num_tokens:
+        raise ValueError(f"the pieces start at token {first}, outside [0, {num_tokens})")
+    ordered, covered = sorted(pieces, key=lambda p: (p[0], p[1])), first
     who = f"shard {desc.tp_rank} of {desc.layout}"
     for start, stop, data in ordered:
         if start > covered:
@@ -73,7 +77,7 @@ def sorted_pieces(desc: KVDescriptor, pieces: Sequence[Piece], num_tokens: int) 
         if start < covered:
             raise ValueError(f"{who}: piece [{start}, {stop}) overlaps tokens before {covered}")
         if not start < stop <= num_tokens:
-            raise ValueError(f"{who}: piece [{start}, {stop}) outside [0, {num_tokens})")
+            raise ValueError(f"{who}: piece [{start}, {stop}) outside [{first}, {num_tokens})")
         if start % desc.block_size:
             raise ValueError(f"{who}: piece starts at {start}, inside a block of {desc.block_size}")
         blocks = desc.blocks_for(stop - start)
@@ -89,8 +93,9 @@ def sorted_pieces(desc: KVDescriptor, pieces: Sequence[Piece], num_tokens: int) 
 
 
 def chunk_ranges(
-    desc: KVDescriptor, num_tokens: int, max_payload_bytes: int
+    desc: KVDescriptor, num_tokens: int, max_payload_bytes: int, first: int = 0
 ) -> Iterator[tuple[int, int]]:
+    """Token ranges of whole blocks, at most `max_payload_bytes` each, over [first, num_tokens)."""
     per_block = desc.payload_nbytes(1)
     if per_block > max_payload_bytes:
         raise ValueError(
@@ -98,5 +103,7 @@ def chunk_ranges(
             f"over the payload limit of {max_payload_bytes}"
         )
     step = max_payload_bytes // per_block * desc.block_size
-    for start in range(0, num_tokens, step):
+    if first % desc.block_size:
+        raise ValueError(f"tokens start at {first}, inside a block of {desc.block_size}")
+    for start in range(first, num_tokens, step):
         yield start, min(start + step, num_tokens)

@@ -37,7 +37,11 @@ ShardKey = tuple[KVDescriptor, range, tuple[tuple[int, int], ...]]  # desc, head
 
 @lru_cache(maxsize=256)
 def plan_layer(
-    shards: tuple[ShardKey, ...], target: KVDescriptor, num_tokens: int, max_payload_bytes: int
+    shards: tuple[ShardKey, ...],
+    target: KVDescriptor,
+    num_tokens: int,
+    max_payload_bytes: int,
+    first: int = 0,
 ) -> tuple[Chunk, ...]:
     """Target payloads of one layer from `shards`' pieces (validated by the caller)."""
     meta = partial(torch.empty, dtype=torch.uint8, device="meta")
@@ -46,7 +50,7 @@ def plan_layer(
         for desc, _, ranges in shards
     ]
     chunks = []
-    for start, stop in chunk_ranges(target, num_tokens, max_payload_bytes):
+    for start, stop in chunk_ranges(target, num_tokens, max_payload_bytes, first):
         nbytes = target.payload_nbytes(target.blocks_for(stop - start))
         dst = run_over(target, start, stop, meta(nbytes))
         moves: list[Move] = []

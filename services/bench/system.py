@@ -1,0 +1,107 @@
+"""A whole hetserve system for a benchmark: `hetserve up` on a topology in a subprocess, ready
+when /health says so, its Prometheus counters summed over every process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.common.nats_server import free_port
+
+
+@dataclass
+class System:
+    port: int
+    metrics_ports: range  # every process's Prometheus port (hetserve up counts them up)
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def counter(self, name: str) -> float:
+        """A counter summed over every process (0 where a process does not have it)."""
+        total = 0.0
+        for port in self.metrics_ports:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    text = r.read().decode()
+            except (urllib.error.URLError, OSError):
+                continue
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == name:
+                        total += sample.value
+        return total
+
+
+def _wait_healthy(port: int, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"hetserve up exited:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"not healthy in {timeout_s:.0f}s:\n{log_path.read_text()[-3000:]}")
+
+
+@contextmanager
+def running(
+    topology: dict,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 600.0,
+    settle_s: float = 3.0,
+) -> Iterator[System]:
+    """`hetserve up` with an embedded NATS server until the block ends. `env` reaches every
+    process (HETSERVE_* settings). Processes get metrics ports counted up from a free one."""
+    workdir = Path(tempfile.mkdtemp(prefix="hetserve-bench-"))
+    port, metrics = free_port(), free_port()
+    topology = {**topology, "gateway": {**topology.get("gateway", {}), "port": port}}
+    path = workdir / "topology.yaml"
+    path.write_text(yaml.safe_dump(topology))
+    log_path = workdir / "system.log"
+    count = (
+        sum(
+            spec.get("replicas", 1) * spec.get("tp", 1)
+            for role in ("prefill", "decode", "both")
+            for spec in topology.get(role, [])
+        )
+        + 8
+    )  # scheduler, converters, gateways: a margin is harmless
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "--log-level", "WARNING", "up",
+             "--topology", str(path)],
+            env={**os.environ, "HETSERVE_METRICS_PORT": str(metrics), **(env or {})},
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        _wait_healthy(port, process, log_path, timeout_s)
+        time.sleep(settle_s)  # every instance heartbeats at least once more
+        yield System(port, range(metrics, metrics + count), process, log_path)
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -1,0 +1,5 @@
+import sys
+
+from services.models.tiny.cli import main
+
+sys.exit(main())
