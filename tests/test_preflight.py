@@ -331,3 +331,28 @@ def test_every_shipped_topology_passes_check(path: Path, tiny_llama: Path) -> No
     assert run.returncode == 0, run.stdout + run.stderr
     assert f"{path}: ok" in run.stdout
     assert "route " in run.stdout and "cannot pair" not in run.stdout
+
+
+def test_both_entries_and_local_prefill(tiny_llama: Path, tmp_path: Path) -> None:
+    """Aggregated (both) instances take part in every check; a pair into one that would need
+    the converter is only a warning, since it prefills what it decodes itself."""
+    topology = {
+        "model": str(tiny_llama),
+        "prefill": [{"name": "p", "kv_layout": "vllm-flash", "block_size": 16}],
+        "both": [{"name": "agg", "kv_layout": "ascend", "block_size": 128}],
+        "converter": {"replicas": 0},
+    }
+    run = hetserve("check", str(write_topology(tmp_path, topology)), "--json", "--no-ports")
+    assert run.returncode == 0, run.stdout
+    report = json.loads(run.stdout)
+    assert report["pairs"] == [{"prefill": "p", "decode": "agg", "route": "converter"}]
+    assert [w["field"] for w in report["warnings"]] == ["converter.replicas"]
+    assert "agg only serves prompts it prefills itself" in report["warnings"][0]["problem"]
+    topology["both"].append({"name": "p", "kv_layout": "ascend", "block_size": 16, "tp": 3})
+    run = hetserve("check", str(write_topology(tmp_path, topology)), "--json", "--no-ports")
+    assert run.returncode == 2
+    assert [p["field"] for p in json.loads(run.stdout)["problems"]] == [
+        "both[1].name",
+        "both[1].block_size",
+        "both[1].tp",
+    ]
