@@ -24,7 +24,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,20 +32,8 @@ import psutil
 
 from services.bench.report import to_json
 from services.bench.serve import BenchConfig, BenchRun, run_benchmark
+from services.bench.system import wait_healthy
 from services.common.nats_server import free_port
-
-
-def wait_healthy(port: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("system did not become healthy")
 
 
 def service_processes(up: subprocess.Popen) -> dict[str, psutil.Process]:

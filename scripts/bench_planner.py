@@ -1,27 +1,33 @@
 """Time the planner on a large heterogeneous inventory: 10 GPU types, 1,000 GPUs.
 
     PYTHONPATH=. python scripts/bench_planner.py [--model llama-3-70b] [--json]
+        [--against DIR]   # also time the planner of another checkout, in the same run
 
 (or without PYTHONPATH once the project is installed: pip install -e .)
 
-"Plan" is what the 2-second target covers: resolving the spec, the per-configuration search
-(queueing estimates for every GPU type, TP, PP and KV destination) and the MILP to a proven
-optimum, at several arrival rates (the larger the rate, the more of the 1,000 GPUs the plan
-uses). Wall and CPU seconds are both reported: on a shared machine wall time includes waiting
-for a core. The simulation checks and the baselines are timed once, separately.
+At each arrival rate (the larger the rate, the more of the 1,000 GPUs the plan uses) three
+calls are timed, each from the spec on (resolve, search, MILP to a proven optimum, ...):
+  plan       the plan alone, from the queueing estimates (no simulation, no baselines);
+  baselines  the plan and the three baselines, from the estimates;
+  full       what `hetserve plan` does by default: the plan and the baselines with their
+             simulation checks.
+Wall and CPU seconds are both reported (on a shared machine wall time includes waiting for a
+core); each is the median of --repeats runs. With --against, the same calls run on the other
+checkout's planner (for example the commit before a change) in alternation with this one, each
+in its own process, and the table gives this checkout's time as a ratio of the other's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
-
-from services.planner.inputs import resolve
-from services.planner.planner import plan
-from services.planner.spec import parse_spec
 
 INVENTORY = (  # (type, count, price per GPU-hour): 10 types, 1,000 GPUs
     ("h100-sxm", 160, 4.0),
@@ -35,6 +41,8 @@ INVENTORY = (  # (type, count, price per GPU-hour): 10 types, 1,000 GPUs
     ("gaudi2", 64, 1.5),
     ("gaudi3", 48, 2.8),
 )
+MODES = {"plan": (False, False), "baselines": (False, True), "full": (True, True)}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench_spec(model: str, rate: float, inter_gbps: float, intra_gbps: float) -> dict[str, Any]:
@@ -51,24 +59,53 @@ def bench_spec(model: str, rate: float, inter_gbps: float, intra_gbps: float) ->
     }
 
 
-def time_plan(spec: dict[str, Any], repeats: int) -> dict[str, Any]:
-    walls, cpus = [], []
-    for _ in range(repeats):
-        wall, cpu = time.perf_counter(), time.process_time()
-        report = plan(resolve(parse_spec(spec)), simulate=False, baselines=False)
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
+def time_once(spec: dict[str, Any], mode: str) -> dict[str, Any]:
+    """One planning call from the spec, in this process (whichever planner it imports)."""
+    from services.planner.inputs import resolve
+    from services.planner.planner import plan
+    from services.planner.spec import parse_spec
+
+    simulate, baselines = MODES[mode]
+    wall, cpu = time.perf_counter(), time.process_time()
+    report = plan(resolve(parse_spec(spec)), simulate=simulate, baselines=baselines)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     outcome = report.plan
+    sim = outcome.simulated
     return {
-        "rate": spec["workload"]["rate"],
-        "wall_s": statistics.median(walls),
-        "cpu_s": statistics.median(cpus),
-        "search_s": report.seconds["search"],
-        "milp_s": report.seconds["solve"],
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "stages_s": report.seconds,
         "feasible": outcome.feasible,
         "cost_per_hour": outcome.cost_per_hour,
         "gpus_used": sum(p.gpus for p in outcome.pools),
+        "roles": sorted({p.role for p in outcome.pools}),
+        "attainment": sim.attainment if sim else None,
+        "meets_slo": sim.meets_slo if sim else None,
     }
+
+
+def _worker(request: dict[str, Any]) -> None:
+    spec = bench_spec(request["model"], request["rate"], request["inter"], request["intra"])
+    runs = [time_once(spec, request["mode"]) for _ in range(request["repeats"])]
+    print(json.dumps(runs))
+
+
+def _in_tree(tree: Path, request: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run the timing in a fresh process that imports the planner from `tree`."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(request)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tree,
+    )
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,53 +115,81 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inter-gbps", type=float, default=400, help="between pools")
     parser.add_argument("--intra-gbps", type=float, default=1600, help="within a pool")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--against", type=Path, help="another checkout to time alongside")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        _worker(json.loads(args.worker))
+        return 0
 
-    def spec_at(rate: float) -> dict[str, Any]:
-        return bench_spec(args.model, rate, args.inter_gbps, args.intra_gbps)
-
-    rows = [time_plan(spec_at(rate), args.repeats) for rate in args.rates]
-    middle = args.rates[len(args.rates) // 2]
-    start = time.perf_counter()
-    checked = plan(resolve(parse_spec(spec_at(middle))), simulate=True, baselines=True)
-    full = time.perf_counter() - start
-    sim = checked.plan.simulated
+    trees = {"this": ROOT}
+    if args.against is not None:
+        trees["against"] = args.against.resolve()
+    rows = []
+    for rate in args.rates:
+        for mode in args.modes:
+            row: dict[str, Any] = {"rate": rate, "mode": mode}
+            request = {
+                "model": args.model,
+                "rate": rate,
+                "inter": args.inter_gbps,
+                "intra": args.intra_gbps,
+                "mode": mode,
+                "repeats": 1,
+            }
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+            for _ in range(args.repeats):  # alternate, so both see the same machine load
+                for name, tree in trees.items():
+                    runs[name] += _in_tree(tree, request)
+            for name, taken in runs.items():
+                row[name] = {
+                    "wall_s": _median(taken, "wall_s"),
+                    "cpu_s": _median(taken, "cpu_s"),
+                    "cost_per_hour": taken[-1]["cost_per_hour"],
+                    "gpus_used": taken[-1]["gpus_used"],
+                    "roles": taken[-1]["roles"],
+                    "attainment": taken[-1]["attainment"],
+                    "stages_s": taken[-1]["stages_s"],
+                }
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
     summary = {
         "gpu_types": len(INVENTORY),
         "gpus": sum(n for _, n, _ in INVENTORY),
         "model": args.model,
         "network_gbps": {"inter_pool": args.inter_gbps, "intra_pool": args.intra_gbps},
-        "plans": rows,
-        "worst_wall_s": max(r["wall_s"] for r in rows),
-        "worst_cpu_s": max(r["cpu_s"] for r in rows),
-        "full_run": {
-            "rate": middle,
-            "wall_s": full,
-            "attainment": sim.attainment if sim else None,
-            "meets_slo": sim.meets_slo if sim else None,
-        },
+        "load_average": os.getloadavg(),
+        "rows": rows,
     }
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
     print(
         f"{summary['gpu_types']} GPU types, {summary['gpus']} GPUs, {args.model}, KV links "
-        f"{args.inter_gbps:g}/{args.intra_gbps:g} Gbit/s between/within pools"
+        f"{args.inter_gbps:g}/{args.intra_gbps:g} Gbit/s between/within pools; medians of "
+        f"{args.repeats}; load average at the end {summary['load_average'][0]:.1f}"
     )
-    print("rate req/s  plan wall s  plan cpu s  search s  milp s  $/h       GPUs used")
-    for r in rows:
-        cost = "-" if r["cost_per_hour"] is None else f"{r['cost_per_hour']:.1f}"
-        print(
-            f"{r['rate']:<10g}  {r['wall_s']:<11.2f}  {r['cpu_s']:<10.2f}  {r['search_s']:<8.2f}"
-            f"  {r['milp_s']:<6.2f}  {cost:<8}  {r['gpus_used']}"
+    header = "rate  mode       wall s  cpu s   $/h       GPUs  roles"
+    if args.against is not None:
+        header += "                      | against: wall s  cpu s   $/h       cpu ratio"
+    print(header)
+    for row in rows:
+        this = row["this"]
+        cost = "-" if this["cost_per_hour"] is None else f"{this['cost_per_hour']:.1f}"
+        line = (
+            f"{row['rate']:<5g} {row['mode']:<10} {this['wall_s']:<7.2f} {this['cpu_s']:<7.2f} "
+            f"{cost:<9} {this['gpus_used']:<5} {'+'.join(this['roles']):<26}"
         )
-    print(f"worst: {summary['worst_wall_s']:.2f} s wall, {summary['worst_cpu_s']:.2f} s CPU")
-    attained = "-" if sim is None else f"{sim.attainment:.1%}"
-    print(
-        f"with simulation checks and the three baselines at {middle:g} req/s: {full:.1f} s; "
-        f"simulated attainment {attained}"
-    )
+        if "against" in row:
+            other = row["against"]
+            cost = "-" if other["cost_per_hour"] is None else f"{other['cost_per_hour']:.1f}"
+            ratio = this["cpu_s"] / other["cpu_s"]
+            line += (
+                f" |          {other['wall_s']:<7.2f}{other['cpu_s']:<7.2f} {cost:<9} {ratio:.2f}"
+            )
+        print(line)
     return 0
 
 

@@ -21,7 +21,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -29,20 +28,8 @@ import torch
 
 from services.bench.report import to_json
 from services.bench.serve import BenchConfig, run_benchmark
+from services.bench.system import wait_healthy
 from services.common.nats_server import free_port
-
-
-def wait_healthy(port: int, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("system did not become healthy")
 
 
 def hf_baseline(

@@ -10,8 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -25,6 +23,7 @@ import yaml
 
 from proto.messages import InstanceInfo
 from proto.subjects import Subjects
+from services.bench.system import wait_healthy
 from services.common.nats_server import free_port
 from services.models.tiny import make_tiny_model
 
@@ -157,21 +156,6 @@ class RunningSystem:
             await nc.close()
 
 
-def wait_healthy(port: int, process: subprocess.Popen, timeout_s: float, log_path: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"hetserve up exited early:\n{log_path.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as reply:
-                if reply.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"system not healthy in {timeout_s}s:\n{log_path.read_text()[-4000:]}")
-
-
 @contextmanager
 def run_system(
     topology: dict,
@@ -210,7 +194,7 @@ def run_system(
             stderr=subprocess.STDOUT,
         )
     try:
-        wait_healthy(port, process, timeout_s, log_path)
+        wait_healthy(port, timeout_s, process, log_path)
         system = RunningSystem(process, port, prefix, nats_url, Path(topology["model"]), log_path)
         asyncio.run(wait_all_instances(system, topology, timeout_s))
         yield system

@@ -50,6 +50,8 @@ ROLES = {
 }
 SCHEMA_VERSIONS = ("1.27", latest_version())
 # tp runs one process per rank under one instance id: these manifests run tp=1 pods
+# a Deployment's settings class (`both`: aggregated workers are decode instances)
+SETTINGS_OF = {**ROLES, "both": ROLES["decode"]}
 NOT_IN_MANIFESTS = {"instance_id", "tp_size", "tp_rank", "tp_master_addr", "tp_master_port"}
 # the image has no vLLM: its engine options are not set there
 NOT_IN_MANIFESTS |= {name for name in WorkerSettings.model_fields if name.startswith("vllm_")}
@@ -139,7 +141,11 @@ def test_every_manifest_file_is_listed_and_valid_against_the_kubernetes_schemas(
 
 def test_every_role_is_a_deployment_of_the_one_image(objects: list[dict]) -> None:
     deployments = _by_kind(objects, "Deployment")
-    assert set(deployments) == set(ROLES)
+    assert set(deployments) == {*ROLES, "both"}
+    both = deployments.pop("both")  # aggregated workers: decode that prefills, 0 by default
+    (container,) = both["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == ["serve", "decode"] and both["spec"]["replicas"] == 0
+    assert _env(both)["HETSERVE_PREFILL_LOCALLY_BELOW"] == "1073741824"
     images = {c["image"] for o in objects for c in _containers(o)}
     assert images == {"hetserve:latest"}, images  # NATS too: the image ships nats-server
     assert [i["name"] for i in _kustomization(BASE)["images"]] == ["hetserve"]
@@ -172,7 +178,7 @@ def test_every_hetserve_variable_is_a_setting_and_every_setting_is_set(
         names = {k.removeprefix("HETSERVE_").lower() for k in env if k.startswith("HETSERVE_")}
         own = {k.removeprefix("HETSERVE_").lower() for k in _env(deployment)}
         assert names <= fields, f"{role}: not settings: {names - fields}"
-        assert own <= set(ROLES[role].model_fields), f"{role}: not its settings: {own}"
+        assert own <= set(SETTINGS_OF[role].model_fields), f"{role}: not its settings: {own}"
         assert not {k for k in env if not k.startswith(("HETSERVE_", "OTEL_"))}, role
         used |= names
         # the values parse: the role's settings class built from exactly this environment
@@ -180,10 +186,10 @@ def test_every_hetserve_variable_is_a_setting_and_every_setting_is_set(
             monkeypatch.delenv(key)
         for key, value in env.items():
             monkeypatch.setenv(key, value)
-        parsed = ROLES[role](_env_file=None)
+        parsed = SETTINGS_OF[role](_env_file=None)
         for key, value in env.items():
             name = key.removeprefix("HETSERVE_").lower()
-            if key.startswith("HETSERVE_") and name in ROLES[role].model_fields:
+            if key.startswith("HETSERVE_") and name in SETTINGS_OF[role].model_fields:
                 field = getattr(parsed, name)
                 assert field == type(field)(value), (role, key)
     missing = fields - used - NOT_IN_MANIFESTS
@@ -420,7 +426,9 @@ def test_demo_overlay_mounts_the_model_from_a_host_path(objects: list[dict]) -> 
     demo = _kustomization(DEMO)
     assert demo["resources"] == ["../base"]
     counts = {r["name"]: r["count"] for r in demo["replicas"]}
-    assert set(counts) == set(ROLES) and all(n >= 1 for n in counts.values())
+    assert set(counts) == {*ROLES, "both"} and counts.pop("both") == 0
+    assert all(n >= 1 for n in counts.values())
+    counts["both"] = 0
     patch_file, delete = demo["patches"]
     patch = _docs(DEMO / patch_file["path"])[0]
     (volume,) = patch["spec"]["template"]["spec"]["volumes"]

@@ -49,11 +49,22 @@ class System:
         return total
 
 
-def _wait_healthy(port: int, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+def wait_healthy(
+    port: int,
+    timeout_s: float,
+    process: subprocess.Popen | None = None,
+    log_path: Path | None = None,
+) -> None:
+    """Until the gateway on `port` answers /health with 200; fails early if `process` (the
+    `hetserve up` running it) exits, with the end of its log."""
+
+    def log_tail() -> str:
+        return log_path.read_text(errors="replace")[-4000:] if log_path else ""
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"hetserve up exited:\n{log_path.read_text()[-3000:]}")
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"hetserve up exited early:\n{log_tail()}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as reply:
                 if reply.status == 200:
@@ -61,7 +72,7 @@ def _wait_healthy(port: int, process: subprocess.Popen, log_path: Path, timeout_
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"not healthy in {timeout_s:.0f}s:\n{log_path.read_text()[-3000:]}")
+    raise TimeoutError(f"system not healthy in {timeout_s:.0f}s:\n{log_tail()}")
 
 
 @contextmanager
@@ -95,7 +106,7 @@ def running(
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        _wait_healthy(port, process, log_path, timeout_s)
+        wait_healthy(port, timeout_s, process, log_path)
         time.sleep(settle_s)  # every instance heartbeats at least once more
         yield System(port, range(metrics, metrics + count), process, log_path)
     finally:

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from services.cli.startup_report import StartupReport
-from services.cli.topology import ALWAYS, Topology, WorkerSpec, worker_instance_id
+from services.cli.topology import ALWAYS, SPEED_KEYS, Topology, WorkerSpec, worker_instance_id
 from services.common.nats_server import NatsServer, free_port
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,8 @@ def worker_env(topology: Topology, spec: WorkerSpec, aggregated: bool = False) -
         "HETSERVE_MAX_MODEL_LEN": str(spec.max_model_len),
         "HETSERVE_PREFILL_LOCALLY_BELOW": str(ALWAYS if aggregated else spec.prefill_locally_below),
     }
-    env.update({f"HETSERVE_EXPECTED_{key.upper()}": str(v) for key, v in spec.speed.items()})
+    used = {key: v for key, v in spec.speed.items() if key in SPEED_KEYS and v is not None}
+    env.update({f"HETSERVE_EXPECTED_{key.upper()}": str(v) for key, v in used.items()})
     env.update({f"HETSERVE_VLLM_{key.upper()}": str(value) for key, value in spec.vllm.items()})
     env.update(spec.env)
     return env

@@ -11,7 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from proto.layout_registry import LAYOUTS
 
 DEMO_TOPOLOGY = Path(__file__).parent / "demo_topology.yaml"
-SPEED_KEYS = ("prefill_tokens_per_s", "decode_step_s")
+SPEED_KEYS = ("prefill_tokens_per_s", "decode_step_s")  # what routing uses
+# a `hetserve plan` pool's `speed` may be copied in whole: its other figures are accepted
+PLAN_SPEED_KEYS = (*SPEED_KEYS, "decode_tokens_per_s", "batch", "requests_per_s")
 # a `both` instance prefills every prompt it decodes, however long
 ALWAYS = 1 << 30
 
@@ -37,7 +39,7 @@ class WorkerSpec(BaseModel):
     prefill_locally_below: int = Field(0, ge=0)
     # what the planner expects of it (prefill_tokens_per_s, decode_step_s), used for routing
     # until the instance has measured itself
-    speed: dict[str, float] = {}
+    speed: dict[str, float | None] = {}
     # engine vllm: WorkerSettings' vllm_* options without the prefix, e.g. {kv_cache_gib: 1}
     vllm: dict[str, str | int | float | bool] = {}
     env: dict[str, str] = {}
@@ -54,7 +56,7 @@ class WorkerSpec(BaseModel):
             self.block_size = default_block_size(self.engine, self.kv_layout)
         if self.num_blocks is None and self.block_size:
             self.num_blocks = default_num_blocks(self.block_size)
-        unknown_speed = set(self.speed) - set(SPEED_KEYS)
+        unknown_speed = set(self.speed) - set(PLAN_SPEED_KEYS)
         if unknown_speed:
             raise ValueError(f"{self.name}: unknown speed keys {sorted(unknown_speed)}")
         if self.engine != "vllm":

@@ -14,8 +14,9 @@ from proto.messages import GenerateRequest
 class Reservation:
     request: GenerateRequest
     blocks: list[int]
-    deadline: float  # time.monotonic() by which the KV must be complete
+    deadline: float  # time.monotonic() by which more KV must have come
     span: Span
+    hold_s: float = 30.0  # how long the stream may go without a frame
     pending_ranks: set[int] = field(default_factory=set)  # local ranks still receiving
     cached_tokens: int = 0  # leading context tokens its blocks hold already
     first_token: int | None = None  # from rank 0's end frame
@@ -23,6 +24,11 @@ class Reservation:
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    def progressed(self) -> None:
+        """A frame came: the stream is alive, its deadline moves on (a long prompt's KV may
+        take longer than one hold to arrive; a stalled stream may not)."""
+        self.deadline = max(self.deadline, time.monotonic() + self.hold_s)
 
 
 class Reservations:

@@ -147,6 +147,7 @@ class DecodeService(Service):
                 blocks=blocks,
                 deadline=time.monotonic() + req.hold_seconds,
                 span=span,
+                hold_s=req.hold_seconds,
                 pending_ranks=set(self.intakes),
                 cached_tokens=cached,
             )
@@ -209,6 +210,7 @@ class DecodeService(Service):
         if reservation is None:
             raise FrameError(f"frame for unknown request {frame.request_id!r}")
         reader = await self.intakes[rank].take(frame, reservation.blocks)
+        reservation.progressed()
         if frame.kind != "end":
             return
         if reader.error is not None:

@@ -1,25 +1,25 @@
-"""The plans the planner is compared against, built from the same capacity estimates:
+"""The plans the planner is compared against, built from the same search (restrictions of it):
 the best single-GPU-type disaggregated plan (the MILP on one type), the best colocated plan (the
 MILP over instances that run both phases), and a DistServe-style plan that sizes each phase on
-its own, ignoring the other phase's GPUs and where its KV has to go."""
+its own, ignoring the other phase's GPUs and where its KV has to go. Each is a candidate: the
+planner reports a baseline as its plan when it meets the SLO at less cost (planner.py)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import replace
 
-from services.planner.perf_model import PerfModel
 from services.planner.problem import Allocation, CapacityProblem, Config, Infeasible, Solution
 from services.planner.search import SearchResult
 
 
-def single_type(search: SearchResult, gpu: str) -> tuple[CapacityProblem, tuple[PerfModel, ...]]:
-    """The problem restricted to one GPU type for both phases."""
-    problem = search.problem
-    keep = [i for i, c in enumerate(problem.configs) if c.gpu == gpu]
+def single_type(search: SearchResult, gpu: str) -> SearchResult:
+    """The disaggregated search restricted to one GPU type for both phases."""
+    own = search.restricted(("prefill", "decode"), gpu)
+    problem = own.problem
     configs = tuple(
         replace(c, rate_to={gpu: c.rate_to.get(gpu, 0.0)}) if c.role == "prefill" else c
-        for c in (problem.configs[i] for i in keep)
+        for c in problem.configs
     )
     restricted = replace(
         problem,
@@ -27,7 +27,7 @@ def single_type(search: SearchResult, gpu: str) -> tuple[CapacityProblem, tuple[
         inventory={gpu: problem.inventory[gpu]},
         link_rate={(gpu, gpu): problem.link_rate[(gpu, gpu)]},
     )
-    return restricted, tuple(search.perf[i] for i in keep)
+    return replace(own, problem=restricted)
 
 
 def _own_rate(config: Config) -> float:

@@ -28,6 +28,11 @@ def register(subparsers: Any) -> None:
     plan.add_argument("--plot", type=Path, help="write a PNG of cost against arrival rate")
     plan.add_argument("--no-simulate", action="store_true", help="skip the simulation checks")
     plan.add_argument("--no-baselines", action="store_true", help="skip the baselines")
+    plan.add_argument(
+        "--check-baselines",
+        action="store_true",
+        help="simulate every baseline, also those whose estimate cannot beat the plan",
+    )
     plan.set_defaults(func=run_plan)
 
     gpus = subparsers.add_parser("gpus", help="list the built-in accelerator catalog")
@@ -60,7 +65,11 @@ def run_plan(args: argparse.Namespace) -> int:
     from services.planner.planner import plan
     from services.planner.plot import plot_costs
     from services.planner.report import to_json, to_table
-    from services.planner.topology import compose_command, scale_numbers, topology
+    from services.planner.topology import (
+        compose_command,
+        scale_numbers,
+        topology,
+    )
 
     try:
         if args.rate is not None and args.rate <= 0:
@@ -68,7 +77,12 @@ def run_plan(args: argparse.Namespace) -> int:
         inputs = resolve(load_spec(args.spec))
         if args.rate is not None:
             inputs = inputs.with_rate(args.rate)
-        report = plan(inputs, simulate=not args.no_simulate, baselines=not args.no_baselines)
+        report = plan(
+            inputs,
+            simulate=not args.no_simulate,
+            baselines=not args.no_baselines,
+            check_baselines=args.check_baselines,
+        )
         if args.plot is not None:
             plot_costs(inputs, args.plot)
         if args.topology is not None and report.plan.feasible:
@@ -87,11 +101,16 @@ def run_plan(args: argparse.Namespace) -> int:
     else:
         print(to_table(report))
     if args.compose and report.plan.feasible:
-        scale = ", ".join(f"{role}={n}" for role, n in sorted(scale_numbers(report.plan).items()))
-        print(
-            f"scale: {scale}\n{compose_command(report.plan)}",
-            file=sys.stderr if args.json else sys.stdout,
-        )
+        numbers = scale_numbers(report.plan)
+        scale = ", ".join(f"{role}={n}" for role, n in sorted(numbers.items()))
+        lines = [f"scale: {scale}"]
+        if "both" in numbers:
+            lines.append(
+                "both: colocated instances (prefill and decode in one engine): compose's "
+                "`both` service, a topology's `both:` workers"
+            )
+        lines.append(compose_command(report.plan))
+        print("\n".join(lines), file=sys.stderr if args.json else sys.stdout)
     return 0 if report.plan.feasible else 1
 
 

@@ -6,6 +6,9 @@ simulation) replaces the estimate and the problem is solved again. Step 2: the w
 is simulated; while it misses the SLO, the rates of the phase that falls short are lowered by
 DERATE and the problem is solved again (at most MAX_DERATE_ROUNDS times). Rates are only ever
 lowered: a simulation that sustains more than the estimate leaves the estimate in place.
+A phase simulation stops as soon as enough requests have missed that it cannot pass (its
+result is a miss either way); whole deployments are simulated once per run (cached), so a
+baseline that equals the plan is not simulated again.
 """
 
 from __future__ import annotations
@@ -21,14 +24,17 @@ from services.planner.deployment import (
     Route,
     Settings,
     SimResult,
+    StopRule,
+    allowed_misses,
     sample_percentile,
 )
 from services.planner.inputs import PlanInputs
 from services.planner.perf_model import PerfModel
 from services.planner.problem import Allocation, CapacityProblem, Config, Infeasible, Solution
-from services.planner.simulator import simulate
+from services.planner.simulator import first_measured, simulate
 
 Solver = Callable[[CapacityProblem], Solution]
+Refit = Callable[[CapacityProblem, tuple[int, ...]], Allocation | None]
 
 BISECTION_SIMULATIONS = 5
 PHASE_REQUESTS = 1500  # per single-instance simulation (at least 8 full batches)
@@ -64,8 +70,22 @@ def deployment_of(
         if n:
             pool_of[i] = len(pools)
             pools.append(Pool(config.role, perf[i], n))
-    routes = tuple(Route(pool_of[i], b, rate) for (i, b), rate in allocation.flows.items())
-    return Deployment(tuple(pools), routes, link_gbps)
+    routes = [Route(pool_of[i], b, rate) for (i, b), rate in allocation.flows.items()]
+    colocated_share = allocation.served - sum(allocation.flows.values())
+    if routes and colocated_share > 1e-9 and any(p.role == "colocated" for p in pools):
+        routes.append(Route.to_colocated(colocated_share))  # a mix: the rest is colocated
+    return Deployment(tuple(pools), tuple(routes), link_gbps)
+
+
+def _signature(deployment: Deployment, rate: float) -> tuple[object, ...]:
+    pools = tuple(
+        (p.role, p.perf.shape.gpu.name, p.perf.shape.tp, p.perf.shape.pp, p.instances)
+        for p in deployment.pools
+    )
+    routes = tuple(
+        (r.prefill_pool, r.decode_gpu, round(r.share, 9), r.colocated) for r in deployment.routes
+    )
+    return rate, pools, routes
 
 
 @dataclass(frozen=True)
@@ -84,6 +104,7 @@ class Confirmer:
     def __init__(self, inputs: PlanInputs) -> None:
         self.inputs = inputs
         self._sustained: dict[tuple[str, str, int, int, float], float] = {}
+        self._simulated: dict[tuple[object, ...], SimResult] = {}
 
     # step 1 ----------------------------------------------------------------------------
     def _phase_ok(self, config: Config, perf: PerfModel, rate: float, destination: str) -> bool:
@@ -96,8 +117,18 @@ class Confirmer:
             routes = ()
         deployment = Deployment((Pool(config.role, perf, 1),), routes, inputs.link_gbps)
         requests = max(PHASE_REQUESTS, 8 * inputs.search.max_batch)
-        result = simulate(deployment, inputs.mix.with_rate(rate), settings_of(inputs, requests))
+        settings = settings_of(inputs, requests)
         level = 100 * inputs.level
+        start = first_measured(settings)
+        allowed = allowed_misses(settings.requests - start, level)
+        stop = StopRule(
+            first_measured=start,
+            ttft_s=inputs.slo.ttft_s,
+            tpot_s=inputs.slo.tpot_s,
+            ttft_misses=allowed if config.role != "decode" else float("inf"),
+            tpot_misses=allowed if config.role != "prefill" else float("inf"),
+        )
+        result = simulate(deployment, inputs.mix.with_rate(rate), settings, stop)
         ttft_ok = sample_percentile(result.ttft, level) <= inputs.slo.ttft_s
         tpot_ok = sample_percentile(result.tpot, level) <= inputs.slo.tpot_s
         return {"prefill": ttft_ok, "decode": tpot_ok}.get(config.role, ttft_ok and tpot_ok)
@@ -155,18 +186,29 @@ class Confirmer:
 
     # both steps ------------------------------------------------------------------------
     def check(
-        self, problem: CapacityProblem, perf: tuple[PerfModel, ...], solver: Solver
+        self,
+        problem: CapacityProblem,
+        perf: tuple[PerfModel, ...],
+        solver: Solver,
+        refit: Refit | None = None,
     ) -> Checked:
+        """Both steps. With `refit` (for an exact solver), a solution whose counts still fit
+        after its rates were lowered is kept, with new flows, rather than solved again."""
         notes: list[str] = []
         checked: set[int] = set()
         derates = 0
+        kept: Allocation | None = None
         for _ in range(MAX_SOLVE_ROUNDS + MAX_DERATE_ROUNDS):
-            solution = solver(problem)
+            solution = kept if kept is not None else solver(problem)
+            kept = None
             if isinstance(solution, Infeasible):
                 return Checked(solution, problem, None, tuple(notes))
             confirmed = self._confirm_used(problem, perf, solution, checked, notes)
             if any(a is not b for a, b in zip(confirmed.configs, problem.configs, strict=True)):
                 problem = confirmed
+                kept = refit(problem, solution.counts) if refit is not None else None
+                if kept is not None:
+                    kept = replace(kept, gap=solution.gap)  # as optimal as the solution was
                 continue
             simulation = self.simulate(problem, perf, solution)
             short = self.short_phases(simulation)
@@ -182,6 +224,9 @@ class Confirmer:
                 for n, c in zip(solution.counts, problem.configs, strict=True)
             )
             problem = replace(problem, configs=configs)
+            # the same counts with lowered rates only fit where they had slack: then they
+            # would simulate the same way, so they must be solved again
+
         notes.append(f"stopped re-solving after {MAX_SOLVE_ROUNDS + MAX_DERATE_ROUNDS} rounds")
         return Checked(solution, problem, self.simulate(problem, perf, solution), tuple(notes))
 
@@ -192,7 +237,10 @@ class Confirmer:
         rate = problem.demand if problem.demand is not None else allocation.served
         inputs = self.inputs.with_rate(rate)
         deployment = deployment_of(problem, perf, allocation, inputs.link_gbps)
-        return simulate(deployment, inputs.mix, settings_of(inputs))
+        key = _signature(deployment, rate)
+        if key not in self._simulated:
+            self._simulated[key] = simulate(deployment, inputs.mix, settings_of(inputs))
+        return self._simulated[key]
 
     def meets_slo(self, result: SimResult) -> bool:
         slo = self.inputs.slo
@@ -204,11 +252,21 @@ class Confirmer:
         )
 
     def short_phases(self, result: SimResult) -> set[str]:
-        """Roles whose rates to lower: none when the deployment meets the SLO."""
+        """Roles whose rates to lower: none when the deployment meets the SLO. In a mix, the
+        colocated requests and the disaggregated ones are judged apart."""
         if self.meets_slo(result):
             return set()
-        if "colocated" in result.busy:
-            return {"colocated"}
+        together = result.served_colocated()
+        short = set()
+        if together.any() and not self.meets_slo(result.subset(together)):
+            short.add("colocated")
+        if not together.all():
+            apart = result.subset(~together)
+            if not short or not self.meets_slo(apart):
+                short |= self._short_disaggregated(apart)
+        return short
+
+    def _short_disaggregated(self, result: SimResult) -> set[str]:
         slo, level = self.inputs.slo, self.inputs.level
         ttft_share = float(np.mean(result.ttft <= slo.ttft_s))
         tpot_share = float(np.mean(result.tpot <= slo.tpot_s))

@@ -30,10 +30,15 @@ def _no_configuration(inputs: PlanInputs, search: SearchResult, role: str) -> st
     return f"{head}; the closest:\n{_quote(failing)}" if failing else head
 
 
-def explain_infeasible(inputs: PlanInputs, search: SearchResult, colocated: bool = False) -> str:
-    """Why `search.problem` has no solution: the first cause that applies, in that order."""
+def explain_infeasible(
+    inputs: PlanInputs,
+    search: SearchResult,
+    roles: tuple[str, ...] = ("prefill", "decode", "colocated"),
+) -> str:
+    """Why `search.problem`, over instances of `roles`, has no solution: the first cause that
+    applies, in that order."""
     model = inputs.model
-    roles = {c.role for c in search.problem.configs}
+    present = {c.role for c in search.problem.configs}
     if search.shapes_tried == 0:
         weights = model.weight_bytes / 1e9
         inventory = ", ".join(
@@ -45,9 +50,11 @@ def explain_infeasible(inputs: PlanInputs, search: SearchResult, colocated: bool
             f"model {model.name} ({weights:.1f} GB of weights) fits on no instance shape the "
             f"inventory allows [{inventory}]{detail}"
         )
-    needed = ("colocated",) if colocated else ("prefill", "decode")
-    missing = [role for role in needed if role not in roles]
-    if missing:
+    split = [role for role in ("prefill", "decode") if role in roles]
+    split_missing = [role for role in split if role not in present]
+    colocated_missing = "colocated" in roles and "colocated" not in present
+    if (not split or split_missing) and ("colocated" not in roles or colocated_missing):
+        missing = split_missing + (["colocated"] if colocated_missing else [])
         return "\n".join(_no_configuration(inputs, search, role) for role in missing)
     problem = search.problem
     if problem.demand is None:

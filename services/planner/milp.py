@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from scipy.sparse import coo_array
 from services.planner.errors import PlannerError
 from services.planner.problem import Allocation, CapacityProblem, Config, Infeasible, Solution
 
-TIME_LIMIT_S = 60.0
+TIME_LIMIT_S = 10.0  # per solve; past it the best solution found is kept, with its gap
 _FLOW_EPSILON = 1e-9
 
 
@@ -139,13 +140,23 @@ def _solve(
     layout: _Layout,
     objective: np.ndarray,
     z_range: tuple[float, float],
-) -> np.ndarray | None:
-    """Solve with the served rate z within `z_range`; None when that is infeasible."""
+    counts: tuple[int, ...] | None = None,
+) -> tuple[np.ndarray, float] | None:
+    """Solve with the served rate z within `z_range` (and the instance counts fixed to
+    `counts` when given): the solution and its relative gap to the proven bound (0 unless
+    the time limit stopped the proof), or None when that is infeasible."""
     configs = problem.configs
     lower = np.zeros(layout.width)
     upper = np.full(layout.width, np.inf)
     for i, c in enumerate(configs):
         upper[i] = problem.inventory.get(c.gpu, 0) // c.gpus
+        if problem.demand is not None and c.worst_positive_rate() > 0:
+            # more instances than carry the whole demand alone are never optimal (the oracle
+            # uses the same bound): dropping one keeps every flow feasible at less cost
+            needed = math.ceil(problem.demand / c.worst_positive_rate())
+            upper[i] = min(upper[i], needed)
+    if counts is not None:
+        lower[: layout.n] = upper[: layout.n] = counts
     lower[layout.z], upper[layout.z] = z_range
     integrality = np.zeros(layout.width)
     integrality[: layout.n] = 1
@@ -161,9 +172,12 @@ def _solve(
         return None
     if result.x is None:
         raise PlannerError(f"MILP solver stopped without a solution: {result.message}")
-    if result.status != 0:
-        raise PlannerError(f"MILP solver did not prove optimality: {result.message}")
-    return result.x
+    if result.status == 0:
+        return result.x, 0.0
+    if result.status == 1:  # the time limit, with a solution: keep it, and say how far
+        gap = getattr(result, "mip_gap", None)
+        return result.x, float(gap) if gap is not None and np.isfinite(gap) else float("inf")
+    raise PlannerError(f"MILP solver did not prove optimality: {result.message}")
 
 
 def _allocation(problem: CapacityProblem, layout: _Layout, x: np.ndarray) -> Allocation:
@@ -187,21 +201,42 @@ def solve_milp(problem: CapacityProblem) -> Solution:
     prices = np.zeros(layout.width)
     prices[: layout.n] = [c.price_per_hour for c in reduced.configs]
     if problem.demand is not None:
-        x = _solve(reduced, layout, prices, (problem.demand, problem.demand))
+        found = _solve(reduced, layout, prices, (problem.demand, problem.demand))
     else:
         goodput = np.zeros(layout.width)
         goodput[layout.z] = -1.0
         first = _solve(reduced, layout, goodput, (0.0, np.inf))
-        if first is None or first[layout.z] <= _FLOW_EPSILON:
+        if first is None or first[0][layout.z] <= _FLOW_EPSILON:
             return Infeasible("no instance set within the inventory and budget serves any request")
-        x = _solve(reduced, layout, prices, (first[layout.z] * (1 - 1e-9), np.inf))
-    if x is None:
+        found = _solve(reduced, layout, prices, (first[0][layout.z] * (1 - 1e-9), np.inf))
+        if found is not None:
+            found = (found[0], max(found[1], first[1]))
+    if found is None:
         return Infeasible(f"no allocation within the inventory serves {problem.demand:g} req/s")
+    x, gap = found
     local = _allocation(reduced, layout, x)
     counts = [0] * len(problem.configs)
     for k, i in enumerate(keep):
         counts[i] = local.counts[k]
     flows = {(keep[k], b): rate for (k, b), rate in local.flows.items()}
     return Allocation(
-        counts=tuple(counts), flows=flows, served=local.served, cost=problem.cost(tuple(counts))
+        counts=tuple(counts),
+        flows=flows,
+        served=local.served,
+        cost=problem.cost(tuple(counts)),
+        gap=gap,
     )
+
+
+def refit(problem: CapacityProblem, counts: tuple[int, ...]) -> Allocation | None:
+    """The same instance counts with flows that fit `problem` (min_cost), or None when they
+    no longer serve the demand. When `problem` only lowers rates of a problem to which
+    `counts` was optimal, a refit is optimal too: lowering rates cannot make the optimum
+    cheaper, and these counts still cost what it did."""
+    if problem.demand is None:
+        return None
+    layout = _Layout(problem)
+    found = _solve(
+        problem, layout, np.zeros(layout.width), (problem.demand, problem.demand), counts
+    )
+    return None if found is None else _allocation(problem, layout, found[0])

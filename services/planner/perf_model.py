@@ -9,6 +9,7 @@ through every stage). All functions take numpy arrays or floats.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -29,6 +30,22 @@ def _max(a: Number, b: Number) -> Number:
     if isinstance(a, float | int) and isinstance(b, float | int):
         return max(a, b)
     return np.maximum(a, b)
+
+
+@dataclass(frozen=True)
+class _PrefillCoefficients:
+    """The prefill formulas' constants: per token, per squared token, per sequence, fixed."""
+
+    gemm_flops: float
+    gemm_bytes: float
+    attention_flops: float
+    attention_bytes: float
+    allreduce_per_token: float
+    layer_fixed: float
+    head_flops: float
+    head_bytes: float
+    hop_per_token: float
+    hop_fixed: float
 
 
 @dataclass(frozen=True)
@@ -116,6 +133,38 @@ class PerfModel:
         layers = self.model.num_layers * self._prefill_layer(tokens, squares)
         hops = (self.shape.pp - 1) * self._hop(tokens)
         return layers + self._gemm(self._head_weights, sequences) + hops
+
+    def prefill_times(self, tokens: int, squares: int, sequences: int) -> tuple[float, float]:
+        """(prefill_stage_time, prefill_latency) of one batch, in plain float arithmetic: the
+        same formulas, for the simulator's hot path."""
+        c = self._scalar
+        layer = (
+            max(c.gemm_flops * tokens, c.gemm_bytes)
+            + max(c.attention_flops * squares, c.attention_bytes * tokens)
+            + c.allreduce_per_token * tokens
+            + c.layer_fixed
+        )
+        head = max(c.head_flops * sequences, c.head_bytes)
+        hops = c.hop_per_token * tokens + c.hop_fixed
+        return self.layers_per_stage * layer + head, self.model.num_layers * layer + head + hops
+
+    @functools.cached_property
+    def _scalar(self) -> _PrefillCoefficients:
+        m, tp, pp = self.model, self.shape.tp, self.shape.pp
+        hd, e = m.head_dim, self._e
+        allreduce = 4 * (tp - 1) / tp * m.hidden_size * e / self._link_bw if tp > 1 else 0.0
+        return _PrefillCoefficients(
+            gemm_flops=2 * self._layer_weights / self._flops,
+            gemm_bytes=self._layer_weights * e / self._mem_bw,
+            attention_flops=2 * self._q_heads * hd / self._flops,
+            attention_bytes=hd * e * (2 * self._q_heads + 4 * self._kv_heads) / self._kv_bw,
+            allreduce_per_token=allreduce,
+            layer_fixed=self._overhead + (2 * ALLREDUCE_LATENCY_S if tp > 1 else 0.0),
+            head_flops=2 * self._head_weights / self._flops,
+            head_bytes=self._head_weights * e / self._mem_bw,
+            hop_per_token=(pp - 1) * m.hidden_size * e / self._hop_bw if pp > 1 else 0.0,
+            hop_fixed=(pp - 1) * HOP_LATENCY_S,
+        )
 
     # decode ----------------------------------------------------------------------------
     def decode_round(self, batch: Number, context: Number) -> Number:

@@ -1,4 +1,5 @@
-"""Plan a deployment: search, solve, check in simulation, and compare with the baselines."""
+"""Plan a deployment: search, solve, check in simulation, and compare with the baselines
+(each a candidate: the plan never costs more than a baseline that meets the SLO)."""
 
 from __future__ import annotations
 
@@ -7,61 +8,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from services.planner.baselines import single_type, solve_distserve
-from services.planner.capacity import prefill_queue, tpot_quantile
-from services.planner.confirm import Checked, Confirmer, Solver
+from services.planner.confirm import Checked, Confirmer, Refit, Solver
 from services.planner.explain import explain_infeasible
 from services.planner.inputs import PlanInputs
-from services.planner.milp import solve_milp
+from services.planner.milp import refit, solve_milp
+from services.planner.outcome import Outcome, better, outcome_of, rank
 from services.planner.perf_model import PerfModel
-from services.planner.problem import Allocation, CapacityProblem, Infeasible
+from services.planner.problem import Allocation, CapacityProblem, Solution
 from services.planner.search import Rejection, SearchResult, build_problem
 
-
-@dataclass(frozen=True)
-class PoolSummary:
-    """Instances of one configuration in a plan."""
-
-    role: str
-    gpu: str
-    tp: int
-    pp: int
-    instances: int
-    cost_per_hour: float
-    rate_per_instance: float  # requests/s one instance sustains within the SLO
-    load: float  # requests/s routed through the pool
-    limit: str  # what bounds the rate
-    predicted_s: float | None  # queueing estimate at this load: TTFT (prefill) or TPOT (decode)
-
-    @property
-    def gpus(self) -> int:
-        return self.instances * self.tp * self.pp
-
-    @property
-    def utilisation(self) -> float:
-        """Share of the pool's SLO-bounded capacity the load uses."""
-        return self.load / (self.instances * self.rate_per_instance)
-
-
-@dataclass(frozen=True)
-class Simulated:
-    ttft_s: float  # at the SLO percentile
-    tpot_s: float
-    attainment: float  # share of requests meeting both targets
-    meets_slo: bool
-    busy: dict[str, float]  # role -> mean busy share of its instances
-
-
-@dataclass(frozen=True)
-class Outcome:
-    name: str
-    feasible: bool
-    reason: str
-    cost_per_hour: float | None
-    served_rate: float
-    pools: tuple[PoolSummary, ...]
-    kv_paths: tuple[tuple[str, str, float], ...]  # (from type, to type, requests/s)
-    simulated: Simulated | None
-    notes: tuple[str, ...]
+JOINT_SEARCH = "joint search"
+COLOCATED_BASELINE = "colocated (no P/D)"
 
 
 @dataclass(frozen=True)
@@ -71,99 +28,7 @@ class PlanReport:
     baselines: tuple[Outcome, ...]
     rejected: tuple[Rejection, ...]
     seconds: dict[str, float]  # stage -> wall time
-
-
-def _pools(
-    inputs: PlanInputs,
-    problem: CapacityProblem,
-    perf: tuple[PerfModel, ...],
-    limits: tuple[str, ...],
-    allocation: Allocation,
-) -> tuple[PoolSummary, ...]:
-    level = inputs.level
-    pools = []
-    for i, (n, config) in enumerate(zip(allocation.counts, problem.configs, strict=True)):
-        if not n:
-            continue
-        if config.role == "prefill":
-            out = {b: rate for (j, b), rate in allocation.flows.items() if j == i}
-            load = sum(out.values())
-            slowest = min(out, key=lambda b: inputs.link_gbps[(config.gpu, b)], default=config.gpu)
-            rate = config.rate_to[slowest]
-            queue = prefill_queue(perf[i], inputs.mix, inputs.link_gbps[(config.gpu, slowest)])
-            predicted: float | None = queue.quantile(load / n, level)
-        elif config.role == "decode":
-            load = sum(r for (_, b), r in allocation.flows.items() if b == config.gpu)
-            supply = sum(
-                m * c.rate
-                for m, c in zip(allocation.counts, problem.configs, strict=True)
-                if c.role == "decode" and c.gpu == config.gpu
-            )
-            load *= n * config.rate / supply  # decode load splits in proportion to capacity
-            rate = config.rate
-            predicted = tpot_quantile(perf[i], inputs.mix, load / n, level, inputs.search.max_batch)
-        else:
-            rate = config.rate
-            colocated = sum(
-                m * c.rate
-                for m, c in zip(allocation.counts, problem.configs, strict=True)
-                if c.role == "colocated"
-            )
-            load = allocation.served * n * rate / colocated
-            predicted = None
-        pools.append(
-            PoolSummary(
-                role=config.role,
-                gpu=config.gpu,
-                tp=config.tp,
-                pp=config.pp,
-                instances=n,
-                cost_per_hour=n * config.price_per_hour,
-                rate_per_instance=rate,
-                load=load,
-                limit=limits[i],
-                predicted_s=predicted,
-            )
-        )
-    return tuple(pools)
-
-
-def _outcome(
-    name: str,
-    inputs: PlanInputs,
-    checked: Checked,
-    perf: tuple[PerfModel, ...],
-    limits: tuple[str, ...],
-    confirmer: Confirmer,
-    why: Callable[[CapacityProblem], str] | None = None,
-) -> Outcome:
-    solution = checked.solution
-    if isinstance(solution, Infeasible):
-        reason = why(checked.problem) if why is not None else solution.reason
-        return Outcome(name, False, reason, None, 0.0, (), (), None, checked.notes)
-    paths: dict[tuple[str, str], float] = {}
-    for (i, b), rate in solution.flows.items():
-        key = (checked.problem.configs[i].gpu, b)
-        paths[key] = paths.get(key, 0.0) + rate
-    simulated = None
-    if checked.simulation is not None:
-        sim = checked.simulation
-        slo = inputs.slo
-        ttft, tpot = sim.quantiles(slo.percentile)
-        simulated = Simulated(
-            ttft, tpot, sim.attainment(slo.ttft_s, slo.tpot_s), confirmer.meets_slo(sim), sim.busy
-        )
-    return Outcome(
-        name=name,
-        feasible=True,
-        reason="",
-        cost_per_hour=solution.cost,
-        served_rate=solution.served,
-        pools=_pools(inputs, checked.problem, perf, limits, solution),
-        kv_paths=tuple((a, b, r) for (a, b), r in sorted(paths.items())),
-        simulated=simulated,
-        notes=checked.notes,
-    )
+    chosen: str = JOINT_SEARCH  # or the name of the baseline that is the plan
 
 
 def _run(
@@ -174,75 +39,108 @@ def _run(
     simulate: bool,
 ) -> Checked:
     if simulate:
-        return confirmer.check(problem, perf, solver)
+        return confirmer.check(problem, perf, solver, _refit_for(solver))
     return Checked(solver(problem), problem, None, ())
 
 
-def _better(a: Outcome, b: Outcome, goodput: bool) -> bool:
-    if not b.feasible:
-        return True
-    if not a.feasible:
-        return False
-    if goodput:
-        return (a.served_rate, -(a.cost_per_hour or 0)) > (b.served_rate, -(b.cost_per_hour or 0))
-    return (a.cost_per_hour or 0) < (b.cost_per_hour or 0)
+def _refit_for(solver: Solver) -> Refit | None:
+    """Keeping counts that still fit is only right for an exact solver (milp.refit)."""
+    return refit if solver is solve_milp else None
 
 
-def _baselines(
-    inputs: PlanInputs, searches: Searches, confirmer: Confirmer, simulate: bool
-) -> tuple[Outcome, ...]:
-    goodput = inputs.objective == "max_goodput"
-    search = searches.disaggregated
-    singles = []
-    for gpu in inputs.gpus:
-        problem, perf = single_type(search, gpu)
-        limits = tuple(
-            search.limits[i] for i, c in enumerate(search.problem.configs) if c.gpu == gpu
-        )
-        checked = _run(problem, perf, solve_milp, confirmer, simulate)
-        singles.append(_outcome(f"single type ({gpu})", inputs, checked, perf, limits, confirmer))
-    best = singles[0]
-    for outcome in singles[1:]:
-        if _better(outcome, best, goodput):
-            best = outcome
-    if not best.feasible:
-        reasons = "; ".join(f"{o.name}: {o.reason}" for o in singles)
-        best = Outcome("single type", False, reasons, None, 0.0, (), (), None, ())
-    colocated = searches.colocated
-    assert colocated is not None  # searched whenever baselines are asked for
-    together = _outcome(
-        "colocated (no P/D)",
-        inputs,
-        _run(colocated.problem, colocated.perf, solve_milp, confirmer, simulate),
-        colocated.perf,
-        colocated.limits,
-        confirmer,
-        lambda problem: explain_infeasible(
-            inputs, replace(colocated, problem=problem), colocated=True
-        ),
-    )
-    distserve = _outcome(
-        "DistServe-style (per phase)",
-        inputs,
-        _run(search.problem, search.perf, solve_distserve, confirmer, simulate),
-        search.perf,
-        search.limits,
-        confirmer,
-    )
-    return best, together, distserve
+NOT_SIMULATED = (
+    "not simulated: its estimate already costs no less than the plan that meets the SLO, and "
+    "simulation only lowers estimates (the cost shown is a lower bound)"
+)
 
 
 @dataclass(frozen=True)
-class Searches:
-    """What each configuration sustains does not depend on the demand: one search serves a
-    sweep of arrival rates (`for_inputs` sets the demand)."""
+class _Comparison:
+    """Builds each baseline against the checked plan `joint`."""
 
-    disaggregated: SearchResult
-    colocated: SearchResult | None
+    inputs: PlanInputs
+    confirmer: Confirmer
+    simulate: bool
+    joint: Outcome
+    check_all: bool  # simulate every baseline, even one that cannot beat the plan
 
-    def for_inputs(self, inputs: PlanInputs) -> Searches:
-        colocated = None if self.colocated is None else _with_demand(self.colocated, inputs)
-        return Searches(_with_demand(self.disaggregated, inputs), colocated)
+    @property
+    def goodput(self) -> bool:
+        return self.inputs.objective == "max_goodput"
+
+    def outcome(
+        self,
+        name: str,
+        search: SearchResult,
+        first: Solution,
+        solver: Solver,
+        why: Callable[[CapacityProblem], str] | None = None,
+    ) -> Outcome:
+        """The baseline whose unchecked solution is `first`: checked in simulation, unless
+        even unchecked it does not beat the plan (checks only lower rates, so they could
+        only make it worse)."""
+        estimate = outcome_of(
+            name, self.inputs, Checked(first, search.problem, None, ()), search, self.confirmer, why
+        )
+        if not self.simulate or not estimate.feasible:
+            return estimate
+        if (
+            not self.check_all
+            and self.joint.meets_slo
+            and not better(estimate, self.joint, self.goodput)
+        ):
+            return replace(estimate, notes=(*estimate.notes, NOT_SIMULATED))
+        problem = search.problem
+        again: Solver = lambda p: first if p is problem else solver(p)  # noqa: E731
+        checked = self.confirmer.check(problem, search.perf, again, _refit_for(solver))
+        return outcome_of(name, self.inputs, checked, search, self.confirmer, why)
+
+    def single_type(self, search: SearchResult) -> Outcome:
+        """The best one-type plan, types tried from the best unchecked solution on; once a
+        checked one meets the SLO, a type whose unchecked solution does not beat it cannot
+        after its checks either."""
+        solved = []
+        for gpu in self.inputs.gpus:
+            own = single_type(search, gpu)
+            solved.append((gpu, own, solve_milp(own.problem)))
+        feasible = [(g, o, s) for g, o, s in solved if isinstance(s, Allocation)]
+        if not feasible:
+            reasons = "; ".join(f"single type ({g}): {s.reason}" for g, _, s in solved)
+            return Outcome("single type", False, reasons, None, 0.0, (), (), None, ())
+        feasible.sort(key=lambda item: (-item[2].served if self.goodput else 0.0, item[2].cost))
+        best: Outcome | None = None
+        for gpu, own, first in feasible:
+            name = f"single type ({gpu})"
+            if best is not None and best.meets_slo:
+                unchecked = Checked(first, own.problem, None, ())
+                estimate = outcome_of(name, self.inputs, unchecked, own, self.confirmer)
+                if not better(estimate, best, self.goodput):
+                    break
+            outcome = self.outcome(name, own, first, solve_milp)
+            if best is None or better(outcome, best, self.goodput):
+                best = outcome
+            if NOT_SIMULATED in outcome.notes and not self.check_all:
+                break  # the rest are no better unchecked
+        assert best is not None  # at least one type is feasible
+        return best
+
+    def all(self, search: SearchResult) -> tuple[Outcome, ...]:
+        single = self.single_type(search)
+        colocated = search.restricted(("colocated",))
+        together = self.outcome(
+            COLOCATED_BASELINE,
+            colocated,
+            solve_milp(colocated.problem),
+            solve_milp,
+            lambda problem: explain_infeasible(
+                self.inputs, replace(colocated, problem=problem), roles=("colocated",)
+            ),
+        )
+        apart = search.restricted(("prefill", "decode"))
+        distserve = self.outcome(
+            "DistServe-style (per phase)", apart, solve_distserve(apart.problem), solve_distserve
+        )
+        return single, together, distserve
 
 
 def _with_demand(search: SearchResult, inputs: PlanInputs) -> SearchResult:
@@ -254,52 +152,82 @@ def _with_demand(search: SearchResult, inputs: PlanInputs) -> SearchResult:
     return replace(search, problem=problem)
 
 
-def search_all(inputs: PlanInputs, baselines: bool = True) -> Searches:
-    colocated = build_problem(inputs, "colocated") if baselines else None
-    return Searches(build_problem(inputs), colocated)
+def search_all(inputs: PlanInputs) -> SearchResult:
+    """Every role's configurations (the baselines need them all). What each configuration
+    sustains does not depend on the demand: one search serves a sweep of arrival rates
+    (`plan(..., search=...)` sets the demand)."""
+    return build_problem(inputs, "all")
+
+
+def is_candidate(inputs: PlanInputs, baseline: Outcome) -> bool:
+    """Whether the plan may be this baseline: any, but the colocated one when the spec keeps
+    colocated instances out of the plan (`search.colocated: false`)."""
+    return inputs.search.colocated or baseline.name != COLOCATED_BASELINE
+
+
+def _as_plan(baseline: Outcome, joint: Outcome) -> Outcome:
+    """A baseline that beats the joint search's checked plan becomes the plan, saying so."""
+    if not joint.feasible:
+        why = "the joint search found no plan"
+    elif not joint.meets_slo:
+        why = "the joint search's plan misses the SLO in simulation"
+    else:
+        why = f"the joint search's plan, after its simulation checks, costs {joint.cost_per_hour:,.2f}/h"
+    note = f"the {baseline.name} baseline is the plan: {why}"
+    return replace(baseline, name="plan", notes=(*baseline.notes, note))
 
 
 def plan(
     inputs: PlanInputs,
     simulate: bool = True,
     baselines: bool = True,
-    searches: Searches | None = None,
+    search: SearchResult | None = None,
+    check_baselines: bool = False,
 ) -> PlanReport:
-    """The cheapest plan (or the most goodput within the budget), checked in simulation when
-    `simulate`, with the baselines when `baselines`; `searches` from an earlier call with
-    the same inputs but another rate saves the search."""
+    """The cheapest plan (or the most goodput within the budget) over prefill, decode and
+    (unless `search.colocated` is false) colocated instances of every type, checked in
+    simulation when `simulate`, with the baselines when `baselines`; a candidate baseline
+    better than the checked plan (meets the SLO at less cost) is the plan. A baseline whose
+    estimate cannot beat the checked plan is not simulated unless `check_baselines`.
+    `search` from `search_all` with the same inputs but another rate saves the search."""
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    if searches is None:
-        searches = search_all(inputs, baselines)
-    else:
-        searches = searches.for_inputs(inputs)
-    search = searches.disaggregated
+    everything = search_all(inputs) if search is None else _with_demand(search, inputs)
+    search = everything
+    if not inputs.search.colocated:
+        search = everything.restricted(("prefill", "decode"))
     seconds["search"] = time.perf_counter() - start
     confirmer = Confirmer(inputs)
     start = time.perf_counter()
     checked = _run(search.problem, search.perf, solve_milp, confirmer, simulate)
     seconds["solve_and_check" if simulate else "solve"] = time.perf_counter() - start
-    main = _outcome(
+    main = outcome_of(
         "plan",
         inputs,
         checked,
-        search.perf,
-        search.limits,
+        search,
         confirmer,
         lambda problem: explain_infeasible(inputs, replace(search, problem=problem)),
     )
     others: tuple[Outcome, ...] = ()
+    chosen = JOINT_SEARCH
     if baselines:
         start = time.perf_counter()
-        others = _baselines(inputs, searches, confirmer, simulate)
+        comparison = _Comparison(inputs, confirmer, simulate, main, check_baselines)
+        others = comparison.all(everything)
         seconds["baselines"] = time.perf_counter() - start
-    return PlanReport(inputs, main, others, search.rejected, seconds)
+        main, chosen = choose(inputs, main, others)
+    return PlanReport(inputs, main, others, search.rejected, seconds, chosen)
 
 
-def cost_per_million_tokens(inputs: PlanInputs, outcome: Outcome) -> float | None:
-    """Per million tokens processed (prompt + output)."""
-    if outcome.cost_per_hour is None or outcome.served_rate <= 0:
-        return None
-    tokens_per_hour = outcome.served_rate * (inputs.mix.mean_prompt + inputs.mix.mean_output) * 3600
-    return outcome.cost_per_hour / tokens_per_hour * 1e6
+def choose(
+    inputs: PlanInputs, joint: Outcome, baselines: tuple[Outcome, ...]
+) -> tuple[Outcome, str]:
+    """The plan and where it comes from: the joint search's checked plan, unless a candidate
+    baseline is better (meets the SLO where it does not, or at less cost)."""
+    goodput = inputs.objective == "max_goodput"
+    eligible = [b for b in baselines if is_candidate(inputs, b)]
+    best = max(eligible, key=lambda o: rank(o, goodput), default=None)
+    if best is not None and better(best, joint, goodput):
+        return _as_plan(best, joint), best.name
+    return joint, JOINT_SEARCH

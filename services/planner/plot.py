@@ -15,9 +15,9 @@ def cost_curves(inputs: PlanInputs, rates: list[float]) -> dict[str, list[float 
     """Cost per hour by strategy at each rate (None where infeasible), from the queueing
     estimates alone: no simulation, so that a sweep stays quick."""
     curves: dict[str, list[float | None]] = {}
-    searches = search_all(inputs)
+    search = search_all(inputs)
     for rate in rates:
-        report = plan(inputs.with_rate(rate), simulate=False, searches=searches)
+        report = plan(inputs.with_rate(rate), simulate=False, search=search)
         for outcome in (report.plan, *report.baselines):
             name = "single type (best)" if outcome.name.startswith("single type") else outcome.name
             curves.setdefault(name, []).append(outcome.cost_per_hour)

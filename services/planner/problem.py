@@ -84,6 +84,7 @@ class Allocation:
     flows: Mapping[tuple[int, str], float]  # (prefill config index, decode type) -> req/s
     served: float  # requests/s the allocation carries
     cost: float  # per hour
+    gap: float = 0.0  # relative distance to the solver's proven bound (0: proven optimal)
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.planner.planner import Outcome, PlanReport, PoolSummary, cost_per_million_tokens
+from services.planner.outcome import Outcome, PoolSummary, cost_per_million_tokens
+from services.planner.planner import JOINT_SEARCH, NOT_SIMULATED, PlanReport, is_candidate
 from services.planner.search import kv_bytes_per_request
-from services.planner.topology import topology
+from services.planner.topology import role_name, topology
+
+_ROLE_ORDER = {"prefill": 0, "colocated": 1, "decode": 2}
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -39,6 +42,7 @@ def _ratio(report: PlanReport, baseline: Outcome) -> float | None:
 def _pool_json(pool: PoolSummary) -> dict[str, Any]:
     predicted = "predicted_ttft_s" if pool.role == "prefill" else "predicted_tpot_s"
     return {
+        "role": role_name(pool.role),
         "gpu": pool.gpu,
         "tp": pool.tp,
         "pp": pool.pp,
@@ -50,7 +54,12 @@ def _pool_json(pool: PoolSummary) -> dict[str, Any]:
         "utilisation": pool.utilisation,
         "limit": pool.limit,
         predicted: pool.predicted_s,
+        "speed": pool.speed.as_dict(),
     }
+
+
+def _busy(busy: dict[str, float]) -> dict[str, float]:
+    return {role_name(role): share for role, share in busy.items()}
 
 
 def _predicted(report: PlanReport, outcome: Outcome) -> dict[str, Any] | None:
@@ -63,7 +72,7 @@ def _predicted(report: PlanReport, outcome: Outcome) -> dict[str, Any] | None:
         "tpot_s": sim.tpot_s,
         "attainment": sim.attainment,
         "meets_slo": sim.meets_slo,
-        "busy": sim.busy,
+        "busy": _busy(sim.busy),
         "simulated_requests": report.inputs.simulation.requests,
     }
 
@@ -85,8 +94,10 @@ def to_json(report: PlanReport) -> dict[str, Any]:
         "cost_per_hour": plan.cost_per_hour,
         "cost_per_million_tokens": cost_per_million_tokens(inputs, plan),
         "served_rate": plan.served_rate,
+        "plan_from": report.chosen,
         "prefill": [_pool_json(p) for p in plan.pools if p.role == "prefill"],
         "decode": [_pool_json(p) for p in plan.pools if p.role == "decode"],
+        "both": [_pool_json(p) for p in plan.pools if p.role == "colocated"],
         "kv_paths": [
             {
                 "from": a,
@@ -104,13 +115,22 @@ def to_json(report: PlanReport) -> dict[str, Any]:
                 "cost_per_hour": b.cost_per_hour,
                 "served_rate": b.served_rate,
                 "ratio": _ratio(report, b),
+                "simulated": b.simulated is not None,
                 "attainment": b.simulated.attainment if b.simulated else None,
                 "meets_slo": b.simulated.meets_slo if b.simulated else None,
                 "pools": [
-                    {"role": p.role, "gpu": p.gpu, "tp": p.tp, "pp": p.pp, "instances": p.instances}
+                    {
+                        "role": role_name(p.role),
+                        "gpu": p.gpu,
+                        "tp": p.tp,
+                        "pp": p.pp,
+                        "instances": p.instances,
+                    }
                     for p in b.pools
                 ],
                 "reason": b.reason or None,
+                "candidate": is_candidate(inputs, b),
+                "notes": list(b.notes),
             }
             for b in report.baselines
         },
@@ -138,17 +158,18 @@ def to_table(report: PlanReport) -> str:
         out.append(f"no feasible plan: {plan.reason}")
         return "\n".join(out)
     per_million = cost_per_million_tokens(inputs, plan)
+    source = "" if report.chosen == JOINT_SEARCH else f" (the {report.chosen} baseline)"
     out.append(
         f"cost {_money(plan.cost_per_hour)} per hour, {_figure(per_million)} per million tokens, "
-        f"serving {plan.served_rate:.3g} req/s"
+        f"serving {plan.served_rate:.3g} req/s{source}"
     )
     rows = []
-    for p in sorted(plan.pools, key=lambda p: (p.role != "prefill", p.gpu)):
+    for p in sorted(plan.pools, key=lambda p: (_ROLE_ORDER.get(p.role, 3), p.gpu)):
         metric = "TTFT" if p.role == "prefill" else "TPOT"
         predicted = "-" if p.predicted_s is None else f"{metric} {p.predicted_s:.3g} s"
         rows.append(
             [
-                p.role,
+                role_name(p.role),
                 p.gpu,
                 str(p.tp),
                 str(p.pp),
@@ -186,7 +207,7 @@ def to_table(report: PlanReport) -> str:
     sim = plan.simulated
     if sim is not None:
         verdict = "meets the SLO" if sim.meets_slo else "MISSES the SLO"
-        busy = ", ".join(f"{role} {share:.0%}" for role, share in sim.busy.items())
+        busy = ", ".join(f"{role} {share:.0%}" for role, share in _busy(sim.busy).items())
         out.append(
             f"simulated ({inputs.simulation.requests} requests): TTFT p{inputs.slo.percentile:g} "
             f"{sim.ttft_s:.3g} s, TPOT p{inputs.slo.percentile:g} {sim.tpot_s:.3g} s, attainment "
@@ -197,14 +218,16 @@ def to_table(report: PlanReport) -> str:
         rows = []
         for b in report.baselines:
             ratio = _ratio(report, b)
-            attained = b.simulated.attainment if b.simulated else None
+            attained = "-" if b.simulated is None else f"{b.simulated.attainment:.1%}"
+            if NOT_SIMULATED in b.notes:
+                attained = "not simulated"
             rows.append(
                 [
-                    b.name,
+                    b.name if is_candidate(inputs, b) else f"{b.name} (not a candidate)",
                     "yes" if b.feasible else "no",
                     _money(b.cost_per_hour),
                     "-" if ratio is None else f"{ratio:.2f}",
-                    "-" if attained is None else f"{attained:.1%}",
+                    attained,
                     b.reason,
                 ]
             )
@@ -212,6 +235,8 @@ def to_table(report: PlanReport) -> str:
             "",
             _table(["baseline", "feasible", "$/h", ratio_label, "attainment", "why not"], rows),
         ]
+    if any(NOT_SIMULATED in b.notes for b in report.baselines):
+        out.append(f"not simulated: {NOT_SIMULATED.removeprefix('not simulated: ')}")
     for note in plan.notes:
         out.append(f"note: {note}")
     return "\n".join(out)

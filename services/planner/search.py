@@ -1,7 +1,12 @@
-"""Enumerate instance shapes per GPU type and phase, and what each sustains under the SLO."""
+"""Enumerate instance shapes per GPU type and role, and what each sustains under the SLO.
+
+Roles: prefill and decode (disaggregated) and colocated (one instance runs both phases, as an
+engine without P/D does). The plan searches all three together; the baselines are
+restrictions of that one search (`restricted`)."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,7 +21,7 @@ from services.planner.inputs import PlanInputs
 from services.planner.perf_model import InstanceShape, PerfModel
 from services.planner.problem import CapacityProblem, Config
 
-Mode = Literal["disaggregated", "colocated"]
+Mode = Literal["all", "disaggregated", "colocated"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,22 @@ class SearchResult:
     limits: tuple[str, ...]  # per configuration: what bounds its rate
     rejected: tuple[Rejection, ...]
     shapes_tried: int
+
+    def restricted(self, roles: Collection[str], gpu: str | None = None) -> SearchResult:
+        """The configurations of `roles` (on `gpu` alone when given): a baseline's search
+        space. Rejections of those roles stay, to say why a restriction has no plan."""
+        chosen = [
+            i
+            for i, c in enumerate(self.problem.configs)
+            if c.role in roles and (gpu is None or c.gpu == gpu)
+        ]
+        return SearchResult(
+            problem=self.problem.restricted(chosen),
+            perf=tuple(self.perf[i] for i in chosen),
+            limits=tuple(self.limits[i] for i in chosen),
+            rejected=tuple(r for r in self.rejected if r.role in roles or r.role == "memory"),
+            shapes_tried=self.shapes_tried,
+        )
 
 
 def targets_of(inputs: PlanInputs) -> PhaseTargets:
@@ -120,9 +141,10 @@ def build_problem(inputs: PlanInputs, mode: Mode = "disaggregated") -> SearchRes
         name = shape.gpu.name
         price = inputs.prices[name] * shape.gpus
         common = {"gpu": name, "tp": shape.tp, "pp": shape.pp, "price_per_hour": price}
-        if mode == "colocated":
+        if mode != "disaggregated":
             capacity = colocated_capacity(perf, inputs.mix, targets)
             add(Config(role="colocated", rate=capacity.rate, **common), perf, capacity)
+        if mode == "colocated":
             continue
         by_bandwidth: dict[float, Capacity] = {}
         for destination in types:

@@ -5,9 +5,13 @@ What it models: the scheduler reserves a decode instance's KV memory for the who
 instances batch queued prompts up to a token budget (with PP a new batch enters when the first
 stage frees); KV crosses each (prefill type, decode type) path as a FIFO link, layer by layer
 from the end of the first layer; decode instances run continuous batching (one token per
-sequence per round); colocated instances run queued prefills before decode rounds.
+sequence per round); colocated instances run queued prefills before decode rounds. A mixed
+deployment sends each request, drawn by the routes' shares, either through a prefill pool to
+a decode type or to the colocated instances (the shortest queue among them).
 TTFT ends when the KV reaches decode (or the prefill ends, colocated); TPOT is the mean time
-per later token. What it does not: preemption, chunked prefill, prefix caching, failures.
+per later token. With a StopRule the run ends as soon as enough measured requests have missed
+a target that the verdict is known. What it does not: preemption, chunked prefill, prefix
+caching, failures.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from services.planner.deployment import Deployment, Pool, Route, Settings, SimResult
+from services.planner.deployment import Deployment, Pool, Route, Settings, SimResult, StopRule
 from services.planner.perf_model import PerfModel
 from services.planner.workload import RequestMix
 
@@ -30,6 +34,7 @@ BATCH_GAIN = 0.9  # a prompt joins a prefill batch only if that saves 10% over r
 
 @dataclass(eq=False)
 class _Request:
+    index: int
     arrival: float
     prompt: int
     output: int
@@ -73,9 +78,18 @@ class _Decoder:
 
 
 class _Simulation:
-    def __init__(self, deployment: Deployment, mix: RequestMix, settings: Settings) -> None:
+    def __init__(
+        self,
+        deployment: Deployment,
+        mix: RequestMix,
+        settings: Settings,
+        stop: StopRule | None = None,
+    ) -> None:
         self.deployment = deployment
         self.settings = settings
+        self.stop = stop
+        self.stopped = False
+        self.ttft_misses = self.tpot_misses = 0
         self.rng = np.random.default_rng(settings.seed)
         self.events: list[tuple[float, int, Callable[[], None]]] = []
         self.order = itertools.count()
@@ -85,8 +99,9 @@ class _Simulation:
         self.colocated: list[_Decoder] = []
         for pool in deployment.pools:
             self._build(pool)
+        self.largest_kv = {g: max(d.kv_total for d in ds) for g, ds in self.decoders.items()}
         self.pending: dict[str, deque[_Request]] = {
-            r.decode_gpu: deque() for r in deployment.routes
+            r.decode_gpu: deque() for r in deployment.routes if not r.colocated
         }
         self.link_free: dict[tuple[str, str], float] = {}
         rate = mix.rate or 1.0
@@ -94,8 +109,8 @@ class _Simulation:
         prompts = mix.prompt.sample(self.rng, settings.requests)
         outputs = mix.output.sample(self.rng, settings.requests)
         self.requests = [
-            _Request(float(t), int(p), int(o))
-            for t, p, o in zip(np.cumsum(gaps), prompts, outputs, strict=True)
+            _Request(i, float(t), int(p), int(o))
+            for i, (t, p, o) in enumerate(zip(np.cumsum(gaps), prompts, outputs, strict=True))
         ]
         if deployment.routes:
             shares = np.array([route.share for route in deployment.routes])
@@ -132,7 +147,7 @@ class _Simulation:
     def run(self) -> list[_Request]:
         for request in self.requests:
             self.at(request.arrival, lambda r=request: self.arrive(r))
-        while self.events:
+        while self.events and not self.stopped:
             time, _, action = heapq.heappop(self.events)
             if time > self.horizon:
                 break
@@ -140,13 +155,41 @@ class _Simulation:
             action()
         return self.requests
 
+    # outcomes --------------------------------------------------------------------------
+    def _first_token(self, request: _Request) -> None:
+        request.first_token = self.now
+        stop = self.stop
+        if stop is not None and request.index >= stop.first_measured:
+            if self.now - request.arrival > stop.ttft_s:
+                self.ttft_misses += 1
+                self.stopped = self.stopped or self.ttft_misses > stop.ttft_misses
+
+    def _finish(self, request: _Request) -> None:
+        request.finish = self.now
+        stop = self.stop
+        if stop is not None and request.index >= stop.first_measured and request.output > 1:
+            if (self.now - request.first_token) / (request.output - 1) > stop.tpot_s:
+                self.tpot_misses += 1
+                self.stopped = self.stopped or self.tpot_misses > stop.tpot_misses
+
+    def _refuse(self, request: _Request) -> None:
+        """It can never fit: it stays unfinished, a miss of both targets."""
+        stop = self.stop
+        if stop is not None and request.index >= stop.first_measured:
+            self.ttft_misses += 1
+            self.tpot_misses += 1
+            self.stopped = (
+                self.stopped
+                or self.ttft_misses > stop.ttft_misses
+                or self.tpot_misses > stop.tpot_misses
+            )
+
     # routing ---------------------------------------------------------------------------
     def arrive(self, request: _Request) -> None:
-        if self.colocated:
+        if request.route is None or request.route.colocated:
             target = min(self.colocated, key=lambda d: (len(d.ready), d.running))
             self.colocated_arrive(target, request)
             return
-        assert request.route is not None  # drawn for every request when there are routes
         self.pending[request.route.decode_gpu].append(request)
         self.admit(request.route.decode_gpu)
 
@@ -154,12 +197,13 @@ class _Simulation:
         """Reserve decode memory for waiting requests in order, then start their prefill."""
         waiting = self.pending[gpu]
         decoders = self.decoders.get(gpu, [])
+        largest = self.largest_kv.get(gpu, 0)
         while waiting:
             request = waiting[0]
             need = request.prompt + request.output
             if decoders:
-                if need > max(d.kv_total for d in decoders):
-                    waiting.popleft()  # it can never fit: refused, it counts as a miss
+                if need > largest:
+                    self._refuse(waiting.popleft())
                     continue
                 decoder = max(decoders, key=lambda d: d.kv_free)
                 if decoder.kv_free < need:
@@ -189,8 +233,7 @@ class _Simulation:
             squares += p.queue[0].prompt ** 2
             batch.append(p.queue.popleft())
         p.queued_tokens -= tokens
-        stage = float(p.perf.prefill_stage_time(tokens, squares, len(batch)))
-        latency = float(p.perf.prefill_latency(tokens, squares, len(batch)))
+        stage, latency = p.perf.prefill_times(tokens, squares, len(batch))
         p.free = False
         p.busy += stage
         self.at(self.now + stage, lambda: self._prefill_free(p))
@@ -210,11 +253,10 @@ class _Simulation:
         together than one after the other (batching pays only while GEMMs are memory-bound)."""
         if tokens + prompt > self.settings.max_prefill_tokens:
             return False
-        apart = perf.prefill_stage_time(tokens, squares, count) + perf.prefill_stage_time(
-            prompt, prompt**2, 1
-        )
-        together = perf.prefill_stage_time(tokens + prompt, squares + prompt**2, count + 1)
-        return bool(together < BATCH_GAIN * apart)
+        apart = perf.prefill_times(tokens, squares, count)[0]
+        apart += perf.prefill_times(prompt, prompt**2, 1)[0]
+        together = perf.prefill_times(tokens + prompt, squares + prompt**2, count + 1)[0]
+        return together < BATCH_GAIN * apart
 
     def _prefill_free(self, p: _Prefiller) -> None:
         p.free = True
@@ -222,7 +264,7 @@ class _Simulation:
 
     # decode ----------------------------------------------------------------------------
     def kv_arrived(self, request: _Request) -> None:
-        request.first_token = self.now
+        self._first_token(request)
         decoder = request.decoder
         if decoder is None:  # prefill timed alone
             request.finish = self.now
@@ -294,7 +336,7 @@ class _Simulation:
         d.context += d.running * rounds
         d.rounds += rounds
         for request in d.finishing.pop(d.rounds, []):
-            request.finish = self.now
+            self._finish(request)
             d.running -= 1
             d.context -= request.prompt + request.output
             d.kv_free += request.prompt + request.output
@@ -322,7 +364,7 @@ class _Simulation:
             request = d.ready[0]
             need = request.prompt + request.output
             if need > d.kv_total:
-                d.ready.popleft()  # it can never fit: refused, it counts as a miss
+                self._refuse(d.ready.popleft())
                 continue
             joins = not batch or self._joins(d.perf, tokens, squares, len(batch), request.prompt)
             if need > d.kv_free or not joins:
@@ -334,7 +376,7 @@ class _Simulation:
             tokens += request.prompt
             squares += request.prompt**2
         if batch:
-            duration = float(d.perf.prefill_latency(tokens, squares, len(batch)))
+            duration = d.perf.prefill_times(tokens, squares, len(batch))[1]
             d.stepping = True
             d.span_rounds = 0  # a prefill is not cut short
             d.busy += duration
@@ -346,7 +388,7 @@ class _Simulation:
 
     def _colocated_prefilled(self, d: _Decoder, batch: list[_Request]) -> None:
         for request in batch:
-            request.first_token = self.now
+            self._first_token(request)
             if request.output <= 1:
                 request.finish = self.now
                 d.kv_free += request.prompt + request.output
@@ -355,10 +397,17 @@ class _Simulation:
         self.colocated_step(d)
 
 
-def simulate(deployment: Deployment, mix: RequestMix, settings: Settings) -> SimResult:
-    sim = _Simulation(deployment, mix, settings)
+def first_measured(settings: Settings) -> int:
+    """Index of the first request the statistics count (the earlier ones warm up)."""
+    return int(settings.requests * settings.warmup_fraction)
+
+
+def simulate(
+    deployment: Deployment, mix: RequestMix, settings: Settings, stop: StopRule | None = None
+) -> SimResult:
+    sim = _Simulation(deployment, mix, settings, stop)
     requests = sim.run()
-    measured = requests[int(len(requests) * settings.warmup_fraction) :]
+    measured = requests[first_measured(settings) :]
     ttft = np.array([r.first_token - r.arrival for r in measured])
     tpot = np.array(
         [(r.finish - r.first_token) / (r.output - 1) if r.output > 1 else 0.0 for r in measured]
@@ -380,4 +429,6 @@ def simulate(deployment: Deployment, mix: RequestMix, settings: Settings) -> Sim
         tpot=tpot,
         wait=wait,
         busy={role: float(np.mean(v)) for role, v in busy.items() if v},
+        colocated=np.array([r.route is None or r.route.colocated for r in measured]),
+        stopped_early=sim.stopped,
     )

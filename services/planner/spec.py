@@ -124,6 +124,11 @@ class SearchSpace(_Strict):
     max_batch: int = Field(256, ge=1, description="decode sequences per instance")
     max_prefill_tokens: int = Field(8192, ge=1, description="tokens per prefill batch")
     gpu_memory_utilisation: float = Field(0.9, gt=0, le=1)
+    colocated: bool = Field(
+        True,
+        description="plan colocated instances (prefill and decode in one engine) too; false "
+        "keeps the plan to prefill and decode pools",
+    )
 
     @model_validator(mode="after")
     def _positive_degrees(self) -> SearchSpace:

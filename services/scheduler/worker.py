@@ -155,7 +155,10 @@ class SchedulerService(Service):
         for decode_id, choices in by_decode.items():
             decode, best = choices[0].decode, choices[0]
             align = max(choice.token_align for choice in choices)
-            reply = await self._reserve(decode, request, align, local=best.local)
+            # the reservation waits for the KV at least as long as the estimate says it takes
+            expected = best.estimate.ttft_s + best.estimate.transfer_s if best.estimate else 0
+            hold = max(self.settings.reserve_hold_s, 4 * expected)
+            reply = await self._reserve(decode, request, align, local=best.local, hold_s=hold)
             if not reply.ok:
                 reasons.append(f"{decode_id}: {reply.reason}")
                 full = full and reply.retry_later
@@ -178,13 +181,18 @@ class SchedulerService(Service):
         raise RoutingError("could not place the request: " + "; ".join(reasons))
 
     async def _reserve(
-        self, decode: InstanceInfo, request: GenerateRequest, align: int, local: bool
+        self,
+        decode: InstanceInfo,
+        request: GenerateRequest,
+        align: int,
+        local: bool,
+        hold_s: float,
     ) -> ReserveReply:
         remaining = request.sampling.max_tokens - len(request.resumed_token_ids)
         ask = ReserveRequest(
             request=request,
             num_tokens=len(request.context_token_ids) + max(remaining, 1),
-            hold_seconds=self.settings.reserve_hold_s,
+            hold_seconds=hold_s,
             token_align=align,
             local_prefill=local,
         )

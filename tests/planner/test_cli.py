@@ -15,6 +15,7 @@ def _spec_file(tmp_path: Path, spec: dict[str, Any], name: str = "spec.yaml") ->
 def test_plan_json_has_the_promised_shape(
     run_cli, tmp_path: Path, base_spec: dict[str, Any]
 ) -> None:
+    base_spec["search"] = {"colocated": False}  # P/D pools only (colocated ones are cheaper here)
     code, out, _ = run_cli("plan", _spec_file(tmp_path, base_spec), "--json", "--no-simulate")
     assert code == 0
     result = json.loads(out)
@@ -36,6 +37,7 @@ def test_plan_table_with_simulation_compose_and_topology(
 ) -> None:
     base_spec["model"] = "llama-3-8b"
     base_spec["simulation"] = {"requests": 300}
+    base_spec["search"] = {"colocated": False}  # the compose file runs prefill and decode only
     topology = tmp_path / "topology.yaml"
     code, out, _ = run_cli(
         "plan",
@@ -126,3 +128,40 @@ def test_rate_override(run_cli, tmp_path: Path, base_spec: dict[str, Any]) -> No
         "--no-baselines",
     )
     assert code == 0 and json.loads(out)["workload"]["rate"] == 2
+
+
+def test_a_colocated_plan_in_json_topology_and_compose(
+    run_cli, tmp_path: Path, base_spec: dict[str, Any]
+) -> None:
+    base_spec["model"] = "llama-3-8b"  # one colocated GPU serves 5 req/s at least cost
+    topology = tmp_path / "topology.yaml"
+    code, out, err = run_cli(
+        "plan",
+        _spec_file(tmp_path, base_spec),
+        "--json",
+        "--no-simulate",
+        "--compose",
+        "--topology",
+        str(topology),
+    )
+    assert code == 0
+    result = json.loads(out)
+    assert result["plan_from"] == "joint search"
+    assert result["both"] and not result["prefill"] and not result["decode"]
+    pool = result["both"][0]
+    assert pool["role"] == "both" and pool["predicted_tpot_s"] > 0
+    assert set(pool["speed"]) == {
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "decode_step_s",
+        "batch",
+        "requests_per_s",
+    }
+    assert result["cost_per_hour"] <= result["baselines"]["colocated (no P/D)"]["cost_per_hour"]
+    written = yaml.safe_load(topology.read_text())
+    assert written["services"] == {"both": {"scale": pool["instances"]}}
+    (entry,) = written["pools"]
+    assert entry["role"] == "both" and entry["speed"]["decode_step_s"] > 0
+    assert "scale: both=" in err and "compose's `both` service" in err
+    n = pool["instances"]
+    assert f"--profile aggregated up -d --scale both={n} --scale decode=0 --scale prefill=0" in err

@@ -5,20 +5,23 @@ from typing import Any
 import pytest
 
 from services.planner.inputs import resolve
-from services.planner.milp import solve_milp, undominated
+from services.planner.milp import refit, solve_milp, undominated
 from services.planner.oracle import solve_exhaustive
 from services.planner.problem import Allocation, CapacityProblem, Config, Infeasible, Role
-from services.planner.search import build_problem
+from services.planner.search import Mode, build_problem
 from services.planner.spec import parse_spec
 from tests.planner.instances import random_spec
 
 INSTANCES = 55
 
 
-def _problems(seed: int, count: int, **shape: Any) -> list[CapacityProblem]:
+def _problems(
+    seed: int, count: int, mode: Mode = "disaggregated", **shape: Any
+) -> list[CapacityProblem]:
     rng = random.Random(seed)
     return [
-        build_problem(resolve(parse_spec(random_spec(rng, **shape)))).problem for _ in range(count)
+        build_problem(resolve(parse_spec(random_spec(rng, **shape))), mode).problem
+        for _ in range(count)
     ]
 
 
@@ -40,6 +43,23 @@ def test_milp_cost_equals_the_exhaustive_oracle_on_random_small_instances() -> N
             mixed += len({problem.configs[i].gpu for i, n in enumerate(milp.counts) if n}) > 1
     assert feasible >= INSTANCES * 0.8  # the equality is not vacuous
     assert mixed >= 5  # and some optima mix GPU types
+
+
+def test_milp_equals_the_oracle_with_colocated_instances_in_the_search() -> None:
+    """Prefill, decode and colocated configurations together (mixes allowed)."""
+    colocated = 0
+    for index, problem in enumerate(
+        _problems(seed=11, count=20, mode="all", types=(2,), max_gpus=8, tp=(1, 2))
+    ):
+        milp, oracle = solve_milp(problem), solve_exhaustive(problem)
+        if isinstance(oracle, Infeasible):
+            assert isinstance(milp, Infeasible), f"instance {index}"
+            continue
+        assert _cost(milp) == pytest.approx(oracle.cost, rel=1e-9), f"instance {index}"
+        if isinstance(milp, Allocation):
+            used = {problem.configs[i].role for i, n in enumerate(milp.counts) if n}
+            colocated += "colocated" in used
+    assert colocated >= 3  # the colocated configurations take part
 
 
 def test_max_goodput_matches_the_oracle() -> None:
@@ -99,3 +119,19 @@ def test_dominated_shapes_are_dropped_before_the_milp() -> None:
     )
     problem = CapacityProblem(configs, {"a": 8}, {}, demand=1)
     assert undominated(problem) == [0, 2]
+
+
+def test_refit_keeps_counts_that_still_fit_and_refuses_those_that_do_not() -> None:
+    configs = (
+        _config("prefill", "a", 0, price=1.0, a=10),
+        _config("decode", "a", 8, price=1.0),
+    )
+    problem = CapacityProblem(configs, {"a": 8}, {("a", "a"): 100}, demand=12)
+    solution = solve_milp(problem)
+    assert isinstance(solution, Allocation) and solution.counts == (2, 2)
+    slack = replace(problem, configs=(configs[0], replace(configs[1], rate=7.0)))  # 14 >= 12
+    kept = refit(slack, solution.counts)
+    assert kept is not None and kept.counts == (2, 2) and kept.served == pytest.approx(12)
+    assert _cost(solve_milp(slack)) == kept.cost  # still optimal, as the docstring argues
+    short = replace(problem, configs=(configs[0], replace(configs[1], rate=5.0)))  # 10 < 12
+    assert refit(short, solution.counts) is None

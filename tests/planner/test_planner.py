@@ -3,7 +3,7 @@ from typing import Any
 import pytest
 
 from services.planner.inputs import resolve
-from services.planner.planner import PlanReport, plan
+from services.planner.planner import NOT_SIMULATED, PlanReport, plan
 from services.planner.spec import parse_spec
 
 
@@ -12,6 +12,7 @@ def _plan(spec: dict[str, Any], simulate: bool = False) -> PlanReport:
 
 
 def test_plan_is_no_dearer_than_the_disaggregated_baselines(base_spec: dict[str, Any]) -> None:
+    base_spec["search"] = {"colocated": False}  # P/D pools only (colocated ones are cheaper here)
     report = _plan(base_spec)
     assert report.plan.feasible and report.plan.cost_per_hour
     names = [b.name for b in report.baselines]
@@ -32,12 +33,20 @@ def test_every_reported_plan_was_simulated(base_spec: dict[str, Any]) -> None:
         "output_tokens": {"mean": 64},
     }
     base_spec["simulation"] = {"requests": 400}
-    report = _plan(base_spec, simulate=True)
+    inputs = resolve(parse_spec(base_spec))
+    report = plan(inputs, simulate=True, check_baselines=True)
     for outcome in (report.plan, *report.baselines):
         if outcome.feasible:
             assert outcome.simulated is not None, outcome.name
             assert 0 <= outcome.simulated.attainment <= 1
     assert report.plan.simulated is not None and report.plan.simulated.meets_slo
+    # by default a baseline whose estimate cannot beat the plan is left unsimulated, said so
+    default = plan(inputs, simulate=True)
+    assert default.plan.cost_per_hour == report.plan.cost_per_hour
+    for outcome in default.baselines:
+        if outcome.feasible and outcome.simulated is None:
+            assert NOT_SIMULATED in outcome.notes
+            assert outcome.cost_per_hour >= default.plan.cost_per_hour
 
 
 def test_a_model_that_fits_no_gpu(base_spec: dict[str, Any]) -> None:
@@ -98,6 +107,7 @@ def test_a_link_that_limits_the_demand_is_named(base_spec: dict[str, Any]) -> No
         {"gpu": "l4", "count": 8, "price_per_hour": 0.8},
     ]
     base_spec["network"] = {"inter_pool_gbps": 5}
+    base_spec["search"] = {"colocated": False}  # colocated instances send no KV over links
     base_spec["workload"]["rate"] = 20.0
     mixed = _plan(base_spec)
     assert mixed.plan.feasible

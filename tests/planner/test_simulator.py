@@ -2,10 +2,19 @@ import numpy as np
 import pytest
 
 from services.planner.catalog import builtin_catalog
-from services.planner.deployment import Deployment, Pool, Route, Settings
+from services.planner.deployment import (
+    Deployment,
+    Pool,
+    Route,
+    Settings,
+    SimResult,
+    StopRule,
+    allowed_misses,
+    sample_percentile,
+)
 from services.planner.model_spec import builtin_model
 from services.planner.perf_model import InstanceShape, PerfModel, transfer_tail
-from services.planner.simulator import simulate
+from services.planner.simulator import first_measured, simulate
 from services.planner.workload import Lengths, RequestMix
 
 A100 = builtin_catalog()["a100-80gb"]
@@ -100,3 +109,49 @@ def test_same_seed_same_result() -> None:
     first = simulate(_disaggregated(), _mix(5.0), SETTINGS)
     second = simulate(_disaggregated(), _mix(5.0), SETTINGS)
     assert np.array_equal(first.ttft, second.ttft) and np.array_equal(first.tpot, second.tpot)
+
+
+def test_a_mixed_deployment_sends_the_colocated_share_to_colocated_instances() -> None:
+    pools = (Pool("prefill", PERF, 1), Pool("decode", PERF, 1), Pool("colocated", PERF, 2))
+    routes = (Route(0, "a100-80gb", 3.0), Route.to_colocated(1.0))
+    mixed = Deployment(pools, routes, LINKS)
+    result = simulate(mixed, _mix(4.0), SETTINGS)
+    together = result.served_colocated()
+    assert abs(together.mean() - 0.25) < 0.05  # the colocated route's share of 4 req/s
+    assert set(result.busy) == {"prefill", "decode", "colocated"}
+    assert np.isfinite(result.ttft).all() and np.isfinite(result.tpot).all()
+    apart = result.subset(~together)
+    assert len(apart.ttft) + len(result.subset(together).ttft) == len(result.ttft)
+
+
+def test_allowed_misses_matches_the_sample_percentile() -> None:
+    rng = np.random.default_rng(0)
+    for count in (1, 2, 9, 10, 11, 100, 1351):
+        for percentile in (50.0, 90.0, 94.87, 99.0):
+            allowed = allowed_misses(count, percentile)
+            values = rng.permutation(np.r_[np.zeros(count - allowed), np.full(allowed, 2.0)])
+            assert sample_percentile(values, percentile) <= 1.0
+            if allowed < count:
+                values[np.argmin(values)] = 2.0  # one more miss fails the percentile
+                assert sample_percentile(values, percentile) > 1.0
+
+
+@pytest.mark.parametrize("rate", [2.0, 12.0])
+def test_a_stop_rule_gives_the_full_runs_verdict(rate: float) -> None:
+    """Stopped once more requests missed than the percentile allows: the same verdict as
+    the whole run, reached early only when it is a miss."""
+    deployment = _disaggregated()
+    full = simulate(deployment, _mix(rate), SETTINGS)
+    start = first_measured(SETTINGS)
+    allowed = allowed_misses(SETTINGS.requests - start, 90)
+    stop = StopRule(start, ttft_s=0.5, tpot_s=0.04, ttft_misses=allowed, tpot_misses=allowed)
+    short = simulate(deployment, _mix(rate), SETTINGS, stop)
+
+    def verdict(result: SimResult) -> bool:
+        ttft, tpot = result.quantiles(90)
+        return ttft <= 0.5 and tpot <= 0.04
+
+    assert verdict(short) == verdict(full)
+    assert short.stopped_early == (not verdict(full))
+    if not short.stopped_early:
+        assert np.array_equal(short.ttft, full.ttft) and np.array_equal(short.tpot, full.tpot)
