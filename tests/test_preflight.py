@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -356,3 +357,27 @@ def test_both_entries_and_local_prefill(tiny_llama: Path, tmp_path: Path) -> Non
         "both[1].block_size",
         "both[1].tp",
     ]
+
+
+def test_a_busy_metrics_port_is_refused(tiny_llama: Path, tmp_path: Path) -> None:
+    """With HETSERVE_METRICS_PORT, hetserve up gives each process the next port (scheduler,
+    converter, prefill, decode, gateway): one taken is a refusal naming that process."""
+    path = write_topology(tmp_path, base_topology(tiny_llama))
+    with socket.socket() as holder:
+        holder.bind(("", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        base = taken - 2  # the third process, p-0, would get the taken one
+        run = subprocess.run(
+            [sys.executable, "-m", "services.cli", "check", str(path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "HETSERVE_METRICS_PORT": str(base)},
+        )
+    assert run.returncode == 2
+    assert (
+        f"{path}: HETSERVE_METRICS_PORT: p-0 cannot serve metrics on port {taken}: "
+        "Address already in use; fix: stop what holds it"
+    ) in run.stdout
