@@ -103,6 +103,12 @@ class InstanceInfo(Message):
     heartbeat_at: float = 0.0
     started_at: float = 0.0
     pid: int = 0
+    device: str = ""  # prefill, decode: where the model runs (cpu, cuda:0, ...)
+    metrics_port: int = 0  # its Prometheus /metrics port; 0: none
+    # hetserve_errors_total of this process by "component/reason": since it started, and
+    # within the last metrics.RECENT_ERRORS_S seconds
+    errors: dict[str, int] = {}
+    recent_errors: dict[str, int] = {}
 
 
 class ReserveRequest(Message):

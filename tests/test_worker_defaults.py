@@ -9,12 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from proto.layout_registry import LAYOUTS
+from services.backends.vllm import engine_args as vllm_engine
 from services.cli.launcher import worker_env
+from services.cli.preflight import check_topology
 from services.cli.topology import Topology, WorkerSpec
 from services.common.settings import DEFAULT_CACHE_TOKENS, WorkerSettings
-from services.engine import vllm_engine
 from services.engine.engine import NativeEngine
 from services.hf.config import load_model_config
 
@@ -109,8 +111,20 @@ def test_vllm_kv_cache_holds_one_max_length_sequence(
     assert vllm_engine.kv_cache_bytes(auto, cfg) is None  # gpu_memory_utilization decides
 
 
-def test_a_block_size_the_layout_refuses_is_still_an_error() -> None:
-    with pytest.raises(ValueError, match="takes block sizes"):
-        WorkerSpec(name="w", kv_layout="ascend", block_size=16)
+def test_a_block_size_the_layout_refuses_is_still_an_error(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    # the checks before `hetserve up` (services/cli/preflight) refuse it, naming the field
+    topology = {
+        "model": str(tiny_llama),
+        "prefill": [{"name": "p"}],
+        "decode": [{"name": "w", "kv_layout": "ascend", "block_size": 16}],
+    }
+    path = tmp_path / "topology.yaml"
+    path.write_text(yaml.safe_dump(topology))
+    _, report = check_topology(path, ports=False)
+    assert [(p.field, p.problem) for p in report.problems] == [
+        ("decode[0].block_size", "w: layout ascend takes block sizes 128, not 16")
+    ]
     with pytest.raises(ValueError, match="at least 2"):
         WorkerSettings(num_blocks=1)

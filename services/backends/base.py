@@ -38,6 +38,7 @@ class PrefillBackend(Protocol):
     engine_name: str
     kv: KVDescriptor  # rank 0's: what the instance announces
     max_model_len: int
+    device: str  # where rank 0's model runs (cpu, cuda:0, ...)
 
     async def start(self, bus: Bus, spawn: Spawn) -> None:
         """Load the model and be ready to take jobs."""
@@ -72,6 +73,7 @@ class DecodeBackend(Protocol):
     engine_name: str
     kv: KVDescriptor  # rank 0's: what the instance announces
     max_model_len: int
+    device: str  # where rank 0's model runs (cpu, cuda:0, ...)
     vocab_size: int
     # The ranks whose KV frames this process takes, and the cache each rank's go into.
     local_caches: dict[int, PagedKVCache]

@@ -11,7 +11,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from services.cli.topology import ALWAYS, SPEED_KEYS, Topology, WorkerSpec
+from services.cli.startup_report import StartupReport
+from services.cli.topology import ALWAYS, SPEED_KEYS, Topology, WorkerSpec, worker_instance_id
 from services.common.nats_server import NatsServer, free_port
 
 log = logging.getLogger(__name__)
@@ -45,13 +46,13 @@ def plan_instances(
                 env = {
                     **base,
                     **worker_env(topology, spec, aggregated),
-                    "HETSERVE_INSTANCE_ID": f"{spec.name}-{i}",
+                    "HETSERVE_INSTANCE_ID": worker_instance_id(spec, i),
                 }
                 # One process per tensor-parallel rank, all with the instance's id; vLLM
                 # starts its own rank processes.
                 port = str(free_port()) if spec.tp > 1 else "0"
                 for rank in range(spec.tp if spec.engine == "native" else 1):
-                    name = f"{spec.name}-{i}" + (f"/rank{rank}" if spec.tp > 1 else "")
+                    name = worker_instance_id(spec, i) + (f"/rank{rank}" if spec.tp > 1 else "")
                     out.append(
                         Instance(
                             name,
@@ -149,9 +150,11 @@ def run_up(
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     code = 0
+    report = StartupReport(instances, topology, nats_url, prefix)
     try:
         for inst in instances:
             start(inst)
+        report.start()
         gateway = topology.gateway
         log.info(
             "started %d instances; OpenAI API at http://%s:%d/v1",
@@ -162,6 +165,7 @@ def run_up(
         reported: set[str] = set()
         while not stop["now"]:
             time.sleep(0.2)
+            report.tick()
             for inst in instances:
                 rc = inst.process.poll() if inst.process else None
                 if rc is not None and inst.name not in reported:
@@ -176,6 +180,7 @@ def run_up(
                 code = 1
                 break
     finally:
+        report.close()
         stop_all(instances)
         if server is not None:
             server.stop()

@@ -1,4 +1,5 @@
-"""The `hetserve` command: serve one service, run a topology, inspect layouts, benchmark, plan."""
+"""The `hetserve` command: serve one service, run or check a topology, see what runs, inspect
+layouts, benchmark, plan."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import sys
 
 from services.bench.cli import register as register_bench
-from services.cli import layouts, serve, up
+from services.cli import check, layouts, serve, status, up
 from services.common.service import configure_logging
 from services.models.cli import register as register_model
 from services.planner.cli import register as register_planner
@@ -19,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve.register(sub)
     up.register(sub)
+    check.register(sub)
+    status.register(sub)
     layouts.register(sub)
     bench = sub.add_parser("bench", help="benchmarks")
     register_bench(bench.add_subparsers(dest="bench_command", required=True))

@@ -1,14 +1,14 @@
-"""A topology file: which instances `hetserve up` starts, with which settings."""
+"""A topology file: which instances `hetserve up` starts, with which settings (read and
+checked by services/cli/preflight)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from proto.layout_registry import get_layout
+from proto.layout_registry import LAYOUTS
 
 DEMO_TOPOLOGY = Path(__file__).parent / "demo_topology.yaml"
 SPEED_KEYS = ("prefill_tokens_per_s", "decode_step_s")  # what routing uses
@@ -45,21 +45,17 @@ class WorkerSpec(BaseModel):
     env: dict[str, str] = {}
 
     def model_post_init(self, _context: object) -> None:
+        # What the layout, engine and model accept is checked by services/cli/preflight, field
+        # by field, before `hetserve up` starts anything; the defaults wait for a known layout.
         from services.common.settings import WorkerSettings, default_block_size, default_num_blocks
 
         if self.kv_layout is None:
             self.kv_layout = "vllm-flash" if self.engine == "native" else ""
-        if self.block_size is None:
+        known = self.engine == "vllm" or not self.kv_layout or self.kv_layout in LAYOUTS
+        if self.block_size is None and known:
             self.block_size = default_block_size(self.engine, self.kv_layout)
-        if self.num_blocks is None:
+        if self.num_blocks is None and self.block_size:
             self.num_blocks = default_num_blocks(self.block_size)
-        if self.kv_layout:
-            spec = get_layout(self.kv_layout)
-            if self.block_size not in spec.block_sizes:
-                raise ValueError(
-                    f"{self.name}: layout {self.kv_layout} takes block sizes "
-                    f"{spec.block_sizes}, not {self.block_size}"
-                )
         unknown_speed = set(self.speed) - set(PLAN_SPEED_KEYS)
         if unknown_speed:
             raise ValueError(f"{self.name}: unknown speed keys {sorted(unknown_speed)}")
@@ -70,6 +66,12 @@ class WorkerSpec(BaseModel):
         unknown = [k for k in self.vllm if f"vllm_{k}" not in WorkerSettings.model_fields]
         if unknown:
             raise ValueError(f"{self.name}: unknown vllm options {unknown}")
+
+
+def worker_instance_id(spec: WorkerSpec, replica: int) -> str:
+    """The instance id `hetserve up` gives replica `replica` of a prefill, decode or both
+    entry."""
+    return f"{spec.name}-{replica}"
 
 
 class GatewaySpec(BaseModel):
@@ -105,13 +107,3 @@ class Topology(BaseModel):
                 "a topology needs a prefill or a both instance (or decode instances with "
                 "prefill_locally_below)"
             )
-
-
-def load_topology(path: Path) -> Topology:
-    try:
-        raw = yaml.safe_load(path.read_text())
-        return Topology.model_validate(raw)
-    except FileNotFoundError:
-        raise ValueError(f"topology file {path} does not exist") from None
-    except (yaml.YAMLError, ValidationError) as exc:
-        raise ValueError(f"topology {path} is invalid: {exc}") from None

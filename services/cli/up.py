@@ -1,4 +1,5 @@
-"""`hetserve up`: a whole topology on this machine (services/cli/launcher.py runs it)."""
+"""`hetserve up`: a whole topology on this machine (services/cli/launcher.py runs it), once
+the topology passed every check of services/cli/preflight."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from services.cli.launcher import run_up
-from services.cli.topology import DEMO_TOPOLOGY, load_topology
+from services.cli.preflight import check_topology
+from services.cli.topology import DEMO_TOPOLOGY
+
+EXIT_REFUSED = 2
 
 
 def register(subparsers: Any) -> None:
@@ -27,23 +31,17 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    try:
-        topology = load_topology(Path(args.topology) if args.topology else DEMO_TOPOLOGY)
-    except ValueError as exc:
-        print(f"hetserve up: {exc}", file=sys.stderr)
-        return 2
-    if args.model:
-        topology.model = args.model
-    if args.port:
-        topology.gateway.port = args.port
-    if not (Path(topology.model) / "config.json").exists():
+    path = Path(args.topology) if args.topology else DEMO_TOPOLOGY
+    topology, report = check_topology(path, model=args.model, port=args.port)
+    for line in report.lines():
+        print(line, file=sys.stderr)
+    if topology is None or not report.ok:
+        count = len(report.problems)
         print(
-            f"hetserve up: no model at {topology.model} (config.json missing); build the demo "
-            "one with: hetserve model fetch (or a random tiny one with: hetserve model tiny "
-            "models/tiny-llama)",
+            f"hetserve up: {count} problem{'s' * (count != 1)} in {path}; nothing was started",
             file=sys.stderr,
         )
-        return 2
+        return EXIT_REFUSED
     gateway_env = {"HETSERVE_API_KEY": args.api_key} if args.api_key else {}
     return run_up(
         topology, args.nats_url or os.environ.get("HETSERVE_NATS_URL"), args.prefix, gateway_env

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -181,6 +182,40 @@ for _reason in ("queue_full", "key_limit", "queue_timeout", "no_capacity"):
 def error(component: str, reason: str) -> None:
     """Count a failure; `reason` is a short fixed word, never a message."""
     ERRORS.labels(component, reason).inc()
+
+
+RECENT_ERRORS_S = 300.0  # what InstanceInfo.recent_errors covers
+
+
+def error_counts() -> dict[str, int]:
+    """This process's hetserve_errors_total so far, by "component/reason"."""
+    return {
+        f"{sample.labels['component']}/{sample.labels['reason']}": int(sample.value)
+        for metric in ERRORS.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    }
+
+
+class RecentErrors:
+    """The error counts of the last `window_s` seconds, from samples of the counter taken at
+    every heartbeat: the newest sample older than the window is the baseline."""
+
+    def __init__(self, window_s: float = RECENT_ERRORS_S):
+        self.window_s = window_s
+        self.samples: deque[tuple[float, dict[str, int]]] = deque()
+
+    def update(self, now: float) -> tuple[dict[str, int], dict[str, int]]:
+        """(counts since the process started, counts within the window)."""
+        counts = error_counts()
+        self.samples.append((now, counts))
+        cutoff = now - self.window_s
+        while len(self.samples) > 1 and self.samples[1][0] <= cutoff:
+            self.samples.popleft()
+        first_at, first = self.samples[0]
+        base = first if first_at <= cutoff else {}  # younger than the window: all are recent
+        recent = {key: n - base.get(key, 0) for key, n in counts.items() if n > base.get(key, 0)}
+        return counts, recent
 
 
 def frame_sent(nbytes: int) -> None:

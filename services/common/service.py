@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 
 from proto.messages import InstanceInfo, Role
 from services.common.bus import Bus
-from services.common.metrics import record_status, serve_metrics
+from services.common.metrics import RecentErrors, record_status, serve_metrics
 from services.common.registry import Registry
 from services.common.settings import CommonSettings, default_instance_id
 from services.common.telemetry import setup_tracing, shutdown_tracing
@@ -43,17 +43,22 @@ class Service(ABC):
         self.registry: Registry
         self._tasks: set[asyncio.Task] = set()
         self.stopping = asyncio.Event()
+        self._errors = RecentErrors()
 
     @abstractmethod
     async def start(self) -> None:
         """Subscribe and start loops; self.bus and self.registry are ready."""
 
     def status(self) -> InstanceInfo:
+        errors, recent_errors = self._errors.update(time.time())
         return InstanceInfo(
             instance_id=self.instance_id,
             role=self.role,
             started_at=self.started_at,
             pid=os.getpid(),
+            metrics_port=self.settings.metrics_port,
+            errors=errors,
+            recent_errors=recent_errors,
         )
 
     async def stop(self) -> None:  # noqa: B027 - optional hook, not abstract

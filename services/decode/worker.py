@@ -90,6 +90,7 @@ class DecodeService(Service):
         info.model = self.settings.model
         info.kv = self.backend.kv
         info.engine = self.backend.engine_name
+        info.device = self.backend.device
         info.running = len(self.decoding)
         info.waiting = len(self.reservations) + load.waiting
         info.peak_running = load.peak_running

@@ -41,6 +41,7 @@ class PrefillService(Service):
         info.model = self.settings.model
         info.kv = self.backend.kv
         info.engine = self.backend.engine_name
+        info.device = self.backend.device
         info.running = load.running
         info.waiting = load.waiting
         info.free_blocks = load.free_blocks

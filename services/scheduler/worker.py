@@ -46,6 +46,7 @@ class SchedulerService(Service):
         super().__init__(settings)
         self.in_flight = asyncio.Semaphore(settings.max_in_flight)
         self.routed = 0
+        self.placing = 0  # requests being routed now (or waiting for free blocks)
         self.prefixes = PrefixIndex()
         self.defaults = Defaults(
             prefill_tokens_per_s=settings.default_prefill_tokens_per_s,
@@ -77,6 +78,7 @@ class SchedulerService(Service):
             self.spawn(self._handle(msgs[0]), "route")
 
     async def _handle(self, msg: Msg) -> None:
+        self.placing += 1
         try:
             try:
                 request = GenerateRequest.unpack(msg.data)
@@ -112,6 +114,7 @@ class SchedulerService(Service):
                     )
             await msg.ack()
         finally:
+            self.placing -= 1
             self.in_flight.release()
 
     async def _route_when_room(self, request: GenerateRequest, msg: Msg) -> RouteEvent:
@@ -282,5 +285,5 @@ class SchedulerService(Service):
 
     def status(self):  # noqa: ANN201
         info = super().status()
-        info.running = self.settings.max_in_flight - self.in_flight._value  # noqa: SLF001
+        info.running = self.placing  # not the semaphore: the idle pull loop holds a permit
         return info

@@ -68,6 +68,10 @@ class NativeDecode:
         return self.engine.max_model_len
 
     @property
+    def device(self) -> str:
+        return str(self.engine.device)
+
+    @property
     def vocab_size(self) -> int:
         return self.engine.cfg.vocab_size
 

@@ -72,6 +72,10 @@ class NativePrefill:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    @property
+    def device(self) -> str:
+        return str(self.engine.device)
+
     def load(self) -> Load:
         blocks = self.engine.blocks
         return Load(

@@ -88,6 +88,7 @@ class VllmDecode:
                 file.unlink(missing_ok=True)
         self.staging = BlockManager(num_blocks, self.kv.block_size)
         self.max_model_len: int = self.vllm.vllm_config.model_config.max_model_len
+        self.device = str(self.vllm.vllm_config.device_config.device)
         log.info(
             "%s: vLLM decode, KV %s block %d tp %d (%s)",
             settings.instance_id, self.kv.layout, self.kv.block_size, self.kv.tp_size, self.kv.id,

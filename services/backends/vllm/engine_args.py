@@ -13,6 +13,7 @@ from typing import Any
 
 from proto.kv_descriptor import KVDescriptor
 from proto.messages import GenerateRequest, SamplingParams
+from services.backends.vllm import platform_rules
 from services.common.settings import WorkerSettings
 from services.engine.sequence import Sequence
 from services.hf.config import ModelConfig, load_model_config
@@ -38,22 +39,17 @@ def vllm_missing_reason() -> str | None:
 
 
 def check_model(settings: WorkerSettings) -> ModelConfig:
-    """What vLLM would only find out at the first request, refused at start-up instead."""
+    """What vLLM would only find out at the first request, refused at start-up instead
+    (platform_rules.py: the same rules `hetserve check` applies before anything starts)."""
     cfg = load_model_config(settings.model)
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-
-        heads = CPUAttentionBackend.get_supported_head_sizes()
-        if cfg.head_dim not in heads:
-            raise ValueError(
-                f"vLLM's CPU attention takes head_dim in {heads}, the model has {cfg.head_dim}"
-            )
-        if settings.block_size % 32:
-            raise ValueError(
-                f"vLLM's CPU attention needs a block size multiple of 32, not {settings.block_size}"
-            )
+    refused = platform_rules.refusals(
+        platform_rules.current_platform(),
+        head_dim=cfg.head_dim,
+        block_size=settings.block_size,
+        dtype=settings.kv_dtype,
+    )
+    if refused:
+        raise ValueError("; ".join(r.reason for r in refused))
     return cfg
 
 

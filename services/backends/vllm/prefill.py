@@ -57,6 +57,7 @@ class VllmPrefill:
         self.kv: KVDescriptor = engine_args.rank_descriptors(ranks, settings.kv_layout)[0]
         self.num_blocks = self.llm.vllm_config.cache_config.num_gpu_blocks or 0
         self.max_model_len: int = self.llm.vllm_config.model_config.max_model_len
+        self.device = str(self.llm.vllm_config.device_config.device)
         log.info(
             "%s: vLLM prefill, KV %s block %d tp %d (%s)",
             settings.instance_id, self.kv.layout, self.kv.block_size, self.kv.tp_size, self.kv.id,
