@@ -101,9 +101,13 @@ def vllm_system(nats_server, tiny_llama: Path, tmp_path_factory) -> Iterator[Run
         ],
         "converter": {"replicas": 1},
     }
+    # The failover test below needs the scheduler to pick d-vllm-0 for an unpinned decode:
+    # the load policy (most free blocks) does; capability-aware routing would prefer the
+    # faster native decode, which the routing tests cover.
     with run_system(
-        topology, nats_server.url, tmp_path_factory.mktemp("vllm"), timeout_s=400
-    ) as system:
+        topology, nats_server.url, tmp_path_factory.mktemp("vllm"), timeout_s=400,
+        env={"HETSERVE_ROUTING": "load"},
+    ) as system:  # fmt: skip
         yield system
 
 
