@@ -71,6 +71,11 @@ cleanup() {
     for _ in $(seq 30); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 1; done
     kill -9 "$DOCKERD_PID" 2>/dev/null
   fi
+  if [ "$rc" -ne 0 ] && [ -s "$WORK/check.log" ]; then
+    # Again after the container logs and the teardown, so that the tail of CI's output says why.
+    log "the check's last lines:"
+    tail -25 "$WORK/check.log"
+  fi
   rm -rf "$WORK"
   log "done (exit $rc)"
   exit "$rc"
@@ -198,7 +203,8 @@ run_stack_and_check() {
   timeout 300 "${COMPOSE[@]}" up -d --no-build --scale prefill=2 --scale decode=2 "${services[@]}"
   timeout 900 "$PY" -m tests.compose_check --project "$PROJECT" \
     --gateway-url "http://127.0.0.1:$GATEWAY_PORT/v1" --nats-url "nats://127.0.0.1:$NATS_PORT" \
-    --model-dir "$MODEL_DIR" --prefills 2 --decodes 2 "${check_args[@]}"
+    --model-dir "$MODEL_DIR" --prefills 2 --decodes 2 "${check_args[@]}" 2>&1 \
+    | tee "$WORK/check.log"
 }
 
 install_engine

@@ -127,6 +127,19 @@ async def completion_records(nc: nats.NATS, subjects: Subjects) -> dict[str, Com
     return records
 
 
+async def records_of(
+    nc: nats.NATS, subjects: Subjects, served: list[Served], timeout_s: float
+) -> dict[str, CompletionRecord]:
+    """The completion records of `served`: a decode instance publishes one after the last token
+    went out, so the client may hold its answer a moment before the record lands."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = await completion_records(nc, subjects)
+        if all(s.request_id in records for s in served) or time.monotonic() > deadline:
+            return records
+        await asyncio.sleep(0.5)
+
+
 async def one_request(client: openai.AsyncOpenAI, prompt: list[int], max_tokens: int) -> Served:
     reply = await client.completions.create(
         model="tiny-llama",
@@ -172,6 +185,7 @@ async def check(args: argparse.Namespace) -> None:
             )
             if used >= set(decodes):
                 break
+        records = await records_of(nc, subjects, served, timeout_s=15.0)
         await report_and_verify(nc, subjects, served, records, decodes, args)
     finally:
         await nc.close()

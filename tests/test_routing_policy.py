@@ -144,3 +144,44 @@ def test_pins_and_exclusions_hold() -> None:
             PrefixIndex(),
             Defaults(),
         )
+
+
+def test_an_idle_decode_beats_a_busy_one_of_the_same_speed() -> None:
+    busy = instance("d-busy", "decode", running=6, decode_step_s=0.006)
+    idle = instance("d-idle", "decode", decode_step_s=0.006)  # measured when it was as busy
+    for _ in range(10):  # ties are shuffled: this is no tie
+        assert best(request(), [instance("p", "prefill")], [busy, idle]).decode.instance_id == (
+            "d-idle"
+        )
+
+
+def test_an_unmeasured_decode_is_as_fast_as_its_measured_peers() -> None:
+    # A fixed default step (20 ms) against a measured 4 ms would send the new instance nothing.
+    measured = instance("d-measured", "decode", running=2, decode_step_s=0.004)
+    new = instance("d-new", "decode")
+    choice = best(request(), [instance("p", "prefill")], [measured, new])
+    assert choice.decode.instance_id == "d-new"
+    assert choice.estimate.tpot_s < 0.004
+
+
+def test_placements_since_the_last_heartbeat_count_as_load() -> None:
+    """Requests between two heartbeats see one snapshot; what the scheduler placed itself
+    spreads them over equal instances."""
+    from services.scheduler.placements import RecentPlacements
+
+    recent = RecentPlacements()
+    prefills = [instance("p1", "prefill"), instance("p2", "prefill")]
+    decodes = [instance("d1", "decode"), instance("d2", "decode")]
+    used = []
+    for _ in range(4):
+        choice = best(
+            request(), [recent.applied(p) for p in prefills], [recent.applied(d) for d in decodes]
+        )
+        recent.placed(choice.decode, sequences=1)
+        recent.placed(choice.prefill, tokens=len(PROMPT))
+        used.append((choice.prefill.instance_id, choice.decode.instance_id))
+    assert sorted(d for _, d in used) == ["d1", "d1", "d2", "d2"]
+    assert sorted(p for p, _ in used) == ["p1", "p1", "p2", "p2"]
+    # the next heartbeat reports the load itself: the placements stop counting
+    fresh = decodes[0].model_copy(update={"heartbeat_at": 2.0})
+    assert recent.applied(fresh).waiting == 0

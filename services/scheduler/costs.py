@@ -5,12 +5,18 @@ The estimate is a completion time: time to first token (waiting for the prefill 
 queue, computing the prompt tokens it has not cached), moving the KV the decode instance has
 not cached (directly or through the converter), then the expected output tokens at the decode
 instance's step time. Speeds are what instances measured of themselves (their heartbeats),
-or the planner's figures, or the defaults until then.
+or the planner's figures; an instance that has measured nothing yet is taken to be as fast as
+its measured peers (fleet_defaults), and only with no measured peer are the defaults used.
+
+A decode step slows as its batch grows (`decode_batch_growth`: each sequence in the batch adds
+that fraction of a one-sequence step), so a request joining a busy decode instance expects a
+slower step than one joining an idle instance of the same speed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, replace
 
 from proto.kv_descriptor import KVDescriptor
 from proto.messages import GenerateRequest, InstanceInfo
@@ -27,6 +33,10 @@ class Defaults:
     converter_bytes_per_s: float = 1.2e8  # through the converter: about half
     output_tokens: int = 64  # cap on the output tokens an estimate counts
     handoff_s: float = 0.005  # a hop between instances: the prefill job, the KV stream's end
+    # per sequence in the batch, the fraction of a one-sequence decode step it adds; 0.08 is
+    # the tiny Llama on 2 CPU cores (scripts/bench_decode_step.py: 3.7 ms at batch 1, 13.4 ms
+    # at 32); memory-bound GPU decode grows less
+    decode_batch_growth: float = 0.08
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,40 @@ def kv_bytes_per_token(kv: KVDescriptor) -> int:
     return 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * kv.itemsize
 
 
+def _batch(decode: InstanceInfo) -> int:
+    return decode.running + decode.waiting
+
+
+def single_step_s(decode: InstanceInfo, growth: float) -> float:
+    """A decode instance's measured step, brought back to a batch of one (0: not measured).
+    Its measurement averages recent steps; its present batch stands for theirs."""
+    return decode.decode_step_s / (1 + growth * max(_batch(decode) - 1, 0))
+
+
+def joining_step_s(decode: InstanceInfo, defaults: Defaults) -> float:
+    """The step a request joining `decode`'s batch expects: one sequence more than now."""
+    single = single_step_s(decode, defaults.decode_batch_growth) or defaults.decode_step_s
+    return single * (1 + defaults.decode_batch_growth * _batch(decode))
+
+
+def fleet_defaults(
+    defaults: Defaults, prefills: list[InstanceInfo], decodes: list[InstanceInfo]
+) -> Defaults:
+    """The defaults for instances that have not measured themselves: their measured peers'
+    median. A fixed guess would make a new instance look much slower or faster than the
+    instances beside it, and the estimate would send it nothing or everything."""
+    prefill_speeds = [p.prefill_tokens_per_s for p in prefills if p.prefill_tokens_per_s > 0]
+    growth = defaults.decode_batch_growth
+    steps = [s for d in decodes if (s := single_step_s(d, growth)) > 0]
+    return replace(
+        defaults,
+        prefill_tokens_per_s=statistics.median(prefill_speeds)
+        if prefill_speeds
+        else defaults.prefill_tokens_per_s,
+        decode_step_s=statistics.median(steps) if steps else defaults.decode_step_s,
+    )
+
+
 def prefill_wait_s(prefill: InstanceInfo, defaults: Defaults) -> float:
     speed = prefill.prefill_tokens_per_s or defaults.prefill_tokens_per_s
     return prefill.queued_tokens / speed
@@ -104,7 +148,7 @@ def estimate(
     """`prefill` None: the decode instance prefills it itself (local prefill)."""
     assert decode.kv is not None
     tokens = len(prefix.tokens)
-    tpot = decode.decode_step_s or defaults.decode_step_s
+    tpot = joining_step_s(decode, defaults)
     if prefill is None:
         cached = prefix.cached_tokens(decode, index)
         speed = decode.prefill_tokens_per_s or defaults.prefill_tokens_per_s

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 from proto.messages import GenerateRequest, InstanceInfo
-from services.scheduler.costs import Defaults, Estimate, PrefixIndex, RequestPrefix, estimate
+from services.scheduler.costs import (
+    Defaults,
+    Estimate,
+    PrefixIndex,
+    RequestPrefix,
+    estimate,
+    fleet_defaults,
+)
 
 Routing = Literal["kv_aware", "load"]
 
@@ -108,6 +115,7 @@ def options(
     """Every way to serve `request`, best first (ties broken at random: heartbeats lag, and
     equal instances would otherwise always get the same answer)."""
     prefills, decodes = usable_prefills(prefills, request), usable_decodes(decodes, request)
+    defaults = fleet_defaults(defaults, prefills, decodes)
     random.shuffle(prefills)
     random.shuffle(decodes)
     prefix = RequestPrefix(request)

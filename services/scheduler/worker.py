@@ -32,6 +32,7 @@ from services.common.service import Service
 from services.common.settings import SchedulerSettings
 from services.common.telemetry import extract, inject, tracer
 from services.scheduler.costs import Defaults, PrefixIndex
+from services.scheduler.placements import RecentPlacements
 from services.scheduler.policy import Busy, Option, RoutingError, options, unroutable_reason
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class SchedulerService(Service):
         self.routed = 0
         self.placing = 0  # requests being routed now (or waiting for free blocks)
         self.prefixes = PrefixIndex()
+        self.recent = RecentPlacements()
         self.defaults = Defaults(
             prefill_tokens_per_s=settings.default_prefill_tokens_per_s,
             decode_step_s=settings.default_decode_step_s,
@@ -136,11 +138,12 @@ class SchedulerService(Service):
             pause = min(pause * 2, 0.5)
 
     async def _route(self, request: GenerateRequest) -> RouteEvent:
-        live = self.registry.live()
+        live = [self.recent.applied(i) for i in self.registry.live()]
         prefills = [i for i in live if i.role == "prefill"]
         decodes = [i for i in live if i.role == "decode"]
         converters = any(i.role == "converter" for i in live)
         self.prefixes.forget({i.instance_id for i in live})
+        self.recent.forget({i.instance_id for i in live})
         found = options(
             request, prefills, decodes, converters, self.settings.routing, self.prefixes,
             self.defaults,
@@ -163,6 +166,8 @@ class SchedulerService(Service):
                 reasons.append(f"{decode_id}: {reply.reason}")
                 full = full and reply.retry_later
                 continue
+            local_tokens = _to_prefill(request, best) if best.local else 0
+            self.recent.placed(decode, sequences=1, tokens=local_tokens)
             if best.local:  # the decode instance prefills it itself, from now on
                 return await self._announce(request, best)
             for choice in choices:
@@ -170,6 +175,8 @@ class SchedulerService(Service):
                     continue
                 route = await self._start_prefill(request, choice, reply.cached_tokens)
                 if route is not None:
+                    assert choice.prefill is not None
+                    self.recent.placed(choice.prefill, tokens=_to_prefill(request, choice))
                     return route
             await self.bus.publish(
                 self.bus.subjects.aborts,
@@ -287,3 +294,8 @@ class SchedulerService(Service):
         info = super().status()
         info.running = self.placing  # not the semaphore: the idle pull loop holds a permit
         return info
+
+
+def _to_prefill(request: GenerateRequest, option: Option) -> int:
+    cached = option.estimate.cached_prefill if option.estimate else 0
+    return len(request.context_token_ids) - cached
