@@ -209,6 +209,22 @@ async def test_prefix_cache_hit_on_vllm_prefill_still_sends_the_whole_prompt(
             assert await complete(vllm_system, prompt, "p-vllm", decode) == expected
 
 
+async def test_vllm_prefill_sends_only_what_the_decode_holds_not(
+    vllm_system: RunningSystem,
+) -> None:
+    """The second time, the native decode holds the prompt's first 128 tokens (one ascend
+    block, in its prefix cache): each vLLM worker's stream must begin at token 128, and the
+    decode load only the rest."""
+    for prefill in ("p-vllm", "p-vllm-tp2"):
+        prompt = prompt_of(200, f"decode-holds-{prefill}")
+        expected = hf_greedy(vllm_system.model_dir, prompt, MAX_TOKENS)
+        for held in (0, 128):
+            before = await vllm_system.stats("d-ascend-0")
+            assert await complete(vllm_system, prompt, prefill, "d-ascend") == expected
+            after = await vllm_system.stats("d-ascend-0")
+            assert after.kv_loaded_tokens - before.kv_loaded_tokens == len(prompt) - held
+
+
 def hf_kv(model_dir: Path, prompt: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """transformers' post-RoPE K and V of every layer, [T, H, D] each."""
     model = _hf_model(str(model_dir))

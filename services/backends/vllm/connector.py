@@ -65,6 +65,7 @@ class SaveSpec:
     block_ids: list[int]  # the blocks holding tokens [token_start, token_stop)
     token_start: int  # block aligned
     token_stop: int
+    opens: bool  # the request's first save: its stream begins here
 
 
 @dataclass
@@ -88,6 +89,7 @@ class _Producing:
     prompt_len: int
     block_ids: list[int]
     sent: int = 0  # tokens sent so far (or that the receiver holds already)
+    opened: bool = False  # a save began its stream
 
 
 def _params(source: Any) -> dict:
@@ -218,7 +220,7 @@ class HetserveConnector(KVConnectorBase_V1):
         first_layer, last_layer = self.desc.layers[0], self.desc.layers[-1]
         block, per_frame = self.desc.block_size, streams.blocks_per_frame
         for spec in meta.saves:
-            if spec.token_start == 0 and layer == first_layer:
+            if spec.opens and layer == first_layer:
                 streams.open(spec.rid, KVRoute.model_validate(spec.route), spec.num_tokens)
             for i in range(0, len(spec.block_ids), per_frame):
                 chunk = spec.block_ids[i : i + per_frame]
@@ -312,9 +314,11 @@ class HetserveConnector(KVConnectorBase_V1):
                 block_ids=state.block_ids[state.sent // block : -(-stop // block)],
                 token_start=state.sent,
                 token_stop=stop,
+                # not `token_start == 0`: a decode holding a prefix has the stream begin later
+                opens=not state.opened,
             )
         )
-        state.sent = stop
+        state.sent, state.opened = stop, True
         if stop >= state.prompt_len:
             del self._producing[req_id]
 

@@ -86,9 +86,12 @@ class KVStreams:
         route = KVRoute.model_validate(end.route)
         self.open(end.request_id, route, end.num_tokens)
         stream = self.streams[end.request_id]
-        if end.error:
+        # vLLM saved the prompt's layers in the step that computed it, before its output
+        # reached the service: a stream still open now would wait forever for them.
+        error = end.error or ("" if stream.closed else "the prefill ended with layers unsaved")
+        if error:
             self.layers_done(end.request_id)  # nothing more comes
-            stream.end.set_exception(RuntimeError(end.error))
+            stream.end.set_exception(RuntimeError(error))
         else:
             token = end.first_token if self.kv.tp_rank == 0 else None
             stream.end.set_result((token, end.extra))
