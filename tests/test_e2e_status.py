@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -21,35 +20,13 @@ import yaml
 
 from proto.messages import InstanceInfo
 from services.backends.vllm.engine_args import vllm_missing_reason
+from services.common.nats_server import free_port_range
 from tests.system import ROOT, RunningSystem, run_system
 
 pytestmark = pytest.mark.slow
 
 INSTANCES = ["scheduler-0", "converter-0", "p-0", "d-0", "gateway-0"]  # the launcher's order
 DECODE_BLOCKS = 16
-
-
-def free_port_range(count: int) -> int:
-    """The first of `count` consecutive ports free on this machine now."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("", 0))
-            base = probe.getsockname()[1]
-        if base + count >= 65536:
-            continue
-        socks = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 @pytest.fixture(scope="module")

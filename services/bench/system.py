@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.common.nats_server import free_port
+from services.common.nats_server import free_port, free_port_range
 
 
 @dataclass
@@ -83,13 +83,9 @@ def running(
     settle_s: float = 3.0,
 ) -> Iterator[System]:
     """`hetserve up` with an embedded NATS server until the block ends. `env` reaches every
-    process (HETSERVE_* settings). Processes get metrics ports counted up from a free one."""
+    process (HETSERVE_* settings). Processes get metrics ports counted up from the first of a
+    free range."""
     workdir = Path(tempfile.mkdtemp(prefix="hetserve-bench-"))
-    port, metrics = free_port(), free_port()
-    topology = {**topology, "gateway": {**topology.get("gateway", {}), "port": port}}
-    path = workdir / "topology.yaml"
-    path.write_text(yaml.safe_dump(topology))
-    log_path = workdir / "system.log"
     count = (
         sum(
             spec.get("replicas", 1) * spec.get("tp", 1)
@@ -98,6 +94,11 @@ def running(
         )
         + 8
     )  # scheduler, converters, gateways: a margin is harmless
+    port, metrics = free_port(), free_port_range(count)
+    topology = {**topology, "gateway": {**topology.get("gateway", {}), "port": port}}
+    path = workdir / "topology.yaml"
+    path.write_text(yaml.safe_dump(topology))
+    log_path = workdir / "system.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "--log-level", "WARNING", "up",
