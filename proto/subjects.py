@@ -72,3 +72,24 @@ class Subjects:
     # parallel rank of an instance (a decode worker's rank, or a converter).
     def kv_frames(self, instance_id: str, rank: int = 0) -> str:
         return f"{self.prefix}.kv.{check_token(instance_id, 'instance id')}.{int(rank)}"
+
+    # Wildcards over the per-request and per-instance families, for the bus's permissions.
+    @property
+    def every_request_events(self) -> str:
+        return f"{self.prefix}.events.*"
+
+    @property
+    def every_reserve(self) -> str:
+        return f"{self.prefix}.reserve.*"
+
+    @property
+    def every_prefill_jobs(self) -> str:
+        return f"{self.prefix}.prefill.*"
+
+    @property
+    def every_stats(self) -> str:
+        return f"{self.prefix}.stats.*"
+
+    @property
+    def every_kv_frames(self) -> str:
+        return f"{self.prefix}.kv.*.*"

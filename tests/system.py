@@ -24,6 +24,7 @@ import yaml
 from proto.messages import InstanceInfo
 from proto.subjects import Subjects
 from services.bench.system import wait_healthy
+from services.cli.bus_users import read_url
 from services.common.nats_server import free_port
 from services.models.tiny import make_tiny_model
 
@@ -159,14 +160,17 @@ class RunningSystem:
 @contextmanager
 def run_system(
     topology: dict,
-    nats_url: str,
+    nats_url: str | None,
     workdir: Path,
     env: dict[str, str] | None = None,
     timeout_s: float = 180.0,
     up_args: list[str] | None = None,
 ) -> Iterator[RunningSystem]:
-    """`hetserve up` on a topology, against the test's NATS server, until the block ends;
-    `up_args`: more `hetserve up` options."""
+    """`hetserve up` on a topology, against the test's NATS server (None: its embedded one,
+    whose users' URLs go to `workdir`/state), until the block ends; `up_args`: more
+    `hetserve up` options. The system's `nats_url` is then the admin's."""
+    state_dir = workdir / "state"
+    server = ["--nats-url", nats_url] if nats_url else ["--state-dir", str(state_dir)]
     port = free_port()
     prefix = f"t{uuid.uuid4().hex[:8]}"
     topology = {**topology, "gateway": {**topology.get("gateway", {}), "port": port}}
@@ -182,8 +186,7 @@ def run_system(
                 "up",
                 "--topology",
                 str(path),
-                "--nats-url",
-                nats_url,
+                *server,
                 "--prefix",
                 prefix,
                 *(up_args or []),
@@ -195,7 +198,8 @@ def run_system(
         )
     try:
         wait_healthy(port, timeout_s, process, log_path)
-        system = RunningSystem(process, port, prefix, nats_url, Path(topology["model"]), log_path)
+        url = nats_url or read_url(state_dir)
+        system = RunningSystem(process, port, prefix, url, Path(topology["model"]), log_path)
         asyncio.run(wait_all_instances(system, topology, timeout_s))
         yield system
     finally:

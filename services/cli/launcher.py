@@ -10,9 +10,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+from proto.subjects import Subjects
+from services.cli.bus_users import DEFAULT_STATE_DIR, BusUsers, url_file
 from services.cli.startup_report import StartupReport
 from services.cli.topology import ALWAYS, SPEED_KEYS, Topology, WorkerSpec, worker_instance_id
+from services.common.bus_permissions import ADMIN, authorization
 from services.common.nats_server import NatsServer, free_port
 
 log = logging.getLogger(__name__)
@@ -27,9 +31,14 @@ class Instance:
 
 
 def plan_instances(
-    topology: Topology, nats_url: str, prefix: str, gateway_env: dict[str, str] | None = None
+    topology: Topology,
+    nats_url: str,
+    prefix: str,
+    gateway_env: dict[str, str] | None = None,
+    users: BusUsers | None = None,
 ) -> list[Instance]:
-    """`gateway_env`: settings for the gateways only (the API keys of `hetserve up --api-key`)."""
+    """`gateway_env`: settings for the gateways only (the API keys of `hetserve up --api-key`).
+    `users`: the server's per-role users; each process connects as its role's."""
     base = {"HETSERVE_NATS_URL": nats_url, "HETSERVE_PREFIX": prefix}
     out: list[Instance] = []
     for i in range(topology.scheduler.replicas):
@@ -82,6 +91,8 @@ def plan_instances(
     metrics_port = int(os.environ.get("HETSERVE_METRICS_PORT", "0"))
     for index, inst in enumerate(out):
         inst.env.setdefault("HETSERVE_INSTANCE_ID", inst.name)
+        if users is not None:
+            inst.env["HETSERVE_NATS_URL"] = users.url(nats_url, inst.role)
         if metrics_port:  # one Prometheus port per process, counting up from the given one
             inst.env["HETSERVE_METRICS_PORT"] = str(metrics_port + index)
     return out
@@ -135,13 +146,23 @@ def run_up(
     nats_url: str | None,
     prefix: str,
     gateway_env: dict[str, str] | None = None,
+    state_dir: Path = DEFAULT_STATE_DIR,
 ) -> int:
-    server = None
+    """An embedded server (no `nats_url`) admits only its per-role users, whose URLs go to
+    `state_dir`/nats/<role>.url; a given server is the operator's to secure."""
+    server, users = None, None
     if nats_url is None:
-        server = NatsServer().start()
+        users = BusUsers()
+        server = NatsServer(authorization=authorization(Subjects(prefix), users.passwords))
+        server.start()
         nats_url = server.url
-        log.info("embedded NATS with JetStream at %s", nats_url)
-    instances = plan_instances(topology, nats_url, prefix, gateway_env)
+        users.write(state_dir, nats_url)
+        log.info(
+            "embedded NATS with JetStream at %s (a user per role; their URLs in %s)",
+            nats_url,
+            url_file(state_dir, ADMIN).parent,
+        )
+    instances = plan_instances(topology, nats_url, prefix, gateway_env, users)
     stop = {"now": False}
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -150,7 +171,10 @@ def run_up(
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     code = 0
-    report = StartupReport(instances, topology, nats_url, prefix)
+    admin_url = users.url(nats_url, ADMIN) if users is not None else nats_url
+    report = StartupReport(
+        instances, topology, admin_url, prefix, state_dir if users is not None else None
+    )
     try:
         for inst in instances:
             start(inst)

@@ -82,7 +82,7 @@ async def snapshot(bus: Bus) -> Snapshot:
         kv = await bus.js.key_value(bucket)
     except nats.js.errors.BucketNotFoundError:
         raise NoSystem(
-            f"no hetserve registry (bucket {bucket}) at {bus.settings.nats_url}: is hetserve "
+            f"no hetserve registry (bucket {bucket}) at {bus.settings.nats_url_public}: is hetserve "
             "running there, under this prefix?"
         ) from None
     entries, unreadable = await registry_entries(kv)

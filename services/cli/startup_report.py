@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Protocol, TextIO
 
 from proto.messages import InstanceInfo
@@ -62,9 +63,12 @@ class StartupReport:
         topology: Topology,
         nats_url: str,
         prefix: str,
+        state_dir: Path | None = None,
         out: TextIO | None = None,
     ):
+        """`state_dir`: where the embedded server's credentials are (None: a given server)."""
         self.topology = topology
+        self.state_dir = state_dir
         self.settings = CommonSettings(nats_url=nats_url, prefix=prefix)
         self.out = out or sys.stdout
         # every id that announces itself, with its processes (a native TP instance has one
@@ -170,9 +174,13 @@ class StartupReport:
                 f"OpenAI API: http://{gateway.host}:{gateway.port + i}/v1 "
                 "(also /health and /metrics)"
             )
+        where = (
+            f"--state-dir {self.state_dir}"
+            if self.state_dir is not None
+            else f"--nats-url {self.settings.nats_url_public}"
+        )
         lines.append(
-            f"what is running: hetserve status --nats-url {self.settings.nats_url} "
-            f"--prefix {self.settings.prefix} [--watch]"
+            f"what is running: hetserve status {where} --prefix {self.settings.prefix} [--watch]"
         )
         return "\n".join(lines)
 

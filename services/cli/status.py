@@ -11,9 +11,11 @@ import json
 import logging
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from proto.messages import InstanceInfo
+from services.cli.bus_users import DEFAULT_STATE_DIR, read_url
 from services.cli.live import NoSystem, Snapshot, snapshot
 from services.cli.table import format_table
 from services.common.bus import Bus
@@ -30,7 +32,17 @@ _CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen: a refresh without curses
 
 def register(subparsers: Any) -> None:
     status = subparsers.add_parser("status", help="what a running hetserve is doing")
-    status.add_argument("--nats-url", help="its NATS server (default: HETSERVE_NATS_URL)")
+    status.add_argument(
+        "--nats-url",
+        help="its NATS server (default: HETSERVE_NATS_URL, else the admin URL that "
+        "hetserve up wrote in the state directory)",
+    )
+    status.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help="hetserve up's (default: .hetserve)",
+    )
     status.add_argument("--prefix", help="its subject prefix (default: HETSERVE_PREFIX)")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
@@ -71,7 +83,7 @@ def render(snap: Snapshot, settings: CommonSettings) -> str:
     roles = Counter(i.role for i in live)
     counts = ", ".join(f"{role} {n}" for role, n in roles.items()) or "none"
     lines = [
-        f"hetserve at {settings.nats_url}, prefix {settings.prefix}: "
+        f"hetserve at {settings.nats_url_public}, prefix {settings.prefix}: "
         f"{len(live)} live instance{'s' * (len(live) != 1)} ({counts})",
         "",
         format_table(HEADERS, [instance_row(i, snap) for i in snap.instances]),
@@ -106,7 +118,7 @@ def as_json(snap: Snapshot, settings: CommonSettings) -> dict[str, Any]:
     for info in snap.live():
         recent.update(info.recent_errors)
     return {
-        "nats_url": settings.nats_url,
+        "nats_url": settings.nats_url_public,
         "prefix": settings.prefix,
         "taken_at": snap.taken_at,
         "instance_ttl_s": snap.ttl_s,
@@ -137,7 +149,10 @@ def settings_from(args: argparse.Namespace) -> CommonSettings:
     """The services' own settings (HETSERVE_* and .env: URL, prefix, credentials), with the
     command line's URL and prefix over them."""
     given = {"nats_url": args.nats_url, "prefix": args.prefix}
-    return CommonSettings(**{k: v for k, v in given.items() if v})
+    settings = CommonSettings(**{k: v for k, v in given.items() if v})
+    if not args.nats_url and "nats_url" not in settings.model_fields_set:
+        settings.nats_url = read_url(args.state_dir) or settings.nats_url
+    return settings
 
 
 async def _show(bus: Bus, args: argparse.Namespace) -> bool:
@@ -169,7 +184,7 @@ async def status(args: argparse.Namespace) -> int:
         )
     except (TimeoutError, ConnectionError) as exc:
         print(
-            f"hetserve status: cannot reach NATS at {settings.nats_url} within "
+            f"hetserve status: cannot reach NATS at {settings.nats_url_public} within "
             f"{args.connect_timeout:.0f}s ({type(exc).__name__}); give --nats-url",
             file=sys.stderr,
         )

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from services.cli.bus_users import DEFAULT_STATE_DIR
 from services.cli.launcher import run_up
 from services.cli.preflight import check_topology
 from services.cli.topology import DEMO_TOPOLOGY
@@ -23,6 +24,12 @@ def register(subparsers: Any) -> None:
     up.add_argument("--nats-url", help="use this NATS server instead of an embedded one")
     up.add_argument("--port", type=int, help="gateway port (overrides the topology's)")
     up.add_argument("--prefix", default=os.environ.get("HETSERVE_PREFIX", "hetserve"))
+    up.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help="where the embedded NATS server's per-role URLs go (default: .hetserve)",
+    )
     up.add_argument(
         "--api-key",
         help="API key(s) the gateways require, comma-separated (or set HETSERVE_API_KEY)",
@@ -43,6 +50,5 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
         return EXIT_REFUSED
     gateway_env = {"HETSERVE_API_KEY": args.api_key} if args.api_key else {}
-    return run_up(
-        topology, args.nats_url or os.environ.get("HETSERVE_NATS_URL"), args.prefix, gateway_env
-    )
+    nats_url = args.nats_url or os.environ.get("HETSERVE_NATS_URL")
+    return run_up(topology, nats_url, args.prefix, gateway_env, args.state_dir)

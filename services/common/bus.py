@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
+from typing import Any
 
 import nats
 from nats.aio.client import Client
@@ -15,6 +17,7 @@ from nats.js.kv import KeyValue
 from proto.messages import M, Message
 from proto.subjects import Subjects
 from services.common import metrics
+from services.common.bus_permissions import BUS_USERS, inbox_prefix
 from services.common.settings import CommonSettings
 from services.common.telemetry import inject
 from services.kv.hooks import StreamHooks
@@ -28,6 +31,24 @@ _HEADROOM = 16 * 1024  # NATS headers (trace context) and the frame's msgpack he
 KV_HOOKS = StreamHooks(
     headers=inject, frame_sent=metrics.frame_sent, frame_received=metrics.frame_received
 )
+
+
+def credentials(settings: CommonSettings) -> dict[str, Any]:
+    """nats.connect's arguments for who this service is on the bus, and how it trusts it."""
+    out: dict[str, Any] = {}
+    if settings.nats_user:
+        out["user"] = settings.nats_user
+        out["password"] = settings.nats_password.get_secret_value()
+    if settings.nats_creds:
+        out["user_credentials"] = settings.nats_creds
+    if settings.nats_tls_ca or settings.nats_tls_cert:
+        tls = ssl.create_default_context(cafile=settings.nats_tls_ca or None)
+        if settings.nats_tls_cert:
+            tls.load_cert_chain(settings.nats_tls_cert, settings.nats_tls_key or None)
+        out["tls"] = tls
+    if settings.nats_username in BUS_USERS:  # replies come where only this role may listen
+        out["inbox_prefix"] = inbox_prefix(settings.nats_username)
+    return out
 
 
 class Bus:
@@ -49,12 +70,13 @@ class Bus:
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=1,
                     connect_timeout=2,
+                    **credentials(settings),
                 )
                 return cls(nc, settings)
             except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
                 last = exc
                 await asyncio.sleep(0.5)
-        raise ConnectionError(f"cannot reach NATS at {settings.nats_url}: {last}")
+        raise ConnectionError(f"cannot reach NATS at {settings.nats_url_public}: {last}")
 
     async def ensure_streams(self) -> None:
         """Create the request queue and completion log if absent (idempotent)."""

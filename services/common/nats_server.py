@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import shutil
 import socket
@@ -52,8 +54,15 @@ def free_port_range(count: int) -> int:
 class NatsServer:
     """A JetStream-enabled server on loopback with its own store; stop() removes both."""
 
-    def __init__(self, port: int | None = None, store_dir: str | None = None):
+    def __init__(
+        self,
+        port: int | None = None,
+        store_dir: str | None = None,
+        authorization: dict | None = None,
+    ):
+        """`authorization`: nats-server's block of users and permissions (none: anonymous)."""
         self.port = port or free_port()
+        self.authorization = authorization
         self._tmp = None if store_dir else tempfile.TemporaryDirectory(prefix="hetserve-nats-")
         self.store_dir = store_dir or self._tmp.name
         self.process: subprocess.Popen | None = None
@@ -65,14 +74,19 @@ class NatsServer:
     def config(self) -> str:
         # max_payload has no command-line flag. 8 MiB lets KV frames be large enough for one
         # block of a big model's layer, and few enough that per-frame costs stay small.
-        return (
+        config = (
             f"host: 127.0.0.1\nport: {self.port}\nmax_payload: {MAX_PAYLOAD}\n"
             f'jetstream {{ store_dir: "{self.store_dir}" }}\n'
         )
+        if self.authorization is not None:  # the config format takes JSON values
+            config += f"authorization: {json.dumps(self.authorization)}\n"
+        return config
 
     def start(self, timeout_s: float = 10.0) -> NatsServer:
         config = Path(self.store_dir) / "nats.conf"
-        config.write_text(self.config())
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # may hold passwords
+        with os.fdopen(fd, "w") as out:
+            out.write(self.config())
         self.process = subprocess.Popen(
             [find_nats_server(), "-c", str(config)],
             stdout=subprocess.DEVNULL,

@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 
 from proto.messages import InstanceInfo, Role
 from services.common.bus import Bus
+from services.common.bus_permissions import STREAM_ROLES
 from services.common.metrics import RecentErrors, record_status, serve_metrics
 from services.common.registry import Registry
 from services.common.settings import CommonSettings, default_instance_id
@@ -112,7 +113,8 @@ class Service(ABC):
         setup_tracing(self.role, self.instance_id)
         stop_metrics = serve_metrics(self.settings.metrics_port) if self.announces else None
         self.bus = await Bus.connect(self.settings, name=self.instance_id)
-        await self.bus.ensure_streams()
+        if self.role in STREAM_ROLES:
+            await self.bus.ensure_streams()
         self.registry = Registry(self.bus, self.settings.instance_ttl_s)
         await self.registry.start()
         await self.start()

@@ -6,6 +6,7 @@ import os
 import socket
 import uuid
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,7 +44,16 @@ def default_num_blocks(block_size: int) -> int:
 class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HETSERVE_", env_file=".env", extra="ignore")
 
+    # The server, and this service's credentials on it: in the URL (nats://user:password@host)
+    # or apart; or a .creds file (JWT + nkey). TLS for a remote server: a CA, and a client
+    # certificate where the server asks for one.
     nats_url: str = "nats://127.0.0.1:4222"
+    nats_user: str = ""
+    nats_password: SecretStr = SecretStr("")
+    nats_creds: str = ""
+    nats_tls_ca: str = ""
+    nats_tls_cert: str = ""
+    nats_tls_key: str = ""
     prefix: str = "hetserve"
     instance_id: str = ""
     log_level: str = "INFO"
@@ -61,6 +71,24 @@ class CommonSettings(BaseSettings):
     @property
     def subjects(self) -> Subjects:
         return Subjects(self.prefix)
+
+    @property
+    def nats_url_public(self) -> str:
+        """The server's URL without credentials: the one to log or print."""
+        return redact_url(self.nats_url)
+
+    @property
+    def nats_username(self) -> str:
+        return self.nats_user or (urlsplit(self.nats_url).username or "")
+
+
+def redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class WorkerSettings(CommonSettings):

@@ -1,0 +1,239 @@
+"""The bus admits only its roles' users, each held to its own subjects by nats-server itself.
+
+First against a real nats-server configured with services/common/bus_permissions.py alone:
+anonymous connections refused, forged requests and KV frames dropped by the server (an admin
+listening on the subject sees nothing, while the role that may publish there is heard), one
+role's replies unreadable by another. Then a whole `hetserve up` on its embedded server:
+every service on its role's user, greedy tokens equal transformers' on a converted and a
+tensor-parallel route, the per-role URL files private, no password in the log, `hetserve
+status` through the admin's URL, and a decode's credentials unable to queue a request."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import stat
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import msgpack
+import nats
+import nats.errors
+import openai
+import pytest
+
+from proto.subjects import Subjects
+from services.cli.bus_users import BusUsers, url_file
+from services.common.bus_permissions import ADMIN, BUS_USERS, authorization, inbox_prefix
+from services.common.nats_server import NatsServer
+from tests.system import ROOT, RunningSystem, hf_greedy, run_system
+
+SUBJECTS = Subjects("authtest")
+
+
+@pytest.fixture(scope="module")
+def users() -> BusUsers:
+    return BusUsers()
+
+
+@pytest.fixture(scope="module")
+def secured(users: BusUsers) -> Iterator[NatsServer]:
+    server = NatsServer(authorization=authorization(SUBJECTS, users.passwords)).start()
+    yield server
+    server.stop()
+
+
+@asynccontextmanager
+async def connected(url: str, user: str | None = None) -> AsyncIterator[tuple[nats.NATS, list]]:
+    """A connection and the asynchronous errors the server sent it (permission violations)."""
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    extra = {"inbox_prefix": inbox_prefix(user)} if user else {}
+    nc = await nats.connect(
+        url, error_cb=on_error, allow_reconnect=False, connect_timeout=2, **extra
+    )
+    try:
+        yield nc, errors
+    finally:
+        await nc.close()
+
+
+def violated(errors: list[Exception]) -> bool:
+    return any("permissions violation" in str(e).lower() for e in errors)
+
+
+async def heard(server: NatsServer, users: BusUsers, subject: str, sender: str) -> list[bytes]:
+    """What an admin subscribed to `subject` receives when `sender` publishes there; a
+    sender the server refused must also have been told so."""
+    got: list[bytes] = []
+
+    async def on_msg(msg) -> None:  # noqa: ANN001
+        got.append(msg.data)
+
+    async with connected(users.url(server.url, ADMIN), ADMIN) as (admin, _):
+        await admin.subscribe(subject, cb=on_msg)
+        await admin.flush()
+        async with connected(users.url(server.url, sender), sender) as (nc, errors):
+            await nc.publish(subject, b"forged")
+            await nc.flush()
+            await asyncio.sleep(0.3)  # the server's -ERR arrives asynchronously
+        await admin.flush()
+        await asyncio.sleep(0.1)
+    assert violated(errors) == (not got), (sender, subject, errors)
+    return got
+
+
+async def test_an_anonymous_connection_is_refused(secured: NatsServer) -> None:
+    with pytest.raises((nats.errors.Error, OSError)) as refused:
+        async with connected(secured.url):
+            pass
+    assert "authorization" in str(refused.value).lower() or isinstance(
+        refused.value, nats.errors.NoServersError
+    )
+
+
+async def test_a_wrong_password_is_refused(secured: NatsServer, users: BusUsers) -> None:
+    wrong = users.url(secured.url, "decode").replace(users.passwords["decode"], "guess")
+    with pytest.raises((nats.errors.Error, OSError)):
+        async with connected(wrong, "decode"):
+            pass
+
+
+async def test_only_the_gateway_may_queue_a_request(secured: NatsServer, users: BusUsers) -> None:
+    for role in ("decode", "prefill", "converter", "scheduler"):
+        assert await heard(secured, users, SUBJECTS.requests, role) == [], role
+    assert await heard(secured, users, SUBJECTS.requests, "gateway") == [b"forged"]
+
+
+async def test_only_prefill_and_converter_may_send_kv_frames(
+    secured: NatsServer, users: BusUsers
+) -> None:
+    frames = SUBJECTS.kv_frames("d-0", 0)
+    for role in ("gateway", "scheduler", "decode"):
+        assert await heard(secured, users, frames, role) == [], role
+    for role in ("prefill", "converter"):
+        assert await heard(secured, users, frames, role) == [b"forged"], role
+
+
+async def test_only_the_scheduler_may_reserve_blocks(secured: NatsServer, users: BusUsers) -> None:
+    reserve = SUBJECTS.reserve("d-0")
+    for role in ("gateway", "prefill", "converter", "decode"):
+        assert await heard(secured, users, reserve, role) == [], role
+    assert await heard(secured, users, reserve, "scheduler") == [b"forged"]
+
+
+async def test_a_role_cannot_read_another_roles_replies(
+    secured: NatsServer, users: BusUsers
+) -> None:
+    async with connected(users.url(secured.url, "decode"), "decode") as (nc, errors):
+        await nc.subscribe(f"{inbox_prefix('prefill')}.>")
+        await nc.flush()
+        await asyncio.sleep(0.3)
+    assert violated(errors), errors
+
+
+async def test_every_role_may_announce_itself(secured: NatsServer, users: BusUsers) -> None:
+    """The registry (a JetStream key-value bucket) is every role's: create, put, watch."""
+    for role in BUS_USERS:
+        async with connected(users.url(secured.url, role), role) as (nc, errors):
+            js = nc.jetstream()
+            try:
+                kv = await js.key_value(SUBJECTS.registry_bucket)
+            except Exception:  # noqa: BLE001 - the first role creates it
+                kv = await js.create_key_value(bucket=SUBJECTS.registry_bucket, history=1)
+            await kv.put(f"{role}-0", msgpack.packb({"role": role}))
+            watcher = await kv.watchall()
+            first = await watcher.updates(timeout=5)
+            assert first is not None
+            await watcher.stop()
+            assert errors == [], (role, errors)
+
+
+# -- a whole system on the embedded server --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def system(tiny_llama: Path, tmp_path_factory) -> Iterator[RunningSystem]:  # noqa: ANN001
+    flash = {"kv_layout": "vllm-flash", "block_size": 16, "num_blocks": 64}
+    topology = {
+        "model": str(tiny_llama),
+        "prefill": [{"name": "p", **flash}],
+        "decode": [
+            {"name": "d-ascend", "kv_layout": "ascend", "block_size": 128, "num_blocks": 16},
+            {"name": "d-tp2", "tp": 2, **flash},
+        ],
+        "converter": {"replicas": 1},
+    }
+    with run_system(topology, None, tmp_path_factory.mktemp("auth"), timeout_s=300) as running:
+        yield running
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("decode", ["d-ascend", "d-tp2"])
+async def test_a_secured_system_gives_transformers_tokens(
+    system: RunningSystem, decode: str
+) -> None:
+    client = openai.AsyncOpenAI(base_url=system.base_url, api_key="unused", max_retries=0)
+    prompt = [random.Random(decode).randrange(5, 1000) for _ in range(40)]
+    reply = await client.completions.create(
+        model="tiny-llama",
+        prompt=prompt,
+        max_tokens=12,
+        temperature=0,
+        extra_body={
+            "return_token_ids": True,
+            "ignore_eos": True,
+            "hetserve_route": {"prefill_instance": "p-0", "decode_instance": f"{decode}-0"},
+        },
+    )
+    assert reply.choices[0].model_extra["token_ids"] == hf_greedy(system.model_dir, prompt, 12)
+    stats = await system.stats(f"{decode}-0")
+    assert stats.free_blocks == stats.total_blocks
+
+
+@pytest.mark.slow
+def test_the_credentials_stay_private(system: RunningSystem, users: BusUsers) -> None:
+    state = system.log_path.parent / "state"
+    files = [url_file(state, user) for user in BUS_USERS]
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+    assert stat.S_IMODE(url_file(state, ADMIN).parent.stat().st_mode) == 0o700
+    passwords = [f.read_text().strip().rsplit("@", 1)[0].rsplit(":", 1)[1] for f in files]
+    assert len(set(passwords)) == len(BUS_USERS)  # one per role
+    log = system.log_text()
+    assert "embedded NATS with JetStream" in log
+    assert not [p for p in passwords if p in log]
+    assert "hetserve status --state-dir" in log
+
+
+@pytest.mark.slow
+def test_status_reads_the_admin_url(system: RunningSystem) -> None:
+    state = system.log_path.parent / "state"
+    shown = subprocess.run(
+        [sys.executable, "-m", "services.cli", "status", "--state-dir", str(state),
+         "--prefix", system.prefix],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "d-tp2-0" in shown.stdout and "scheduler-0" in shown.stdout
+
+
+@pytest.mark.slow
+async def test_a_decodes_credentials_cannot_queue_a_request(system: RunningSystem) -> None:
+    state = system.log_path.parent / "state"
+    decode_url = url_file(state, "decode").read_text().strip()
+    async with connected(system.nats_url, ADMIN) as (admin, _):
+        js = admin.jetstream()
+        stream = system.subjects.requests_stream
+        before = (await js.stream_info(stream)).state.last_seq
+        async with connected(decode_url, "decode") as (nc, errors):
+            await nc.publish(system.subjects.requests, b"forged")
+            await nc.flush()
+            await asyncio.sleep(0.3)
+        assert any("permissions violation" in str(e).lower() for e in errors), errors
+        assert (await js.stream_info(stream)).state.last_seq == before  # nothing was queued
