@@ -237,3 +237,25 @@ async def test_a_decodes_credentials_cannot_queue_a_request(system: RunningSyste
             await asyncio.sleep(0.3)
         assert any("permissions violation" in str(e).lower() for e in errors), errors
         assert (await js.stream_info(stream)).state.last_seq == before  # nothing was queued
+
+
+def test_a_url_is_printed_without_its_credentials() -> None:
+    from services.common.settings import CommonSettings, redact_url
+
+    settings = CommonSettings(nats_url="nats://decode:s3cret@10.0.0.5:4222")
+    assert settings.nats_url_public == "nats://10.0.0.5:4222"
+    assert settings.nats_username == "decode"
+    assert redact_url("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
+
+
+def test_a_role_connects_with_its_own_inbox() -> None:
+    from services.common.bus import credentials
+    from services.common.settings import CommonSettings
+
+    given = CommonSettings(nats_url="nats://h:1", nats_user="prefill", nats_password="pw")
+    assert credentials(given) == {
+        "user": "prefill",
+        "password": "pw",
+        "inbox_prefix": "_INBOX.prefill",
+    }
+    assert credentials(CommonSettings(nats_url="nats://h:1")) == {}  # anonymous, default inbox
