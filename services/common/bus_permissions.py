@@ -81,7 +81,7 @@ def permissions(s: Subjects, user: str) -> dict[str, dict[str, list[str]]]:
             s.aborts,
         ]
     elif user == "prefill":
-        publish += [s.every_kv_frames]
+        publish += [s.every_kv_frames, s.every_request_events]  # its job's events subject
         subscribe += [s.every_prefill_jobs]
     elif user == "decode":
         publish += [s.completions, s.every_request_events]
