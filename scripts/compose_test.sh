@@ -201,8 +201,11 @@ run_stack_and_check() {
   log "compose up (project $PROJECT): prefill=2 decode=2, gateway on :$GATEWAY_PORT"
   STACK_UP=1
   timeout 300 "${COMPOSE[@]}" up -d --no-build --scale prefill=2 --scale decode=2 "${services[@]}"
+  local admin_password
+  admin_password=$(sed -n 's/^NATS_PASSWORD_ADMIN=//p' compose/.env)
   timeout 900 "$PY" -m tests.compose_check --project "$PROJECT" \
-    --gateway-url "http://127.0.0.1:$GATEWAY_PORT/v1" --nats-url "nats://127.0.0.1:$NATS_PORT" \
+    --gateway-url "http://127.0.0.1:$GATEWAY_PORT/v1" \
+    --nats-url "nats://admin:$admin_password@127.0.0.1:$NATS_PORT" \
     --model-dir "$MODEL_DIR" --prefills 2 --decodes 2 "${check_args[@]}" 2>&1 \
     | tee "$WORK/check.log"
 }

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proto.messages import CompletionRecord, InstanceInfo
 from proto.subjects import Subjects
+from services.common.settings import redact_url
 from tests.system import hf_greedy
 
 ROLES_NEEDED = ("gateway", "scheduler", "converter")
@@ -163,8 +164,21 @@ async def send_round(
     return list(await asyncio.gather(*tasks))
 
 
+async def refuses_strangers(nats_url: str) -> None:
+    """The stack's NATS admits only its users: the same address without credentials fails."""
+    anonymous = redact_url(nats_url)
+    try:
+        stranger = await nats.connect(anonymous, connect_timeout=5, allow_reconnect=False)
+    except Exception as exc:  # noqa: BLE001 - any refusal will do; a connection will not
+        print(f"NATS refused an anonymous client: {type(exc).__name__}: {exc}")
+        return
+    await stranger.close()
+    raise AssertionError(f"NATS at {anonymous} admitted an anonymous client")
+
+
 async def check(args: argparse.Namespace) -> None:
     subjects = Subjects(args.prefix)
+    await refuses_strangers(args.nats_url)
     nc = await nats.connect(args.nats_url, connect_timeout=5)
     try:
         live = await wait_for_instances(nc, subjects, args.prefills, args.decodes, args.timeout)

@@ -11,10 +11,13 @@ status` through the admin's URL, and a decode's credentials unable to queue a re
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -259,3 +262,71 @@ def test_a_role_connects_with_its_own_inbox() -> None:
         "inbox_prefix": "_INBOX.prefill",
     }
     assert credentials(CommonSettings(nats_url="nats://h:1")) == {}  # anonymous, default inbox
+
+
+# -- servers hetserve does not start: compose's (Kubernetes': tests/test_k8s_manifests.py) ----
+
+COMPOSE = ROOT / "compose"
+
+
+def compose_env() -> dict[str, str]:
+    lines = (COMPOSE / ".env").read_text().splitlines()
+    pairs = (line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+    return dict(pairs)
+
+
+def test_compose_users_are_bus_configs() -> None:
+    import yaml
+
+    from services.cli.bus_config import password_variable, server_config
+
+    assert (COMPOSE / "nats-auth.conf").read_text() == server_config("hetserve")
+    assert "include ./nats-auth.conf" in (COMPOSE / "nats.conf").read_text()
+    services = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())["services"]
+    for name in ("gateway", "scheduler", "converter", "prefill", "decode", "both"):
+        user = "decode" if name == "both" else name
+        env = services[name]["environment"]
+        assert env["HETSERVE_NATS_USER"] == user, name
+        assert env["HETSERVE_NATS_PASSWORD"] == f"${{{password_variable(user)}}}", name
+    assert {password_variable(u) for u in BUS_USERS} <= set(compose_env())
+
+
+@pytest.fixture
+def compose_server(tmp_path: Path) -> Iterator[tuple[NatsServer, BusUsers]]:
+    """nats-auth.conf as nats-server reads it, the passwords from compose/.env's variables."""
+    from services.common.nats_server import find_nats_server, free_port
+
+    server = NatsServer(port=free_port())
+    (tmp_path / "nats-auth.conf").write_text((COMPOSE / "nats-auth.conf").read_text())
+    (tmp_path / "nats.conf").write_text(
+        f'listen: 127.0.0.1:{server.port}\njetstream {{ store_dir: "{tmp_path}/js" }}\n'
+        "include ./nats-auth.conf\n"
+    )
+    env = compose_env()
+    process = subprocess.Popen(
+        [find_nats_server(), "-c", str(tmp_path / "nats.conf")],
+        env={**os.environ, **{k: v for k, v in env.items() if k.startswith("NATS_PASSWORD_")}},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", server.port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield server, BusUsers({u: env[f"NATS_PASSWORD_{u.upper()}"] for u in BUS_USERS})
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+async def test_compose_users_hold_on_a_real_server(
+    compose_server: tuple[NatsServer, BusUsers],
+) -> None:
+    server, users = compose_server
+    with pytest.raises((nats.errors.Error, OSError)):
+        async with connected(server.url):
+            pass
+    assert await heard(server, users, "hetserve.requests", "decode") == []
+    assert await heard(server, users, "hetserve.requests", "gateway") == [b"forged"]

@@ -25,7 +25,7 @@ from services.common.settings import (
 COMPOSE = Path(__file__).resolve().parents[1] / "compose"
 ROLES = ("gateway", "scheduler", "converter", "prefill", "decode")
 PER_WORKER = {"kv_layout", "block_size", "kv_dtype", "num_blocks", "device"}
-SET_BY_COMPOSE = {"instance_id", "model", "host", "port"}
+SET_BY_COMPOSE = {"instance_id", "model", "host", "port", "nats_user", "nats_password"}
 # one process per TP rank under one instance id: compose runs tp=1 containers
 NOT_UNDER_COMPOSE = {"tp_size", "tp_rank", "tp_master_addr", "tp_master_port"}
 # the compose image has no vLLM (the vllm extra is 3.5 GiB): its engine options stay out

@@ -26,8 +26,10 @@ import yaml
 from kubernetes_validate.utils import latest_version
 
 from proto.layout_registry import get_layout
+from services.cli.bus_config import password_variable, server_config
 from services.common import settings as settings_module
 from services.common.bus import Bus
+from services.common.bus_permissions import ADMIN, BUS_USERS
 from services.common.nats_server import find_nats_server, free_port
 from services.common.settings import (
     CommonSettings,
@@ -111,6 +113,17 @@ def nats_conf(objects: list[dict]) -> str:
     return _by_kind(objects, "ConfigMap")["nats-config"]["data"]["nats.conf"]
 
 
+@pytest.fixture(scope="module")
+def auth_conf(objects: list[dict]) -> str:
+    return _by_kind(objects, "ConfigMap")["nats-config"]["data"]["auth.conf"]
+
+
+@pytest.fixture(scope="module")
+def passwords(objects: list[dict]) -> dict[str, str]:
+    """The Secret's NATS_PASSWORD_<ROLE>: the NATS pods' environment."""
+    return _by_kind(objects, "Secret")["nats-users"]["stringData"]
+
+
 def _validate(obj: dict) -> None:
     for version in SCHEMA_VERSIONS:
         try:
@@ -165,7 +178,10 @@ def test_every_role_is_a_deployment_of_the_one_image(objects: list[dict]) -> Non
 def _env(deployment: dict) -> dict[str, str]:
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["envFrom"] == [{"configMapRef": {"name": "hetserve-common"}}]
-    return {e["name"]: e["value"] for e in container.get("env", [])}
+    return {
+        e["name"]: e["value"] if "value" in e else f"<{e['valueFrom']['secretKeyRef']['key']}>"
+        for e in container.get("env", [])
+    }
 
 
 def test_every_hetserve_variable_is_a_setting_and_every_setting_is_set(
@@ -281,6 +297,7 @@ def test_nats_is_a_cluster_of_3_with_jetstream_on_volumes(
     assert re.search(r"^cluster\s*\{[^}]*\bport:\s*6222", nats_conf, re.M)
     (container,) = sts["spec"]["template"]["spec"]["containers"]
     pod_name = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
+    assert container["envFrom"] == [{"secretRef": {"name": "nats-users"}}]
     assert "server_name: $POD_NAME" in nats_conf and pod_name["POD_NAME"] == "metadata.name"
     store = re.search(r"jetstream\s*\{[^}]*store_dir:\s*(\S+)", nats_conf).group(1)
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
@@ -303,11 +320,28 @@ def test_nats_is_a_cluster_of_3_with_jetstream_on_volumes(
         }
 
 
-def test_nats_server_accepts_the_config(nats_conf: str, tmp_path: Path) -> None:
+def test_every_deployment_connects_as_its_roles_nats_user(objects: list[dict]) -> None:
+    """Its own user, and of the Secret only its own role's password."""
+    for name, deployment in _by_kind(objects, "Deployment").items():
+        user = "decode" if name == "both" else name
+        env = _env(deployment)
+        assert env["HETSERVE_NATS_USER"] == user, name
+        assert env["HETSERVE_NATS_PASSWORD"] == f"<{password_variable(user)}>", name
+
+
+def test_the_nats_users_are_bus_configs(auth_conf: str, passwords: dict[str, str]) -> None:
+    assert auth_conf == server_config("hetserve")
+    assert set(passwords) == {password_variable(user) for user in BUS_USERS}
+
+
+def test_nats_server_accepts_the_config(
+    nats_conf: str, auth_conf: str, passwords: dict[str, str], tmp_path: Path
+) -> None:
     (tmp_path / "nats.conf").write_text(nats_conf)
+    (tmp_path / "auth.conf").write_text(auth_conf)
     done = subprocess.run(
         [find_nats_server(), "-t", "-c", str(tmp_path / "nats.conf")],
-        env={**os.environ, "POD_NAME": "nats-0"},
+        env={**os.environ, "POD_NAME": "nats-0", **passwords},
         capture_output=True,
         text=True,
         timeout=30,
@@ -319,8 +353,10 @@ class LoopbackCluster:
     """The ConfigMap's nats.conf run as 3 servers on loopback: the same config, with only
     the addresses and store directories changed."""
 
-    def __init__(self, conf: str, size: int):
+    def __init__(self, conf: str, auth: str, passwords: dict[str, str], size: int):
         self.tmp = tempfile.TemporaryDirectory(prefix="hetserve-nats-cluster-")
+        self.admin_password = passwords[password_variable(ADMIN)]
+        (Path(self.tmp.name) / "auth.conf").write_text(auth)
         self.nodes = [(free_port(), free_port(), free_port()) for _ in range(size)]
         self.processes: list[subprocess.Popen] = []
         routes = _routes(conf)
@@ -343,14 +379,15 @@ class LoopbackCluster:
             self.processes.append(
                 subprocess.Popen(
                     [find_nats_server(), "-c", str(path)],
-                    env={**os.environ, "POD_NAME": f"nats-{i}"},
+                    env={**os.environ, "POD_NAME": f"nats-{i}", **passwords},
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
             )
 
     def url(self, i: int) -> str:
-        return f"nats://127.0.0.1:{self.nodes[i][0]}"
+        """Node i, as the admin user (the nodes admit no anonymous client)."""
+        return f"nats://{ADMIN}:{self.admin_password}@127.0.0.1:{self.nodes[i][0]}"
 
     def wait_healthy(self, timeout_s: float = 60.0) -> None:
         """Every node's /healthz: JetStream on and the meta group current (a quorum)."""
@@ -378,8 +415,8 @@ class LoopbackCluster:
 
 
 @pytest.fixture
-def cluster(nats_conf: str) -> Iterator[LoopbackCluster]:
-    nodes = LoopbackCluster(nats_conf, len(_routes(nats_conf)))
+def cluster(nats_conf: str, auth_conf: str, passwords: dict[str, str]) -> Iterator[LoopbackCluster]:
+    nodes = LoopbackCluster(nats_conf, auth_conf, passwords, len(_routes(nats_conf)))
     try:
         nodes.wait_healthy()
         yield nodes

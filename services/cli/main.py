@@ -8,7 +8,7 @@ import os
 import sys
 
 from services.bench.cli import register as register_bench
-from services.cli import check, layouts, serve, status, up
+from services.cli import bus_config, check, layouts, serve, status, up
 from services.common.service import configure_logging
 from services.models.cli import register as register_model
 from services.planner.cli import register as register_planner
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.register(sub)
     check.register(sub)
     status.register(sub)
+    bus_config.register(sub)
     layouts.register(sub)
     bench = sub.add_parser("bench", help="benchmarks")
     register_bench(bench.add_subparsers(dest="bench_command", required=True))
