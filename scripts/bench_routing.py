@@ -2,7 +2,8 @@
 fleet with a fast and a slow instance of each role, and conditional disaggregation for short
 prompts.
 
-    python scripts/bench_routing.py --model models/tiny-llama [--output FILE]
+    python scripts/bench_routing.py --model models/tiny-llama [--parts heterogeneous,short]
+        [--output FILE]
 
 1. heterogeneous: two prefill and two decode instances of one layout, one of each slowed by
    HETSERVE_STEP_DELAY_S (--slow-prefill-s, --slow-decode-s per engine step); the same Poisson
@@ -86,12 +87,16 @@ def main() -> int:
     parser.add_argument("--long-tokens", type=int, default=768)
     parser.add_argument("--local-below", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument(
+        "--parts", default="heterogeneous,short", help="which runs, comma-separated"
+    )
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     name = Path(args.model).name
     report: dict[str, Any] = {"args": vars(args) | {"output": str(args.output)}}
     hetero: dict[str, list] = {"kv_aware": [], "load": []}
-    for _ in range(args.repeat):
+    for _ in range(args.repeat if "heterogeneous" in parts else 0):
         for policy in hetero:
             topo = heterogeneous(args.model, args.slow_prefill_s, args.slow_decode_s)
             with running(topo, env={"HETSERVE_ROUTING": policy}) as system:
@@ -100,7 +105,7 @@ def main() -> int:
                 hetero[policy].append(row(asyncio.run(run_benchmark(load))))
     report["heterogeneous"] = hetero
     short: dict[str, list] = {"local_prefill": [], "always_disaggregated": []}
-    for _ in range(args.repeat):
+    for _ in range(args.repeat if "short" in parts else 0):
         for kind, below in (("local_prefill", args.local_below), ("always_disaggregated", 0)):
             with running(converted(args.model, below)) as system:
 
