@@ -32,6 +32,8 @@ class Service(ABC):
     # A follower rank of a tensor-parallel instance neither heartbeats nor answers stats:
     # its leader (rank 0) speaks for the instance.
     announces: ClassVar[bool] = True
+    # prefill, decode, converter: start the KV transport's engine (mooncake) at startup
+    moves_kv: ClassVar[bool] = False
 
     def __init__(self, settings: CommonSettings):
         if not settings.instance_id:
@@ -57,9 +59,14 @@ class Service(ABC):
             started_at=self.started_at,
             pid=os.getpid(),
             metrics_port=self.settings.metrics_port,
+            kv_endpoint=self._kv_endpoint(),
             errors=errors,
             recent_errors=recent_errors,
         )
+
+    def _kv_endpoint(self) -> str:
+        engine = getattr(getattr(self, "bus", None), "kv_engine", None)
+        return engine.session if engine is not None else ""
 
     async def stop(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release what the service holds; subscriptions are drained after this."""
@@ -113,6 +120,8 @@ class Service(ABC):
         stop_metrics = serve_metrics(self.settings.metrics_port) if self.announces else None
         self.bus = await Bus.connect(self.settings, name=self.instance_id)
         await self.bus.ensure_streams()
+        if self.moves_kv:
+            await self.bus.start_kv_transport()
         self.registry = Registry(self.bus, self.settings.instance_ttl_s)
         await self.registry.start()
         await self.start()
