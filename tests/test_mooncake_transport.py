@@ -112,14 +112,18 @@ def _payloads(count: int) -> list[bytes]:
     return [bytes([i + 1]) * size for i in range(count)]
 
 
-async def test_payloads_arrive_staged_through_reused_slots(nc, engines, area) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("copy_source", [False, True], ids=["from-payload", "via-send-area"])
+async def test_payloads_arrive_staged_through_reused_slots(nc, engines, area, copy_source) -> None:  # noqa: ANN001
+    """From the payload's memory (tcp), or copied into the registered send area (rdma)."""
     sender = engines[0]
+    sender.copy_source = copy_source
     staging = area(4)
     payloads = _payloads(8)  # 8 frames through a window of 2 slots
     link, receiver = await _stream(nc, sender, staging, payloads)
     assert receiver.payloads == payloads and not receiver.rejected
     assert link.bytes_staged == sum(map(len, payloads))
     assert staging.free_slots == staging.num_slots  # the end gave the lease back
+    sender.copy_source = False
 
 
 async def test_a_full_staging_area_sends_inline(nc, engines, area) -> None:  # noqa: ANN001

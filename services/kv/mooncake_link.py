@@ -8,8 +8,9 @@ their addresses and the receiver's engine session; for each data frame the sende
 free slot, has the engine write the payload there, and only then publishes the header (with
 the payload's length and checksum) naming the slot. A slot is free again when its frame is
 acknowledged (each slot acknowledges to its own reply subject). A receiver that leased no
-slots (full, or on the `nats` transport) gets the payloads inline. A failed write fails the
-stream with the reason, within `ack_timeout_s`.
+slots (full, or on the `nats` transport) gets the payloads inline. The first data frame, not
+the begin, waits for the lease, so a prefill computes its first layer meanwhile. A failed
+write fails the stream with the reason, within `ack_timeout_s`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class MooncakeLink(NatsLink):
         self.fail_write_after = fail_write_after
         self.session = ""
         self.slots: dict[int, int] = {}  # slot -> address in the receiver
+        self._begun = False
         self._leased = asyncio.Event()
         self._free: asyncio.Queue[int] = asyncio.Queue()
         self.bytes_staged = 0
@@ -66,16 +68,21 @@ class MooncakeLink(NatsLink):
 
     async def send(self, frame: Frame) -> None:
         if frame.kind == "begin":
+            self._begun = True
             await self._credit()
             await self._publish(encode_frame(frame), f"{self._inbox}.begin", 0)
+            return  # the lease is awaited by the first data frame: a prefill computes meanwhile
+        if frame.kind == "data" and self._begun:
             await self._await_lease()
-        elif frame.kind == "data" and self.slots:
+        if frame.kind == "data" and self.slots:
             await self._send_staged(frame)
         else:
             await self._credit()
             await self._publish(encode_frame(frame), f"{self._inbox}.inline", len(frame.payload))
 
     async def _await_lease(self) -> None:
+        if self._leased.is_set():
+            return
         try:
             await asyncio.wait_for(self._leased.wait(), self.ack_timeout_s)
         except TimeoutError:
