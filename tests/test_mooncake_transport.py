@@ -2,15 +2,20 @@
 in this process, tcp, P2P handshake): staged payloads arrive checked and intact through slot
 reuse, a full staging area falls back to inline payloads, a failed write fails the stream
 with its reason and frees the slots, a staged frame for a stream that holds no slot is
-refused."""
+refused, a write to a receiver process that died fails at once."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
+import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import msgpack
 import nats
+import nats.errors
 import pytest
 
 from proto.frames import Frame, FrameError, decode_frame, encode_frame
@@ -29,6 +34,7 @@ except Exception as exc:  # noqa: BLE001 - MooncakeUnavailable: the only reason 
 from services.kv.mooncake_link import MooncakeLink  # noqa: E402
 from services.kv.mooncake_staging import StagingArea  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 SLOT = 64 * 1024
 KV = KVDescriptor(
     layout="vllm-flash", num_layers=2, num_kv_heads=2, head_dim=32, block_size=16, dtype="float32"
@@ -165,3 +171,33 @@ def test_the_staging_area_is_bounded(area) -> None:  # noqa: ANN001
     assert staging.lease(("c", 0), 2)["slots"] == []
     staging.release(("a", 0))
     assert msgpack.unpackb(msgpack.packb(staging.lease(("c", 0), 2)))["slots"]
+
+
+async def test_a_write_to_a_dead_peer_fails_at_once(nats_server, engines) -> None:  # noqa: ANN001
+    """A receiver process that died: the engine refuses the write (no hang), which the link
+    turns into a failed stream (the test above)."""
+    subject = f"test.sink.{uuid.uuid4().hex[:8]}"
+    argv = [sys.executable, "-m", "services.bench.kv_mooncake_echo", nats_server.url, subject]
+    peer = await asyncio.create_subprocess_exec(
+        *argv, str(SLOT), cwd=ROOT, stderr=asyncio.subprocess.DEVNULL
+    )
+    client = await nats.connect(nats_server.url)
+    try:
+        for _ in range(100):
+            try:
+                where = msgpack.unpackb((await client.request(subject, b"", timeout=0.5)).data)
+                break
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                await asyncio.sleep(0.1)
+        sender = engines[0]
+        assert sender.write(where["session"], b"x" * 1024, where["address"]) == 0
+        peer.kill()
+        await peer.wait()
+        started = time.monotonic()
+        assert sender.write(where["session"], b"x" * 1024, where["address"]) != 0
+        assert time.monotonic() - started < 5
+    finally:
+        await client.close()
+        if peer.returncode is None:
+            peer.kill()
+            await peer.wait()
