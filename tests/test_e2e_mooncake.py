@@ -39,6 +39,7 @@ def system(nats_server, tiny_llama: Path, tmp_path_factory) -> Iterator[RunningS
         "kv_transport": "mooncake",
         "prefill": [
             {"name": "p", **FLASH},
+            {"name": "pt", **FLASH, "tp": 2},
             # fault injection: its second payload is written outside the receiver's memory
             {"name": "pf", **FLASH, "env": {"HETSERVE_MOONCAKE_FAIL_WRITE_AFTER": "1"}},
         ],
@@ -79,10 +80,14 @@ def _prompt(seed: str, length: int = 150) -> list[int]:
     return [random.Random(seed).randrange(5, 1000) for _ in range(length)]
 
 
-@pytest.mark.parametrize("decode", ["d-0", "dt-0"], ids=["direct", "converter-tp2-hnd"])
-async def test_tokens_equal_transformers(system: RunningSystem, decode: str) -> None:
-    prompt = _prompt(decode)
-    reply = await _complete(system, "p-0", decode, prompt)
+@pytest.mark.parametrize(
+    ("prefill", "decode"),
+    [("p-0", "d-0"), ("p-0", "dt-0"), ("pt-0", "d-0")],
+    ids=["direct", "converter-tp1-to-tp2-hnd", "converter-tp2-to-tp1"],
+)
+async def test_tokens_equal_transformers(system: RunningSystem, prefill: str, decode: str) -> None:
+    prompt = _prompt(prefill + decode)
+    reply = await _complete(system, prefill, decode, prompt)
     assert reply.choices[0].model_extra["token_ids"] == hf_greedy(system.model_dir, prompt, 12)
     stats = await system.stats(decode)
     assert stats.free_blocks == stats.total_blocks
