@@ -44,3 +44,22 @@ def test_the_nats_transport_imports_nothing_of_mooncake() -> None:
     )
     done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_preflight_checks_the_engine_imports(tmp_path: Path) -> None:
+    from services.cli.preflight.run import check_topology
+    from services.kv.mooncake_engine import MooncakeUnavailable, import_engine
+
+    path = tmp_path / "topology.yaml"
+    path.write_text(
+        "model: models/tiny-llama\nkv_transport: mooncake\n"
+        "prefill: [{name: p}]\ndecode: [{name: d}]\n"
+    )
+    _, report = check_topology(path, ports=False)
+    try:
+        import_engine()
+        importable = True
+    except MooncakeUnavailable:
+        importable = False
+    refused = [p for p in report.problems if p.field == "kv_transport"]
+    assert bool(refused) != importable
