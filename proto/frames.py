@@ -6,10 +6,16 @@ One request's KV moves from each prefill shard as a stream:
     data  (seq 1..n: one layer, a whole number of blocks, raw bytes in the source layout)
     end   (seq n+1: how many data frames were sent, the first sampled token)
 The decoder trusts nothing it has not checked: types, ranges, lengths, checksum.
+
+A data frame's payload may instead lie in memory the receiver registered with a transfer
+engine (services/kv/mooncake_link.py): its header then says where (`at`, a slot the receiver
+leased to the stream), still with the payload's length and checksum, and carries no bytes;
+the decoder checks the staged bytes exactly as it checks inline ones.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -57,7 +63,14 @@ class Frame:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def encode_frame(frame: Frame) -> bytes:
+# (request id, shard, slot, length) -> the staged payload's bytes; FrameError if that slot is
+# not the stream's or the length does not fit it
+StagedPayload = Callable[[str, int, int, int], memoryview]
+
+
+def encode_frame(frame: Frame, at: int | None = None) -> bytes:
+    """`at`: the payload was written into the receiver's staging slot `at`; the frame carries
+    its length and checksum, not its bytes."""
     header: dict[str, Any] = {
         "v": FRAME_VERSION,
         "kind": frame.kind,
@@ -74,6 +87,9 @@ def encode_frame(frame: Frame) -> bytes:
             n=len(payload),
             xxh=xxhash.xxh3_64_intdigest(payload),
         )
+        if at is not None:
+            header["at"] = at
+            payload = b""
         if frame.scales is not None:
             header["scale"] = [float(frame.scales[0]), float(frame.scales[1])]
     elif frame.kind == "begin":
@@ -103,7 +119,9 @@ def _field(header: dict, key: str, kind: type | tuple[type, ...], what: str) -> 
     return value
 
 
-def decode_frame(data: bytes, max_bytes: int) -> Frame:
+def decode_frame(data: bytes, max_bytes: int, staged: StagedPayload | None = None) -> Frame:
+    """`staged`: where a frame whose payload is in registered memory finds it (None: this
+    receiver has none, and such a frame is rejected)."""
     if len(data) > max_bytes:
         raise FrameError(f"frame of {len(data)} bytes exceeds the limit of {max_bytes}")
     try:
@@ -125,13 +143,26 @@ def decode_frame(data: bytes, max_bytes: int) -> Frame:
         raise FrameError("frame is not a [header map, payload bytes] pair")
     rid = header.get("rid")
     try:
-        return _decode_checked(header, payload)
+        return _decode_checked(header, payload, staged)
     except FrameError as exc:
         exc.request_id = rid if isinstance(rid, str) else None
         raise
 
 
-def _decode_checked(header: dict, payload: bytes) -> Frame:
+def _staged(
+    header: dict, inline: bytes, size: int, frame: Frame, staged: StagedPayload | None
+) -> memoryview:
+    slot = _field(header, "at", int, "data")
+    if staged is None:
+        raise FrameError("data: payload staged in transfer-engine memory, this receiver has none")
+    if inline:
+        raise FrameError("data: a staged frame carries bytes too")
+    if slot < 0 or size < 0:
+        raise FrameError(f"data: bad staging slot {slot} or length {size}")
+    return staged(frame.request_id, frame.shard, slot, size)
+
+
+def _decode_checked(header: dict, payload: bytes, staged: StagedPayload | None = None) -> Frame:
     version = header.get("v")
     if version != FRAME_VERSION:
         raise FrameError(
@@ -156,6 +187,8 @@ def _decode_checked(header: dict, payload: bytes) -> Frame:
             raise FrameError(f"data: bad token range {tok!r}")
         frame.token_start, frame.token_stop = tok
         size = _field(header, "n", int, kind)
+        if "at" in header:
+            payload = _staged(header, payload, size, frame, staged)
         if size != len(payload):
             raise FrameError(f"data: truncated payload ({len(payload)} bytes, header says {size})")
         digest = _field(header, "xxh", int, kind)

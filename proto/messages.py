@@ -105,6 +105,8 @@ class InstanceInfo(Message):
     pid: int = 0
     device: str = ""  # prefill, decode: where the model runs (cpu, cuda:0, ...)
     metrics_port: int = 0  # its Prometheus /metrics port; 0: none
+    # its KV transfer engine's session id ("host:rpc_port", the mooncake transport); "": none
+    kv_endpoint: str = ""
     # hetserve_errors_total of this process by "component/reason": since it started, and
     # within the last metrics.RECENT_ERRORS_S seconds
     errors: dict[str, int] = {}

@@ -30,6 +30,7 @@ SET_BY_COMPOSE = {"instance_id", "model", "host", "port", "nats_user", "nats_pas
 NOT_UNDER_COMPOSE = {"tp_size", "tp_rank", "tp_master_addr", "tp_master_port"}
 # the compose image has no vLLM (the vllm extra is 3.5 GiB): its engine options stay out
 NOT_UNDER_COMPOSE |= {name for name in WorkerSettings.model_fields if name.startswith("vllm_")}
+NOT_UNDER_COMPOSE.add("mooncake_fail_write_after")  # fault injection for tests
 
 
 def env_file() -> dict[str, str]:

@@ -57,6 +57,7 @@ SETTINGS_OF = {**ROLES, "both": ROLES["decode"]}
 NOT_IN_MANIFESTS = {"instance_id", "tp_size", "tp_rank", "tp_master_addr", "tp_master_port"}
 # the image has no vLLM: its engine options are not set there
 NOT_IN_MANIFESTS |= {name for name in WorkerSettings.model_fields if name.startswith("vllm_")}
+NOT_IN_MANIFESTS.add("mooncake_fail_write_after")  # fault injection for tests
 
 
 def _docs(path: Path) -> list[dict]:

@@ -2,11 +2,14 @@
 baseline measured in the same run (services/bench/kv_*.py hold the parts):
 
     convert   kv_convert   convert_layer per layout pair vs a torch clone of the same bytes
-    transfer  kv_transfer  goodput direct / via converter vs the raw NATS request/reply ceiling
+    transfer  kv_transfer  goodput direct / via converter vs the raw NATS request/reply ceiling,
+                           per KV transport (nats; mooncake also vs the engine-to-engine ceiling)
     exposed   kv_exposed   KV transfer left exposed after the real prefill's compute
 
 The issue's targets (issue 3): conversion >= 0.5x the copy for permute-only pairs; direct
->= 0.8x and via converter >= 0.4x the ceiling; exposed <= 30% of the transfer time.
+>= 0.8x and via converter >= 0.4x the ceiling; exposed <= 30% of the transfer time. Issue 12's,
+with mooncake: direct >= 0.8x the Mooncake ceiling and >= 4x nats direct, via the converter
+>= 0.5x the Mooncake ceiling.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from services.common.nats_server import NatsServer, find_nats_server
 from services.common.settings import CommonSettings
 
 SECTIONS = ("convert", "transfer", "exposed")
+TRANSPORTS = ("nats", "mooncake")
 Progress = Callable[[str], None]
 
 
@@ -68,6 +72,8 @@ class KVBenchConfig:
     transfer_requests: int = 40  # per route, the routes taking turns
     prompt_tokens: int = 1024
     exposed_repeats: int = 5
+    # (b) runs once per transport, each on its own services; (c) on the first one only
+    transports: tuple[str, ...] = ("nats",)
 
     def check(self) -> None:
         """Raises ValueError on an inconsistent configuration."""
@@ -84,6 +90,8 @@ class KVBenchConfig:
         if min(self.transfer_requests, self.prompt_tokens, self.exposed_repeats, self.window) < 1:
             raise ValueError("requests, prompt tokens, repeats and window must be >= 1")
         parse_dtype_pairs(self.dtypes)
+        if not self.transports or set(self.transports) - set(TRANSPORTS):
+            raise ValueError(f"transports must be among {', '.join(TRANSPORTS)}")
 
 
 @dataclass
@@ -92,9 +100,14 @@ class KVReport:
     machine: dict[str, Any]
     convert: list[ConvertResult] = field(default_factory=list)
     convert_skipped: list[str] = field(default_factory=list)
-    transfer: TransferResult | None = None
+    transfers: dict[str, TransferResult] = field(default_factory=dict)  # per transport
     exposed: ExposedResult | None = None
     seconds: float = 0.0
+
+    @property
+    def transfer(self) -> TransferResult | None:
+        """The first transport's (the one the exposed section runs on)."""
+        return next(iter(self.transfers.values()), None)
 
 
 def machine_info(threads: int) -> dict[str, Any]:
@@ -150,35 +163,44 @@ async def run_bus_sections(
         url = server.url
     try:
         model = Path(config.model) if config.model else build_tiny_model(workdir / "tiny-llama")
-        src, dst = (LAYOUTS[n] for n in config.route)
-        src_block, dst_block = pair_blocks(src, dst)
-        topology = TopologyConfig(
-            nats_url=url,
-            model_dir=model,
-            log_dir=workdir,
-            source_layout=src.name,
-            target_layout=dst.name,
-            source_block=src_block,
-            target_block=dst_block,
-            kv_dtype=config.service_dtype,
-            max_frame_bytes=config.max_frame_bytes,
-            kv_window=config.window,
-        )
-        progress("starting prefill, two decode instances, converter and echo")
-        async with BenchTopology(topology) as topo:
-            if "transfer" in config.sections:
-                progress("transfer: ceiling, direct, converter")
-                report.transfer = await measure_transfer(
-                    topo, config.transfer_tokens, config.transfer_requests
-                )
-            if "exposed" in config.sections:
-                progress("exposed: prompts through the real prefill worker")
-                report.exposed = await measure_exposed(
-                    topo, config.prompt_tokens, config.exposed_repeats
-                )
+        for index, transport in enumerate(config.transports):
+            topology = _topology(config, url, model, workdir / transport, transport)
+            progress(f"{transport}: starting prefill, two decode instances, converter and echo")
+            async with BenchTopology(topology) as topo:
+                if "transfer" in config.sections:
+                    progress(f"{transport} transfer: ceiling(s), direct, converter")
+                    report.transfers[transport] = await measure_transfer(
+                        topo, config.transfer_tokens, config.transfer_requests
+                    )
+                if "exposed" in config.sections and index == 0:
+                    progress(f"{transport} exposed: prompts through the real prefill worker")
+                    report.exposed = await measure_exposed(
+                        topo, config.prompt_tokens, config.exposed_repeats
+                    )
     finally:
         if server is not None:
             server.stop()
+
+
+def _topology(
+    config: KVBenchConfig, url: str, model: Path, log_dir: Path, transport: str
+) -> TopologyConfig:
+    src, dst = (LAYOUTS[n] for n in config.route)
+    src_block, dst_block = pair_blocks(src, dst)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return TopologyConfig(
+        nats_url=url,
+        model_dir=model,
+        log_dir=log_dir,
+        source_layout=src.name,
+        target_layout=dst.name,
+        source_block=src_block,
+        target_block=dst_block,
+        kv_dtype=config.service_dtype,
+        max_frame_bytes=config.max_frame_bytes,
+        kv_window=config.window,
+        kv_transport=transport,
+    )
 
 
 def run_kv_bench(config: KVBenchConfig, progress: Progress | None = None) -> KVReport:

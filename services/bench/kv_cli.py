@@ -102,6 +102,13 @@ def register(subparsers: Any) -> None:
         default=_SERVICE_DEFAULTS["kv_window"].default,
         help="unacknowledged frames per stream (default: the services' default)",
     )
+    b.add_argument(
+        "--transport",
+        type=_names,
+        default=("nats",),
+        help="KV transports to measure (b) on, e.g. nats,mooncake; (c) runs on the first "
+        "(default nats)",
+    )
     b.add_argument("--transfer-tokens", type=int, help="tokens per request (default: auto)")
     b.add_argument(
         "--transfer-requests",
@@ -141,6 +148,7 @@ def run_kv_command(args: argparse.Namespace) -> int:
         transfer_requests=args.transfer_requests,
         prompt_tokens=args.prompt_tokens,
         exposed_repeats=args.exposed_repeats,
+        transports=args.transport,
     )
     try:
         config.check()

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from services.bench.kv import KVReport
+from services.bench.kv_transfer import ENGINE_ROUTE, TransferResult
 
 _WIDTH = 100
 _SHORT = {
@@ -63,6 +64,7 @@ def targets(report: KVReport) -> list[Target]:
                     f"median per-turn ratio {t.paired_ratio(route):.2f}",
                 )
             )
+    out += _mooncake_targets(report)
     if report.exposed is not None:
         for name, route in report.exposed.routes.items():
             d = route.to_dict()
@@ -75,6 +77,33 @@ def targets(report: KVReport) -> list[Target]:
                     f"vs the transfer alone: {d['exposed_over_transfer_alone']:.2f}",
                 )
             )
+    return out
+
+
+def over_engine(t: TransferResult, route: str) -> float:
+    """A route's goodput over the Mooncake ceiling's (engine to engine) in the same run."""
+    engine = t.routes[ENGINE_ROUTE].gbps
+    return t.routes[route].gbps / engine if engine else 0.0
+
+
+def _mooncake_targets(report: KVReport) -> list[Target]:
+    """Issue 12's: the mooncake transport against its own ceiling and against nats."""
+    mc, nats = report.transfers.get("mooncake"), report.transfers.get("nats")
+    if mc is None:
+        return []
+    out = [
+        Target("mooncake direct / Mooncake ceiling", ">=", 0.8, over_engine(mc, "direct")),
+        Target(
+            "mooncake via-converter / Mooncake ceiling", ">=", 0.5, over_engine(mc, "converter")
+        ),
+    ]
+    if nats is not None and nats.routes["direct"].gbps:
+        ratio = mc.routes["direct"].gbps / nats.routes["direct"].gbps
+        conv = mc.routes["converter"].gbps / max(nats.routes["converter"].gbps, 1e-12)
+        out.insert(
+            1,
+            Target("mooncake direct / nats direct", ">=", 4.0, ratio, f"via converter {conv:.2f}x"),
+        )
     return out
 
 
@@ -93,7 +122,8 @@ def to_dict(report: KVReport) -> dict[str, Any]:
             "skipped": report.convert_skipped,
         }
     if report.transfer is not None:
-        out["transfer"] = report.transfer.to_dict()
+        out["transfer"] = report.transfer.to_dict()  # the first transport's, as before
+        out["transfers"] = {name: t.to_dict() for name, t in report.transfers.items()}
     if report.exposed is not None:
         out["exposed"] = report.exposed.to_dict()
     out["targets"] = [t.to_dict() for t in targets(report)]
@@ -142,27 +172,28 @@ def _convert_rows(report: KVReport) -> list[str]:
     return lines
 
 
-def _transfer_rows(report: KVReport) -> list[str]:
-    t = report.transfer
-    assert t is not None
+def _transfer_rows(report: KVReport, t: TransferResult) -> list[str]:
+    engine = ENGINE_ROUTE in t.routes
     lines = [
         _heading(
-            f"(b) transfer: {t.source.layout} -> decode, and via converter -> "
+            f"(b) transfer over {t.transport}: {t.source.layout} -> decode, and via converter -> "
             f"{t.target.layout} ({t.num_tokens} tokens, {t.data_frames_per_request} frames "
             f"of {t.frame_payload_bytes} B, window {report.config.window})"
         ),
         f"{'route':<14}{'GB/s':>10}{'x ceiling':>11}{'p50 pair':>10}{'requests':>10}{'MB':>10}"
-        f"{'seconds':>10}",
+        f"{'seconds':>10}" + (f"{'x engine':>10}" if engine else ""),
     ]
     for name, r in t.routes.items():
         lines.append(
             f"{name:<14}{r.gbps:>10.3f}{t.ratio(name):>11.2f}"
             f"{t.paired_ratio(name):>10.2f}{len(r.times):>10}"
             f"{r.payload_bytes / 1e6:>10.1f}{r.seconds:>10.3f}"
+            + (f"{over_engine(t, name):>10.2f}" if engine else "")
         )
     lines.append(
-        "x ceiling: total goodput / the ceiling's; p50 pair: median over turns of the "
+        "x ceiling: total goodput / the NATS ceiling's; p50 pair: median over turns of the "
         "ceiling's time / the route's for the same request"
+        + ("; x engine: / the Mooncake ceiling's (engine to engine)" if engine else "")
     )
     return lines
 
@@ -209,11 +240,12 @@ def format_table(report: KVReport) -> str:
     ]
     if report.convert:
         lines += _convert_rows(report)
-    if report.transfer is not None:
-        lines += _transfer_rows(report)
+    for t in report.transfers.values():
+        lines += _transfer_rows(report, t)
     if report.exposed is not None:
         lines += _exposed_rows(report)
-    lines.append(_heading("targets (issue 3)"))
+    issues = "targets (issue 3)" + (", mooncake's (issue 12)" if _mooncake_targets(report) else "")
+    lines.append(_heading(issues))
     for t in targets(report):
         lines.append(
             f"{t.name:<48}{t.bound} {t.limit:<6.2f}{t.value:>8.3f}  "

@@ -3,6 +3,8 @@
     prefill  (source layout)  -> decode-direct (source layout)          the direct route
                               -> converter -> decode-conv (target layout) the converter route
     echo: acknowledges frames and nothing else (the raw NATS ceiling)
+    mooncake_echo (kv_transport mooncake): a transfer engine's registered memory and nothing
+          else (the Mooncake ceiling)
 
 Instance ids carry a random prefix, so a run can share a NATS server with a live system.
 """
@@ -19,6 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgpack
 import nats.errors
 
 from proto.kv_descriptor import KVDescriptor
@@ -53,6 +56,8 @@ class TopologyConfig:
     max_frame_bytes: int = 512 * 1024
     kv_window: int = 8
     num_blocks: int = 1024
+    kv_transport: str = "nats"
+    kv_ack_timeout_s: float = 30.0
     prefix: str = field(default_factory=lambda: f"kvb{uuid.uuid4().hex[:8]}")
 
     def settings(self) -> CommonSettings:
@@ -62,6 +67,8 @@ class TopologyConfig:
             prefix=self.prefix,
             max_frame_bytes=self.max_frame_bytes,
             kv_window=self.kv_window,
+            kv_transport=self.kv_transport,
+            kv_ack_timeout_s=self.kv_ack_timeout_s,
         )
 
 
@@ -78,6 +85,7 @@ class BenchTopology:
         self.ids = {name: f"{config.prefix}-{name.replace('_', '-')}" for name in ROLES}
         self.ids["echo"] = f"{config.prefix}-echo"
         self.info: dict[str, InstanceInfo] = {}
+        self.mooncake_sink: dict = {}  # where the Mooncake ceiling writes (mooncake only)
         self.bus: Bus
         self._procs: dict[str, subprocess.Popen] = {}
 
@@ -90,6 +98,7 @@ class BenchTopology:
             "HETSERVE_LOG_LEVEL": "WARNING",
             "HETSERVE_MAX_FRAME_BYTES": str(c.max_frame_bytes),
             "HETSERVE_KV_WINDOW": str(c.kv_window),
+            "HETSERVE_KV_TRANSPORT": c.kv_transport,
         }
         if ROLES[name] in ("prefill", "decode"):
             target = name == "conv_decode"
@@ -135,18 +144,26 @@ class BenchTopology:
         try:
             for name, role in ROLES.items():
                 self._spawn(name, ["-m", "services.cli", "serve", role], self._env(name))
-            subject = self.config.settings().subjects.kv_frames(self.ids["echo"])
-            self._spawn("echo", ["-m", "services.bench.kv_echo", self.config.nats_url, subject], {})
-            self.bus = await Bus.connect(self.config.settings(), name="kv-bench")
-            await self._wait_ready(subject)
+            c = self.config
+            subject = c.settings().subjects.kv_frames(self.ids["echo"])
+            self._spawn("echo", ["-m", "services.bench.kv_echo", c.nats_url, subject], {})
+            sinks = {"echo": subject}
+            if c.kv_transport == "mooncake":
+                sinks["mooncake_echo"] = f"{subject}.mooncake"
+                nbytes = str(c.kv_window * c.max_frame_bytes)
+                argv = ["-m", "services.bench.kv_mooncake_echo", c.nats_url, sinks["mooncake_echo"]]
+                self._spawn("mooncake_echo", [*argv, nbytes], {})
+            self.bus = await Bus.connect(c.settings(), name="kv-bench")
+            await self.bus.start_kv_transport()
+            await self._wait_ready(sinks)
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
         return self
 
-    async def _wait_ready(self, echo_subject: str, timeout_s: float = 180.0) -> None:
+    async def _wait_ready(self, sinks: dict[str, str], timeout_s: float = 180.0) -> None:
         deadline = time.monotonic() + timeout_s
-        pending = {**{n: self.bus.subjects.stats(self.ids[n]) for n in ROLES}, "echo": echo_subject}
+        pending = {**{n: self.bus.subjects.stats(self.ids[n]) for n in ROLES}, **sinks}
         while pending:
             for name, subject in list(pending.items()):
                 proc = self._procs[name]
@@ -158,7 +175,9 @@ class BenchTopology:
                     reply = await self.bus.nc.request(subject, b"probe", timeout=0.5)
                 except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
                     continue
-                if name != "echo":
+                if name == "mooncake_echo":
+                    self.mooncake_sink = msgpack.unpackb(reply.data)
+                elif name != "echo":
                     self.info[name] = InstanceInfo.unpack(reply.data)
                 del pending[name]
             if pending and time.monotonic() > deadline:

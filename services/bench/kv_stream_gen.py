@@ -3,8 +3,9 @@
 The frames are those services/prefill/worker.py publishes for a prompt of `num_tokens`:
 begin (source descriptor, destination when a converter forwards), one layer at a time in
 pieces of whole blocks one block short of the frame limit, end (the first token). They go
-through the same NatsLink (credit window, one reply inbox), so the only thing that differs
-between the ceiling, direct and converter measurements is who receives them.
+through the link the bus's transport gives (nats, or mooncake: credit window, reply inbox),
+so the only thing that differs between the ceiling, direct and converter measurements is who
+receives them.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from proto.frames import Frame
 from proto.kv_descriptor import KVDescriptor
 from proto.messages import GenerateRequest, ReserveReply, ReserveRequest, SamplingParams
 from services.bench.kv_convert import frame_payload_limit
-from services.common.bus import KV_HOOKS, Bus
-from services.kv.nats_link import NatsLink
+from services.common.bus import Bus
 from services.kv.relayout import pieces_for
 
 
@@ -132,12 +132,10 @@ class SyntheticKV:
         )
 
 
-async def send_stream(
-    bus: Bus, receiver: str, frames: Iterator[Frame], window: int, ack_timeout_s: float
-) -> float:
-    """Seconds from the first frame sent to the last one acknowledged."""
-    subject = bus.subjects.kv_frames(receiver)
-    async with NatsLink(bus.nc, subject, receiver, window, ack_timeout_s, KV_HOOKS) as sender:
+async def send_stream(bus: Bus, receiver: str, frames: Iterator[Frame]) -> float:
+    """Seconds from the first frame sent to the last one acknowledged (the bus's window,
+    acknowledgement timeout and transport)."""
+    async with bus.kv_link(receiver) as sender:
         start = time.perf_counter()
         for frame in frames:
             await sender.send(frame)

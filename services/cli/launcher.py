@@ -40,6 +40,8 @@ def plan_instances(
     """`gateway_env`: settings for the gateways only (the API keys of `hetserve up --api-key`).
     `users`: the server's per-role users; each process connects as its role's."""
     base = {"HETSERVE_NATS_URL": nats_url, "HETSERVE_PREFIX": prefix}
+    if topology.kv_transport is not None:
+        base["HETSERVE_KV_TRANSPORT"] = topology.kv_transport
     out: list[Instance] = []
     for i in range(topology.scheduler.replicas):
         out.append(Instance(f"scheduler-{i}", "scheduler", {**base}))

@@ -97,6 +97,10 @@ class Topology(BaseModel):
     decode: list[WorkerSpec] = []
     # aggregated instances: each prefills and decodes its own requests (no KV moves)
     both: list[WorkerSpec] = []
+    # how KV bytes move (settings.KVTransportSettings): frames over NATS, or payloads written
+    # by the Mooncake Transfer Engine (the `[mooncake]` extra), headers over NATS; None: the
+    # environment's HETSERVE_KV_TRANSPORT (default nats)
+    kv_transport: Literal["nats", "mooncake"] | None = None
 
     def model_post_init(self, _context: object) -> None:
         if not (self.decode or self.both):

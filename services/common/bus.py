@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats
 from nats.aio.client import Client
@@ -20,8 +20,13 @@ from services.common import metrics
 from services.common.bus_permissions import BUS_USERS, inbox_prefix
 from services.common.settings import CommonSettings
 from services.common.telemetry import inject
+from services.kv.endpoint import FrameEndpoint, FrameHandler, RejectHandler
 from services.kv.hooks import StreamHooks
 from services.kv.nats_link import NatsLink
+
+if TYPE_CHECKING:
+    from services.kv.mooncake_engine import MooncakeEngine
+    from services.kv.mooncake_staging import StagingArea
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,8 @@ class Bus:
         self.js: JetStreamContext = nc.jetstream()
         self.settings = settings
         self.subjects: Subjects = settings.subjects
+        self.kv_engine: MooncakeEngine | None = None  # the mooncake transport's, once started
+        self._kv_staging: StagingArea | None = None
 
     @classmethod
     async def connect(cls, settings: CommonSettings, name: str, attempts: int = 30) -> Bus:
@@ -122,16 +129,70 @@ class Bus:
         """Largest KV frame to send: the setting, capped below the server's max_payload."""
         return min(self.settings.max_frame_bytes, self.nc.max_payload - _HEADROOM)
 
+    async def start_kv_transport(self) -> None:
+        """Start this process's transfer engine when the transport is mooncake (blocking
+        work, in a thread); the nats transport needs nothing."""
+        s = self.settings
+        if s.kv_transport != "mooncake" or self.kv_engine is not None:
+            return
+        from services.kv.mooncake_engine import MooncakeConfig, MooncakeEngine
+
+        config = MooncakeConfig(s.mooncake_host, s.mooncake_protocol, s.mooncake_devices)
+        self.kv_engine = await asyncio.to_thread(
+            MooncakeEngine, config, self.frame_limit, s.kv_window
+        )
+        log.info("transfer engine %s (%s) started", self.kv_engine.session, s.mooncake_protocol)
+
+    @property
+    def kv_staging(self) -> StagingArea | None:
+        """Where mooncake senders write this process's incoming payloads (None: nats)."""
+        if self.kv_engine is None:
+            return None
+        if self._kv_staging is None:
+            from services.kv.mooncake_staging import StagingArea
+
+            s = self.settings
+            self._kv_staging = StagingArea(
+                self.kv_engine,
+                s.mooncake_staging_bytes,
+                self.frame_limit,
+                stale_s=max(60.0, 3 * s.kv_ack_timeout_s),
+            )
+        return self._kv_staging
+
     def kv_link(self, receiver: str, rank: int = 0) -> NatsLink:
         """A windowed stream of KV frames to rank `rank` of instance `receiver`."""
         name = receiver if rank == 0 else f"{receiver} rank {rank}"
-        return NatsLink(
-            self.nc,
-            self.subjects.kv_frames(receiver, rank),
-            name,
-            self.settings.kv_window,
-            self.settings.kv_ack_timeout_s,
+        s = self.settings
+        args = (self.nc, self.subjects.kv_frames(receiver, rank), name)
+        if self.kv_engine is None:
+            return NatsLink(*args, s.kv_window, s.kv_ack_timeout_s, KV_HOOKS)
+        from services.kv.mooncake_link import MooncakeLink
+
+        return MooncakeLink(
+            *args,
+            s.kv_window,
+            s.kv_ack_timeout_s,
+            self.kv_engine,
             KV_HOOKS,
+            fail_write_after=s.mooncake_fail_write_after,
+        )
+
+    def kv_endpoint(
+        self,
+        who: str,
+        handle: FrameHandler,
+        on_rejected: RejectHandler,
+    ) -> FrameEndpoint:
+        """The receiving end of this process's KV subject, on its transport."""
+        return FrameEndpoint(
+            who,
+            lambda: self.nc.max_payload,
+            handle,
+            on_rejected,
+            KV_HOOKS,
+            staging=self.kv_staging,
+            window=self.settings.kv_window,
         )
 
     async def publish(self, subject: str, message: Message) -> None:

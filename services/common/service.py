@@ -33,6 +33,8 @@ class Service(ABC):
     # A follower rank of a tensor-parallel instance neither heartbeats nor answers stats:
     # its leader (rank 0) speaks for the instance.
     announces: ClassVar[bool] = True
+    # prefill, decode, converter: start the KV transport's engine (mooncake) at startup
+    moves_kv: ClassVar[bool] = False
 
     def __init__(self, settings: CommonSettings):
         if not settings.instance_id:
@@ -58,9 +60,14 @@ class Service(ABC):
             started_at=self.started_at,
             pid=os.getpid(),
             metrics_port=self.settings.metrics_port,
+            kv_endpoint=self._kv_endpoint(),
             errors=errors,
             recent_errors=recent_errors,
         )
+
+    def _kv_endpoint(self) -> str:
+        engine = getattr(getattr(self, "bus", None), "kv_engine", None)
+        return engine.session if engine is not None else ""
 
     async def stop(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release what the service holds; subscriptions are drained after this."""
@@ -115,6 +122,8 @@ class Service(ABC):
         self.bus = await Bus.connect(self.settings, name=self.instance_id)
         if self.role in STREAM_ROLES:
             await self.bus.ensure_streams()
+        if self.moves_kv:
+            await self.bus.start_kv_transport()
         self.registry = Registry(self.bus, self.settings.instance_ttl_s)
         await self.registry.start()
         await self.start()

@@ -41,7 +41,28 @@ def default_num_blocks(block_size: int) -> int:
     return max(2, -(-DEFAULT_CACHE_TOKENS // block_size))
 
 
-class CommonSettings(BaseSettings):
+class KVTransportSettings(BaseSettings):
+    """How KV bytes move between instances (services/kv): `nats`, frames over NATS (the
+    default, nothing to install), or `mooncake`, frame headers over NATS and payloads written
+    by the Mooncake Transfer Engine into memory the receiver registered (the `[mooncake]`
+    extra). Every instance of a deployment should use the same one (a mooncake sender falls
+    back to inline payloads for a receiver that leases it no staging slots)."""
+
+    model_config = SettingsConfigDict(env_prefix="HETSERVE_", env_file=".env", extra="ignore")
+
+    kv_transport: Literal["nats", "mooncake"] = "nats"
+    mooncake_protocol: str = "tcp"  # the engine's transport: tcp, rdma, ...
+    mooncake_devices: str = ""  # e.g. "mlx5_0,mlx5_1" for rdma ("": none)
+    mooncake_host: str = ""  # the address peers write to ("": this host name's address)
+    # a receiver's registered staging memory, cut into slots of one frame: the bound on what
+    # streams in flight may hold (a stream that finds no free slot gets its payloads inline)
+    mooncake_staging_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
+    # fault injection for tests: a sender's stream writes outside the receiver's memory after
+    # this many payloads (the engine refuses the write); -1: never
+    mooncake_fail_write_after: int = -1
+
+
+class CommonSettings(KVTransportSettings):
     model_config = SettingsConfigDict(env_prefix="HETSERVE_", env_file=".env", extra="ignore")
 
     # The server, and this service's credentials on it: in the URL (nats://user:password@host)

@@ -17,11 +17,10 @@ from proto.frames import Frame, FrameError
 from proto.kv_descriptor import KVDescriptor
 from proto.messages import InstanceInfo
 from services.common import metrics
-from services.common.bus import KV_HOOKS
 from services.common.service import Service
 from services.common.settings import ConverterSettings
 from services.common.telemetry import extract, tracer
-from services.kv.endpoint import FrameEndpoint, Reply
+from services.kv.endpoint import Reply
 from services.kv.nats_link import NatsLink, StreamFailed
 from services.kv.relayout import UNIT_SCALES, Piece, ShardLayer, check_convertible, convert_layer
 from services.kv.shard_stream import FRAME_HEADER_ROOM
@@ -66,6 +65,7 @@ class Conversion:
 
 class ConverterService(Service):
     role = "converter"
+    moves_kv = True
     settings: ConverterSettings
 
     def __init__(self, settings: ConverterSettings):
@@ -74,13 +74,7 @@ class ConverterService(Service):
         self.converted_bytes = 0
 
     async def start(self) -> None:
-        endpoint = FrameEndpoint(
-            self.instance_id,
-            lambda: self.bus.nc.max_payload,
-            self._on_frame,
-            self._on_rejected,
-            KV_HOOKS,
-        )
+        endpoint = self.bus.kv_endpoint(self.instance_id, self._on_frame, self._on_rejected)
         await self.subscribe(self.bus.subjects.kv_frames(self.instance_id), endpoint)
 
     def status(self) -> InstanceInfo:
@@ -205,11 +199,14 @@ class ConverterService(Service):
         if frame.scales is not None:
             conv.scales[key] = frame.scales
         by_shard = conv.pieces.setdefault(frame.layer, {})
-        by_shard.setdefault(frame.shard, []).append(
-            (frame.token_start, frame.token_stop, frame.payload)
-        )
+        pieces = by_shard.setdefault(frame.shard, [])
+        pieces.append((frame.token_start, frame.token_stop, frame.payload))
         if conv.layer_complete(frame.layer):
             await self._convert_layer(conv, frame.layer)
+        elif isinstance(frame.payload, memoryview):
+            # a staging slot (mooncake) is the sender's again once this frame is
+            # acknowledged, before the layer is converted: keep a copy
+            pieces[-1] = (frame.token_start, frame.token_stop, bytes(frame.payload))
 
     async def _convert_layer(self, conv: Conversion, layer: int) -> None:
         by_shard = conv.pieces.pop(layer)

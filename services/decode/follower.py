@@ -10,11 +10,10 @@ import asyncio
 
 from proto.frames import Frame, FrameError
 from services.backends.native.decode_rank import NativeDecodeRank
-from services.common.bus import KV_HOOKS
 from services.common.service import Service
 from services.common.settings import WorkerSettings
 from services.decode.intake import RankIntake
-from services.kv.endpoint import FrameEndpoint, Reply
+from services.kv.endpoint import Reply
 
 _SHARE_WAIT_S = 5.0  # the leader shares blocks before it accepts the request: never long
 
@@ -22,6 +21,7 @@ _SHARE_WAIT_S = 5.0  # the leader shares blocks before it accepts the request: n
 class DecodeFollower(Service):
     role = "decode"
     announces = False
+    moves_kv = True
     settings: WorkerSettings
 
     def __init__(self, settings: WorkerSettings):
@@ -33,12 +33,8 @@ class DecodeFollower(Service):
         await self.rank.start()
         self.intake = RankIntake(self.rank.kv, self.rank.cache)
         rank = self.rank.kv.tp_rank
-        endpoint = FrameEndpoint(
-            f"{self.instance_id} rank {rank}",
-            lambda: self.bus.nc.max_payload,
-            self._on_frame,
-            self._on_rejected,
-            KV_HOOKS,
+        endpoint = self.bus.kv_endpoint(
+            f"{self.instance_id} rank {rank}", self._on_frame, self._on_rejected
         )
         await self.subscribe(self.bus.subjects.kv_frames(self.instance_id, rank), endpoint)
         self.spawn(self._follow(), "tp-follower")

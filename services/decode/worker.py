@@ -32,7 +32,6 @@ from proto.messages import (
 from proto.prefix_hash import pack_hashes
 from services.backends.base import DecodeBackend
 from services.common import metrics
-from services.common.bus import KV_HOOKS
 from services.common.service import Service
 from services.common.settings import WorkerSettings
 from services.common.telemetry import extract, tracer
@@ -40,7 +39,7 @@ from services.decode.intake import RankIntake
 from services.decode.reservations import Reservation, Reservations
 from services.engine.block_manager import OutOfBlocks
 from services.engine.sequence import Sequence
-from services.kv.endpoint import FrameEndpoint, Reply
+from services.kv.endpoint import Reply
 
 log = logging.getLogger(__name__)
 _tracer = tracer("hetserve.decode")
@@ -55,6 +54,7 @@ class Decoding:
 
 class DecodeService(Service):
     role = "decode"
+    moves_kv = True
     settings: WorkerSettings
 
     def __init__(self, settings: WorkerSettings, backend: DecodeBackend):
@@ -73,12 +73,10 @@ class DecodeService(Service):
         s = self.bus.subjects
         await self.subscribe(s.reserve(self.instance_id), self._on_reserve)
         for rank in self.intakes:
-            endpoint = FrameEndpoint(
+            endpoint = self.bus.kv_endpoint(
                 f"{self.instance_id} rank {rank}",
-                lambda: self.bus.nc.max_payload,
                 lambda frame, reply, rank=rank: self._on_frame(rank, frame, reply),
                 self._on_rejected,
-                KV_HOOKS,
             )
             await self.subscribe(s.kv_frames(self.instance_id, rank), endpoint)
         await self.subscribe(s.aborts, self._on_abort)

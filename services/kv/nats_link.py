@@ -23,8 +23,8 @@ class StreamFailed(RuntimeError):
     """The receiver rejected a frame, or stopped acknowledging."""
 
 
-def ack_payload(ok: bool, reason: str = "") -> bytes:
-    return msgpack.packb({"ok": ok, "reason": reason})
+def ack_payload(ok: bool, reason: str = "", extra: dict | None = None) -> bytes:
+    return msgpack.packb({"ok": ok, "reason": reason, **(extra or {})})
 
 
 class NatsLink:
@@ -75,7 +75,8 @@ class NatsLink:
             reply = msgpack.unpackb(msg.data)
             ok, reason = bool(reply["ok"]), str(reply.get("reason", ""))
         except Exception:  # noqa: BLE001 - a broken ack is a failed stream
-            ok, reason = False, "unreadable acknowledgement"
+            reply, ok, reason = {}, False, "unreadable acknowledgement"
+        self.acked(msg.subject, reply, ok)
         if not ok and self._error is None:
             self._error = f"{self.receiver} rejected a frame: {reason}"
         self._unacked -= 1
@@ -83,11 +84,18 @@ class NatsLink:
             self._drained.set()
         self._credits.release()
 
+    def acked(self, subject: str, reply: dict, ok: bool) -> None:
+        """A transport's own use of an acknowledgement (mooncake: leases, free slots)."""
+
     def _check(self) -> None:
         if self._error is not None:
             raise StreamFailed(self._error)
 
     async def send(self, frame: Frame) -> None:
+        await self._credit()
+        await self._publish(encode_frame(frame), self._inbox, len(frame.payload))
+
+    async def _credit(self) -> None:
         self._check()
         try:
             await asyncio.wait_for(self._credits.acquire(), self.ack_timeout_s)
@@ -96,13 +104,16 @@ class NatsLink:
                 f"{self.receiver} acknowledged nothing for {self.ack_timeout_s:.0f}s"
             ) from None
         self._check()
-        data = encode_frame(frame)
+
+    async def _publish(self, data: bytes, reply: str, payload_bytes: int) -> None:
+        """One frame, its credit taken; `payload_bytes`: what it moves (inline or staged)."""
         self._unacked += 1
         self._drained.clear()
-        await self.nc.publish(self.subject, data, reply=self._inbox, headers=self.hooks.headers())
-        self.bytes_sent += len(data)
+        await self.nc.publish(self.subject, data, reply=reply, headers=self.hooks.headers())
+        moved = max(len(data), payload_bytes)
+        self.bytes_sent += moved
         self.frames_sent += 1
-        self.hooks.frame_sent(len(data))
+        self.hooks.frame_sent(moved)
 
     async def finish(self) -> None:
         """Wait until every frame is acknowledged; raise if any was rejected."""

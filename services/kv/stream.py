@@ -85,17 +85,20 @@ class StreamWriter:
         payload: bytes | memoryview,
         scales: tuple[float, float] | None = None,
     ) -> None:
-        self.data_frames += 1
-        await self.link.send(
-            self._frame(
-                "data",
-                layer=layer,
-                token_start=token_start,
-                token_stop=token_stop,
-                payload=payload,
-                scales=scales,
-            )
+        frame = self._frame(
+            "data",
+            layer=layer,
+            token_start=token_start,
+            token_stop=token_stop,
+            payload=payload,
+            scales=scales,
         )
+        try:
+            await self.link.send(frame)
+        except Exception:
+            self.next_seq -= 1  # never sent: the end frame telling the receiver follows on
+            raise
+        self.data_frames += 1
 
     async def end(self, first_token: int | None = None, extra: dict | None = None) -> None:
         """The stream is complete; wait until the receiver has acknowledged all of it."""

@@ -11,6 +11,7 @@ from services.common.settings import WorkerSettings
 
 class PrefillFollower(Service):
     role = "prefill"
+    moves_kv = True
     announces = False
     settings: WorkerSettings
 

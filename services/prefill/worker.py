@@ -25,6 +25,7 @@ _tracer = tracer("hetserve.prefill")
 
 class PrefillService(Service):
     role = "prefill"
+    moves_kv = True
     settings: WorkerSettings
 
     def __init__(self, settings: WorkerSettings, backend: PrefillBackend):

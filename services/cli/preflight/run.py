@@ -1,5 +1,5 @@
-"""Every check of a topology, in order: the file, instance ids, model files, each worker
-against its engine, layout and model, the pairs, the ports."""
+"""Every check of a topology, in order: the file, instance ids, the KV transport, model
+files, each worker against its engine, layout and model, the pairs, the ports."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from services.cli.preflight.pairs import check_pairs
 from services.cli.preflight.parse import read_topology
 from services.cli.preflight.ports import check_ports
 from services.cli.preflight.report import Report
+from services.cli.preflight.transport import check_transport
 from services.cli.preflight.workers import VllmProbe, check_worker
 from services.cli.topology import Topology
 from services.hf.config import ModelConfig
@@ -34,6 +35,7 @@ def check_topology(
     if port:
         topology.gateway.port = port
     check_names(topology, report)
+    check_transport(topology, report)
     model_field = "--model" if model else "model"
     configs: dict[str, ModelConfig | None] = {
         topology.model: check_model_dir(topology.model, model_field, report)
