@@ -155,6 +155,9 @@ class GatewaySettings(CommonSettings):
     served_model_name: str = ""  # "" : the model directory's name
     first_token_timeout_s: float = Field(120.0, gt=0)
     token_timeout_s: float = Field(60.0, gt=0)
+    # a token event missing while later ones have come (core NATS lost it): retry (resuming
+    # from the tokens delivered) once the gap has lasted this long, not after token_timeout_s
+    token_gap_timeout_s: float = Field(2.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     # API keys: one, or several comma-separated; empty: no authentication. Every request but
     # /health and /metrics then needs `Authorization: Bearer <key>`.
