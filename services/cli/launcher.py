@@ -14,6 +14,7 @@ from pathlib import Path
 
 from proto.subjects import Subjects
 from services.cli.bus_users import DEFAULT_STATE_DIR, BusUsers, url_file
+from services.cli.restarts import RestartPolicy
 from services.cli.startup_report import StartupReport
 from services.cli.topology import ALWAYS, SPEED_KEYS, Topology, WorkerSpec, worker_instance_id
 from services.common.bus_permissions import ADMIN, authorization
@@ -28,6 +29,8 @@ class Instance:
     role: str
     env: dict[str, str]
     process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    restart_at: float | None = None  # dead, to be started again then
 
 
 def plan_instances(
@@ -126,6 +129,8 @@ def start(inst: Instance) -> None:
         [sys.executable, "-m", "services.cli", "serve", inst.role],
         env=env,
     )
+    inst.started_at = time.monotonic()
+    inst.restart_at = None
 
 
 def stop_all(instances: list[Instance], timeout_s: float = 10.0) -> None:
@@ -149,9 +154,11 @@ def run_up(
     prefix: str,
     gateway_env: dict[str, str] | None = None,
     state_dir: Path = DEFAULT_STATE_DIR,
+    restart: bool = True,
 ) -> int:
     """An embedded server (no `nats_url`) admits only its per-role users, whose URLs go to
-    `state_dir`/nats/<role>.url; a given server is the operator's to secure."""
+    `state_dir`/nats/<role>.url; a given server is the operator's to secure. With `restart`,
+    an instance that died is started again (services/cli/restarts.py says when)."""
     server, users = None, None
     if nats_url is None:
         users = BusUsers()
@@ -189,18 +196,40 @@ def run_up(
             gateway.port,
         )
         reported: set[str] = set()
+        policy = RestartPolicy()
         while not stop["now"]:
             time.sleep(0.2)
             report.tick()
             for inst in instances:
+                if inst.name in reported:
+                    continue
+                now = time.monotonic()
+                if inst.restart_at is not None:
+                    if now >= inst.restart_at:
+                        log.warning("restarting %s (%s)", inst.name, inst.role)
+                        start(inst)
+                    continue
                 rc = inst.process.poll() if inst.process else None
-                if rc is not None and inst.name not in reported:
+                if rc is None:
+                    continue
+                wait = policy.after_death(inst.name, now - inst.started_at) if restart else None
+                if wait is None:
                     reported.add(inst.name)
                     log.error(
-                        "%s (%s) exited with code %s; the others keep serving",
+                        "%s (%s) exited with code %s%s; the others keep serving",
                         inst.name,
                         inst.role,
                         rc,
+                        " again too soon, not restarted" if restart else "",
+                    )
+                else:
+                    inst.restart_at = now + wait
+                    log.warning(
+                        "%s (%s) exited with code %s; restarting it in %.1fs",
+                        inst.name,
+                        inst.role,
+                        rc,
+                        wait,
                     )
             if len(reported) == len(instances):
                 code = 1

@@ -34,6 +34,12 @@ def register(subparsers: Any) -> None:
         "--api-key",
         help="API key(s) the gateways require, comma-separated (or set HETSERVE_API_KEY)",
     )
+    up.add_argument(
+        "--restart",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start an instance that died again, with backoff (default: on)",
+    )
     up.set_defaults(func=cmd_up)
 
 
@@ -51,4 +57,4 @@ def cmd_up(args: argparse.Namespace) -> int:
         return EXIT_REFUSED
     gateway_env = {"HETSERVE_API_KEY": args.api_key} if args.api_key else {}
     nats_url = args.nats_url or os.environ.get("HETSERVE_NATS_URL")
-    return run_up(topology, nats_url, args.prefix, gateway_env, args.state_dir)
+    return run_up(topology, nats_url, args.prefix, gateway_env, args.state_dir, args.restart)

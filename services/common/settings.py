@@ -176,6 +176,9 @@ class GatewaySettings(CommonSettings):
     served_model_name: str = ""  # "" : the model directory's name
     first_token_timeout_s: float = Field(120.0, gt=0)
     token_timeout_s: float = Field(60.0, gt=0)
+    # a token event missing while later ones have come (core NATS lost it): retry (resuming
+    # from the tokens delivered) once the gap has lasted this long, not after token_timeout_s
+    token_gap_timeout_s: float = Field(2.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     # API keys: one, or several comma-separated; empty: no authentication. Every request but
     # /health and /metrics then needs `Authorization: Bearer <key>`.
@@ -197,6 +200,9 @@ class SchedulerSettings(CommonSettings):
     queue_timeout_s: float = Field(60.0, gt=0)
     reserve_timeout_s: float = Field(5.0, gt=0)
     reserve_hold_s: float = Field(30.0, gt=0)
+    # JetStream redelivers a request whose scheduler died this long after its last sign of
+    # life; a live scheduler sends one (in_progress) every third of it while it places one
+    request_ack_wait_s: float = Field(5.0, ge=1.0)
     max_in_flight: int = Field(256, ge=1)
     # kv_aware: by estimated completion (cached prefixes, queues, measured speeds, route
     # costs); load: most free decode blocks, shortest prefill queue (the older policy)

@@ -137,7 +137,9 @@ class NatsBackend:
             next_index = len(request.resumed_token_ids)
             first_deadline = time.monotonic() + self.settings.first_token_timeout_s
             deadline = first_deadline
+            gap_since: float | None = None  # when a later event came with next_index missing
             while not finished:
+                self._check_gap(rid, next_index, gap_since)
                 try:
                     event = await asyncio.wait_for(events.get(), _LIVENESS_CHECK_S)
                 except TimeoutError:
@@ -164,6 +166,7 @@ class NatsBackend:
                         yield ready
                         if finished:
                             break
+                    gap_since = (gap_since or time.monotonic()) if pending else None
         finally:
             await sub.unsubscribe()
             if not finished:
@@ -171,6 +174,14 @@ class NatsBackend:
                 await self.bus.publish(
                     self.bus.subjects.aborts, AbortRequest(request_id=rid, reason="gateway gave up")
                 )
+
+    def _check_gap(self, rid: str, next_index: int, gap_since: float | None) -> None:
+        if (
+            gap_since is not None
+            and time.monotonic() - gap_since > self.settings.token_gap_timeout_s
+        ):
+            metrics.error("gateway", "token_gap")
+            raise _Retry(f"token event {next_index} of {rid} was lost", [])
 
     def _check_alive(self, route: RouteEvent | None, decoding: bool) -> None:
         if route is None:

@@ -63,7 +63,9 @@ class SchedulerService(Service):
             s.requests,
             durable="scheduler",
             stream=s.requests_stream,
-            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30.0),
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT, ack_wait=self.settings.request_ack_wait_s
+            ),
         )
         self.spawn(self._pull_loop(), "scheduler-pull")
 
@@ -81,6 +83,7 @@ class SchedulerService(Service):
 
     async def _handle(self, msg: Msg) -> None:
         self.placing += 1
+        alive = asyncio.create_task(self._keep_alive(msg), name="request-keepalive")
         try:
             try:
                 request = GenerateRequest.unpack(msg.data)
@@ -116,8 +119,20 @@ class SchedulerService(Service):
                     )
             await msg.ack()
         finally:
+            alive.cancel()
             self.placing -= 1
             self.in_flight.release()
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        """Tell JetStream the request is being placed, so its short ack_wait only runs out
+        (and the request goes to another scheduler) when this one has died."""
+        period = self.settings.request_ack_wait_s / 3
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await msg.in_progress()
+            except Exception as exc:  # noqa: BLE001 - a lost heartbeat only risks a redelivery
+                log.debug("in_progress for a request failed: %s", exc)
 
     async def _route_when_room(self, request: GenerateRequest, msg: Msg) -> RouteEvent:
         """Route now, or, while every decode instance is only full, wait for blocks to free
