@@ -74,6 +74,23 @@ def test_a_cached_prefix_is_shared_and_evicted_least_recently_freed_first() -> N
     assert blocks.match_prefix(tokens) == []
 
 
+def test_a_prefix_for_a_larger_block_sender_is_whole_runs_of_blocks() -> None:
+    """A decode of 2-token blocks holding 3 blocks of the prompt, fed by a prefill of 4-token
+    blocks: the stream can begin at token 4, not 6 (inside the prefill's second block; CI's
+    vLLM block 32 -> native block 16 failure)."""
+    blocks = BlockManager(8, 2, prefix_caching=True)
+    tokens = [1, 2, 3, 4, 5, 6, 7]
+    table = blocks.allocate(4)
+    blocks.cache_prefix(table[:3], tokens[:6])
+    assert blocks.match_prefix(tokens) == table[:3]
+    assert blocks.match_prefix(tokens, multiple=2) == table[:2]
+    assert blocks.match_prefix(tokens[:3], multiple=2) == [], "one block is no whole run"
+    blocks.free(table[:3])
+    blocks.free(table[:2])
+    blocks.free(table)
+    assert blocks.num_free == 8, "the blocks left out of a match are not held"
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.integers(1, 6)), min_size=1, max_size=40))
 def test_holds_never_leak(ops: list[tuple[bool, int]]) -> None:

@@ -173,6 +173,22 @@ def test_the_staging_area_is_bounded(area) -> None:  # noqa: ANN001
     assert msgpack.unpackb(msgpack.packb(staging.lease(("c", 0), 2)))["slots"]
 
 
+async def peer_address(
+    client: nats.NATS, subject: str, peer: asyncio.subprocess.Process, wait_s: float = 180.0
+) -> dict:
+    """The echo peer's session and buffer address, once it answers (it imports torch and the
+    transfer engine first, slow on a loaded machine)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if peer.returncode is not None:
+            pytest.fail(f"the echo peer exited with code {peer.returncode} before answering")
+        try:
+            return msgpack.unpackb((await client.request(subject, b"", timeout=1.0)).data)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            await asyncio.sleep(0.2)
+    pytest.fail(f"the echo peer did not answer on {subject} within {wait_s:.0f}s")
+
+
 async def test_a_write_to_a_dead_peer_fails_at_once(nats_server, engines) -> None:  # noqa: ANN001
     """A receiver process that died: the engine refuses the write (no hang), which the link
     turns into a failed stream (the test above)."""
@@ -183,12 +199,7 @@ async def test_a_write_to_a_dead_peer_fails_at_once(nats_server, engines) -> Non
     )
     client = await nats.connect(nats_server.url)
     try:
-        for _ in range(100):
-            try:
-                where = msgpack.unpackb((await client.request(subject, b"", timeout=0.5)).data)
-                break
-            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-                await asyncio.sleep(0.1)
+        where = await peer_address(client, subject, peer)
         sender = engines[0]
         assert sender.write(where["session"], b"x" * 1024, where["address"]) == 0
         peer.kill()

@@ -81,9 +81,12 @@ class BlockManager:
             del self._refs[block]
             self._free[block] = None
 
-    def match_prefix(self, token_ids: Sequence[int], max_blocks: int | None = None) -> list[int]:
+    def match_prefix(
+        self, token_ids: Sequence[int], max_blocks: int | None = None, multiple: int = 1
+    ) -> list[int]:
         """The cached blocks that hold the longest prefix of `token_ids` (whole blocks, at most
-        `max_blocks`), each now held once more by the caller. Empty without prefix caching."""
+        `max_blocks`, a multiple of `multiple` blocks), each now held once more by the caller.
+        Empty without prefix caching."""
         if not self.prefix_caching:
             return []
         found: list[int] = []
@@ -94,6 +97,8 @@ class BlockManager:
             if block is None:
                 break
             found.append(block)
+        # a sender whose blocks are `multiple` times larger cannot begin inside one of them
+        del found[len(found) // multiple * multiple :]
         for block in found:
             if block in self._free:
                 del self._free[block]

@@ -107,7 +107,8 @@ class NativeDecode:
         manager, context = self.engine.blocks, request.context_token_ids
         # a whole number of `align`-token runs, and never the last token: prefill computes it
         usable = (len(context) - 1) // align * align // manager.block_size
-        cached = manager.match_prefix(context, min(usable, count))
+        run = max(align // manager.block_size, 1)  # align: the larger of both block sizes
+        cached = manager.match_prefix(context, min(usable, count), multiple=run)
         try:
             blocks = cached + manager.allocate(count - len(cached))
         except OutOfBlocks:
