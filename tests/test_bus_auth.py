@@ -161,11 +161,30 @@ async def test_every_role_may_announce_itself(secured: NatsServer, users: BusUse
 # -- a whole system on the embedded server --------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def system(tiny_llama: Path, tmp_path_factory) -> Iterator[RunningSystem]:  # noqa: ANN001
+def mooncake_missing() -> str:
+    try:
+        import mooncake.engine  # noqa: F401
+    except ImportError as exc:
+        return f"the mooncake package cannot be imported: {exc}"
+    return ""
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        "nats",
+        pytest.param(
+            "mooncake",
+            marks=pytest.mark.skipif(bool(mooncake_missing()), reason=mooncake_missing()),
+        ),
+    ],
+)
+def system(request, tiny_llama: Path, tmp_path_factory) -> Iterator[RunningSystem]:  # noqa: ANN001
+    """Over either KV transport: mooncake's payloads bypass NATS, its headers do not."""
     flash = {"kv_layout": "vllm-flash", "block_size": 16, "num_blocks": 64}
     topology = {
         "model": str(tiny_llama),
+        "kv_transport": request.param,
         "prefill": [{"name": "p", **flash}],
         "decode": [
             {"name": "d-ascend", "kv_layout": "ascend", "block_size": 128, "num_blocks": 16},
