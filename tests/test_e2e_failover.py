@@ -32,7 +32,11 @@ def pair_system(nats_server, tiny_llama: Path, tmp_path_factory) -> Iterator[Run
         ],
         "converter": {"replicas": 1},
     }
-    with run_system(topology, nats_server.url, tmp_path_factory.mktemp("failover")) as system:
+    # Without restarts: a killed instance stays dead (tests/test_e2e_up_restart.py covers
+    # `hetserve up` bringing it back), else a restarted prefill can serve the request that
+    # must fail.
+    workdir = tmp_path_factory.mktemp("failover")
+    with run_system(topology, nats_server.url, workdir, up_args=["--no-restart"]) as system:
         yield system
 
 
