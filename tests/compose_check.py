@@ -27,8 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proto.messages import CompletionRecord, InstanceInfo
 from proto.subjects import Subjects
+from services.bench.oracle import hf_greedy
 from services.common.settings import redact_url
-from tests.system import hf_greedy
 
 ROLES_NEEDED = ("gateway", "scheduler", "converter")
 HETSERVE_SERVICES = ("gateway", "scheduler", "converter", "prefill", "decode")

@@ -13,7 +13,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import yaml
 from proto.messages import InstanceInfo
 from proto.subjects import Subjects
 from services.bench.system import wait_healthy
-from services.cli.bus_users import read_url
+from services.common.bus_users import read_url
 from services.common.nats_server import free_port
 from services.models.tiny import make_tiny_model
 
@@ -46,32 +45,6 @@ def smollm2_dirs(scratch: Path) -> dict[str, Path]:
         local = smollm2.default_out(dtype, ROOT / "models")
         outs[dtype] = local if smollm2.is_converted(local, dtype, gguf) else scratch / local.name
     return smollm2.fetch_variants(outs, progress=False)
-
-
-@cache
-def _hf_model(model_dir: str):  # noqa: ANN202
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
-def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """The oracle: transformers' greedy `generate` on the same weights, EOS ignored."""
-    import torch
-
-    model = _hf_model(str(model_dir))
-    with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([prompt_ids]),
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=None,
-        )
-    return out[0, len(prompt_ids) :].tolist()
 
 
 def hf_teacher_forced_logits(model_dir: Path, dtype: str, prompt: list[int], out: list[int]):  # noqa: ANN201

@@ -29,10 +29,11 @@ import openai
 import pytest
 
 from proto.subjects import Subjects
-from services.cli.bus_users import BusUsers, url_file
+from services.bench.oracle import hf_greedy
 from services.common.bus_permissions import ADMIN, BUS_USERS, authorization, inbox_prefix
+from services.common.bus_users import BusUsers, url_file
 from services.common.nats_server import NatsServer
-from tests.system import ROOT, RunningSystem, hf_greedy, run_system
+from tests.system import ROOT, RunningSystem, run_system
 
 SUBJECTS = Subjects("authtest")
 

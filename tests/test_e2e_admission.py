@@ -22,8 +22,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.bench.oracle import hf_greedy
 from services.cli.topology import DEMO_TOPOLOGY
-from tests.system import RunningSystem, hf_greedy, run_system
+from tests.system import RunningSystem, run_system
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,9 @@ import openai
 import pytest
 import yaml
 
+from services.bench.oracle import hf_greedy
 from services.cli.topology import DEMO_TOPOLOGY
-from tests.system import RunningSystem, connected_stream, hf_greedy, run_system
+from tests.system import RunningSystem, connected_stream, run_system
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,8 @@ import openai
 import pytest
 
 from proto.layout_registry import LAYOUTS
-from tests.system import RunningSystem, hf_greedy, run_system
+from services.bench.oracle import hf_greedy
+from tests.system import RunningSystem, run_system
 
 pytestmark = pytest.mark.slow
 

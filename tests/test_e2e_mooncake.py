@@ -20,7 +20,8 @@ import openai
 import pytest
 
 from proto.frames import Frame, encode_frame
-from tests.system import RunningSystem, hf_greedy, run_system
+from services.bench.oracle import hf_greedy
+from tests.system import RunningSystem, run_system
 
 pytestmark = pytest.mark.slow
 

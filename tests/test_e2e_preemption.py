@@ -10,7 +10,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.system import RunningSystem, hf_greedy, run_system
+from services.bench.oracle import hf_greedy
+from tests.system import RunningSystem, run_system
 
 pytestmark = pytest.mark.slow
 

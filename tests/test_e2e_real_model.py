@@ -23,13 +23,13 @@ import openai
 import pytest
 
 from services.backends.vllm.engine_args import vllm_missing_reason
+from services.bench.oracle import hf_greedy
 from services.hf.tokenizer import Tokenizer
 from tests.system import (
     BF16_MIN_ARGMAX_SHARE,
     BF16_TOLERANCE_ULPS,
     RunningSystem,
     bf16_gaps,
-    hf_greedy,
     hf_teacher_forced_logits,
     run_system,
 )

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from tests.system import hf_greedy, run_system
+from services.bench.oracle import hf_greedy
+from tests.system import run_system
 
 pytestmark = pytest.mark.slow
 

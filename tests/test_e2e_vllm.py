@@ -38,15 +38,9 @@ from proto.messages import (
     unpack_request_event,
 )
 from services.backends.vllm.engine_args import vllm_missing_reason
+from services.bench.oracle import hf_greedy, hf_model
 from services.kv.payload import payload_from_tokens, payload_to_bytes
-from tests.system import (
-    ROOT,
-    RunningSystem,
-    _hf_model,
-    connected_stream,
-    hf_greedy,
-    run_system,
-)
+from tests.system import ROOT, RunningSystem, connected_stream, run_system
 
 pytestmark = [
     pytest.mark.slow,
@@ -227,7 +221,7 @@ async def test_vllm_prefill_sends_only_what_the_decode_holds_not(
 
 def hf_kv(model_dir: Path, prompt: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """transformers' post-RoPE K and V of every layer, [T, H, D] each."""
-    model = _hf_model(str(model_dir))
+    model = hf_model(str(model_dir))
     with torch.inference_mode():
         out = model(torch.tensor([prompt]), use_cache=True)
     cache_ = (

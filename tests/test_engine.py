@@ -11,9 +11,10 @@ import torch
 
 from proto.layout_registry import LAYOUTS
 from proto.messages import GenerateRequest, SamplingParams
+from services.bench.oracle import hf_greedy
 from services.engine.engine import NativeEngine
 from tests.engine_loop import generate_batched
-from tests.system import hf_greedy, make_model
+from tests.system import make_model
 
 PROMPTS = [[5, 77, 300, 12, 9, 401, 33, 900, 17] * 3, [50], list(range(100, 290))]
 

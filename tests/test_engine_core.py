@@ -12,12 +12,12 @@ from hypothesis import strategies as st
 
 from proto.messages import GenerateRequest, SamplingParams
 from proto.prefix_hash import block_hashes
+from services.bench.oracle import hf_greedy
 from services.engine.block_manager import BlockManager, OutOfBlocks
 from services.engine.engine import NativeEngine
 from services.engine.scheduler import Scheduler
 from services.engine.sequence import Sequence
 from services.engine.stopping import StopChecker
-from tests.system import hf_greedy
 
 
 def request(rid: str, prompt: list[int], max_tokens: int = 8) -> GenerateRequest:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from proto.kv_descriptor import KVDescriptor
+from services.bench.oracle import hf_greedy
 from services.common.nats_server import free_port
 from services.engine.engine import NativeEngine
 from services.engine.model import CausalLM
@@ -23,7 +24,7 @@ from services.engine.parallel import TPGroup, kv_heads_of_rank
 from services.engine.tp.leader import LeaderEngine
 from services.hf.config import load_model_config
 from tests import tp_workers
-from tests.system import hf_greedy, make_model
+from tests.system import make_model
 
 # model -> None if it runs at that TP degree, else the error every rank must raise
 WORLDS: dict[int, dict[str, str | None]] = {

@@ -39,6 +39,8 @@ class RequestResult:
     exact_token_counts: bool = False  # the chunks carried token_ids
     output_ids: list[int] = field(default_factory=list)  # when the chunks carried token_ids
     cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, if sent
+    sent_at: float = 0.0  # time.perf_counter() when the request went out
+    arrivals: list[float] = field(default_factory=list)  # perf_counter of each token chunk
 
     @property
     def tpot(self) -> float | None:
@@ -107,6 +109,7 @@ class _Timing:
         if count <= 0:
             return
         r = self.result
+        r.arrivals.append(now)
         if self.last is None:
             r.ttft = now - self.start
             r.itl.extend([0.0] * (count - 1))  # the rest of the first chunk came with it
@@ -159,8 +162,8 @@ async def send_request(
     headers: dict[str, str] | None = None,
 ) -> RequestResult:
     """Send one streamed request; never raises, failures land in result.error."""
-    result = RequestResult()
     start = time.perf_counter()
+    result = RequestResult(sent_at=start)
     timing = _Timing(start, result)
     try:
         async with asyncio.timeout(timeout_s):

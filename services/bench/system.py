@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.common.bus_users import read_url
 from services.common.nats_server import free_port, free_port_range
 
 
@@ -28,6 +29,15 @@ class System:
     metrics_ports: range  # every process's Prometheus port (hetserve up counts them up)
     process: subprocess.Popen
     log_path: Path
+    prefix: str = "hetserve"
+    state_dir: Path | None = None  # the embedded NATS server's per-role URLs
+
+    @property
+    def admin_url(self) -> str:
+        """The NATS URL with the admin role's credentials."""
+        if self.state_dir is None:
+            raise RuntimeError("no state dir: the system runs on an external NATS server")
+        return read_url(self.state_dir)
 
     @property
     def base_url(self) -> str:
@@ -81,11 +91,13 @@ def running(
     env: dict[str, str] | None = None,
     timeout_s: float = 600.0,
     settle_s: float = 3.0,
+    up_args: list[str] | None = None,
 ) -> Iterator[System]:
     """`hetserve up` with an embedded NATS server until the block ends. `env` reaches every
-    process (HETSERVE_* settings). Processes get metrics ports counted up from the first of a
-    free range."""
+    process (HETSERVE_* settings); `up_args`: more `hetserve up` options. Processes get
+    metrics ports counted up from the first of a free range."""
     workdir = Path(tempfile.mkdtemp(prefix="hetserve-bench-"))
+    state_dir = workdir / "state"
     count = (
         sum(
             spec.get("replicas", 1) * spec.get("tp", 1)
@@ -102,14 +114,15 @@ def running(
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "--log-level", "WARNING", "up",
-             "--topology", str(path)],
+             "--topology", str(path), "--state-dir", str(state_dir), *(up_args or [])],
             env={**os.environ, "HETSERVE_METRICS_PORT": str(metrics), **(env or {})},
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
         wait_healthy(port, timeout_s, process, log_path)
         time.sleep(settle_s)  # every instance heartbeats at least once more
-        yield System(port, range(metrics, metrics + count), process, log_path)
+        metrics_ports = range(metrics, metrics + count)
+        yield System(port, metrics_ports, process, log_path, state_dir=state_dir)
     finally:
         process.send_signal(signal.SIGINT)
         try:

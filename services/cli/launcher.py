@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proto.subjects import Subjects
-from services.cli.bus_users import DEFAULT_STATE_DIR, BusUsers, url_file
 from services.cli.restarts import RestartPolicy
 from services.cli.startup_report import StartupReport
 from services.cli.topology import ALWAYS, SPEED_KEYS, Topology, WorkerSpec, worker_instance_id
 from services.common.bus_permissions import ADMIN, authorization
+from services.common.bus_users import DEFAULT_STATE_DIR, BusUsers, url_file
 from services.common.nats_server import NatsServer, free_port
 
 log = logging.getLogger(__name__)

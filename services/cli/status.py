@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from proto.messages import InstanceInfo
-from services.cli.bus_users import DEFAULT_STATE_DIR, read_url
 from services.cli.live import NoSystem, Snapshot, snapshot
 from services.cli.table import format_table
 from services.common.bus import Bus
+from services.common.bus_users import DEFAULT_STATE_DIR, read_url
 from services.common.metrics import RECENT_ERRORS_S
 from services.common.settings import CommonSettings
 

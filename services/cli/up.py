@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from services.cli.bus_users import DEFAULT_STATE_DIR
 from services.cli.launcher import run_up
 from services.cli.preflight import check_topology
 from services.cli.topology import DEMO_TOPOLOGY
+from services.common.bus_users import DEFAULT_STATE_DIR
 
 EXIT_REFUSED = 2
 

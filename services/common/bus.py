@@ -166,17 +166,20 @@ class Bus:
         s = self.settings
         args = (self.nc, self.subjects.kv_frames(receiver, rank), name)
         if self.kv_engine is None:
-            return NatsLink(*args, s.kv_window, s.kv_ack_timeout_s, KV_HOOKS)
-        from services.kv.mooncake_link import MooncakeLink
+            link = NatsLink(*args, s.kv_window, s.kv_ack_timeout_s, KV_HOOKS)
+        else:
+            from services.kv.mooncake_link import MooncakeLink
 
-        return MooncakeLink(
-            *args,
-            s.kv_window,
-            s.kv_ack_timeout_s,
-            self.kv_engine,
-            KV_HOOKS,
-            fail_write_after=s.mooncake_fail_write_after,
-        )
+            link = MooncakeLink(
+                *args,
+                s.kv_window,
+                s.kv_ack_timeout_s,
+                self.kv_engine,
+                KV_HOOKS,
+                fail_write_after=s.mooncake_fail_write_after,
+            )
+        link.instance = receiver
+        return link
 
     def kv_endpoint(
         self,

@@ -133,6 +133,7 @@ class NatsBackend:
         try:
             await self.bus.js.publish(self.bus.subjects.requests, request.pack(), headers=inject())
             route: RouteEvent | None = None
+            routed_to: dict[str, float] = {}  # the route's instances: when each one started
             pending: dict[int, TokenEvent] = {}
             next_index = len(request.resumed_token_ids)
             first_deadline = time.monotonic() + self.settings.first_token_timeout_s
@@ -143,7 +144,8 @@ class NatsBackend:
                 try:
                     event = await asyncio.wait_for(events.get(), _LIVENESS_CHECK_S)
                 except TimeoutError:
-                    self._check_alive(route, next_index > len(request.resumed_token_ids) + 1)
+                    decoding = next_index > len(request.resumed_token_ids) + 1
+                    self._check_alive(route, routed_to, decoding)
                     if time.monotonic() > deadline:
                         raise GenerationError(
                             f"request {rid} timed out waiting for tokens", 504, "timeout"
@@ -151,6 +153,7 @@ class NatsBackend:
                     continue
                 if isinstance(event, RouteEvent):
                     route = event
+                    routed_to = self._started_at(route)
                 elif isinstance(event, ErrorEvent):
                     if event.retryable:
                         avoid = event.instance_id if event.exclude_instance else ""
@@ -183,12 +186,27 @@ class NatsBackend:
             metrics.error("gateway", "token_gap")
             raise _Retry(f"token event {next_index} of {rid} was lost", [])
 
-    def _check_alive(self, route: RouteEvent | None, decoding: bool) -> None:
+    def _started_at(self, route: RouteEvent) -> dict[str, float]:
+        instances = (route.decode_instance, route.prefill_instance, route.converter_instance)
+        found = {i: self.registry.get(i) for i in instances if i}
+        return {i: info.started_at for i, info in found.items() if info is not None}
+
+    def _check_alive(
+        self, route: RouteEvent | None, routed_to: dict[str, float], decoding: bool
+    ) -> None:
+        """Retry when an instance on the route stopped heartbeating, or heartbeats again from
+        a new process (restarted under the same id within the TTL: the request died with
+        the old one)."""
         if route is None:
             return
         watched = [route.decode_instance]
         if not decoding:  # before decode's own tokens, the KV path matters too
             watched += [route.prefill_instance, route.converter_instance or ""]
-        dead = [i for i in watched if i and self.registry.get(i) is None]
+        dead = []
+        for instance in filter(None, watched):
+            info = self.registry.get(instance)
+            started = routed_to.get(instance)
+            if info is None or (started is not None and info.started_at != started):
+                dead.append(instance)
         if dead:
             raise _Retry(f"instance {', '.join(dead)} stopped responding", dead)

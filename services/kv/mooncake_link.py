@@ -87,7 +87,8 @@ class MooncakeLink(NatsLink):
             await asyncio.wait_for(self._leased.wait(), self.ack_timeout_s)
         except TimeoutError:
             raise StreamFailed(
-                f"{self.receiver} did not answer the begin in {self.ack_timeout_s:.0f}s"
+                f"{self.receiver} did not answer the begin in {self.ack_timeout_s:.0f}s",
+                self.instance,
             ) from None
         self._check()
 
@@ -96,7 +97,9 @@ class MooncakeLink(NatsLink):
         try:
             slot = await asyncio.wait_for(self._free.get(), self.ack_timeout_s)
         except TimeoutError:
-            raise StreamFailed(f"{self.receiver} freed no staging slot in time") from None
+            raise StreamFailed(
+                f"{self.receiver} freed no staging slot in time", self.instance
+            ) from None
         self._check()
         address = self.slots[slot]
         if self.fail_write_after == 0:
@@ -115,7 +118,7 @@ class MooncakeLink(NatsLink):
                 f"({self.session}) failed: {rc}"
             )
             self._credits.release()  # the end frame telling the receiver needs one
-            raise StreamFailed(reason)
+            raise StreamFailed(reason, self.instance)
         self.bytes_staged += len(frame.payload)
         await self._publish(
             encode_frame(frame, at=slot), f"{self._inbox}.{slot}", len(frame.payload)

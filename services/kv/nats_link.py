@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 
 import msgpack
-from nats.aio.client import Client
+from nats.aio.client import NO_RESPONDERS_STATUS, Client
 from nats.aio.msg import Msg
 
 from proto.frames import Frame, encode_frame
@@ -20,7 +20,12 @@ from services.kv.hooks import NO_HOOKS, StreamHooks
 
 
 class StreamFailed(RuntimeError):
-    """The receiver rejected a frame, or stopped acknowledging."""
+    """The receiver rejected a frame, or stopped acknowledging; `receiver` names it, so a
+    retry can avoid it."""
+
+    def __init__(self, message: str, receiver: str = ""):
+        super().__init__(message)
+        self.receiver = receiver
 
 
 def ack_payload(ok: bool, reason: str = "", extra: dict | None = None) -> bytes:
@@ -42,6 +47,7 @@ class NatsLink:
         self.nc = nc
         self.subject = subject
         self.receiver = receiver
+        self.instance = receiver  # the receiver's instance id (kv_link: without its rank)
         self.window = window
         self.ack_timeout_s = ack_timeout_s
         self.hooks = hooks
@@ -76,6 +82,8 @@ class NatsLink:
             ok, reason = bool(reply["ok"]), str(reply.get("reason", ""))
         except Exception:  # noqa: BLE001 - a broken ack is a failed stream
             reply, ok, reason = {}, False, "unreadable acknowledgement"
+            if msg.headers and msg.headers.get("Status") == NO_RESPONDERS_STATUS:
+                reason = f"nothing subscribes to {self.subject} (the receiver stopped)"
         self.acked(msg.subject, reply, ok)
         if not ok and self._error is None:
             self._error = f"{self.receiver} rejected a frame: {reason}"
@@ -89,7 +97,7 @@ class NatsLink:
 
     def _check(self) -> None:
         if self._error is not None:
-            raise StreamFailed(self._error)
+            raise StreamFailed(self._error, self.instance)
 
     async def send(self, frame: Frame) -> None:
         await self._credit()
@@ -101,7 +109,8 @@ class NatsLink:
             await asyncio.wait_for(self._credits.acquire(), self.ack_timeout_s)
         except TimeoutError:
             raise StreamFailed(
-                f"{self.receiver} acknowledged nothing for {self.ack_timeout_s:.0f}s"
+                f"{self.receiver} acknowledged nothing for {self.ack_timeout_s:.0f}s",
+                self.instance,
             ) from None
         self._check()
 
@@ -121,6 +130,6 @@ class NatsLink:
             await asyncio.wait_for(self._drained.wait(), self.ack_timeout_s)
         except TimeoutError:
             raise StreamFailed(
-                f"{self.receiver} left {self._unacked} frames unacknowledged"
+                f"{self.receiver} left {self._unacked} frames unacknowledged", self.instance
             ) from None
         self._check()

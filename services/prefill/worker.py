@@ -18,6 +18,7 @@ from services.common.service import Service
 from services.common.settings import WorkerSettings
 from services.common.telemetry import extract, tracer
 from services.engine.sequence import Sequence
+from services.kv.nats_link import StreamFailed
 
 log = logging.getLogger(__name__)
 _tracer = tracer("hetserve.prefill")
@@ -81,7 +82,7 @@ class PrefillService(Service):
                 ErrorEvent(
                     request_id=request.request_id,
                     message=f"prefill failed: {exc}",
-                    instance_id=self.instance_id,
+                    instance_id=culprit(exc, self.instance_id),
                 ),
             )
 
@@ -104,3 +105,14 @@ class PrefillService(Service):
 
     async def stop(self) -> None:
         await self.backend.stop()
+
+
+def culprit(exc: BaseException, own_id: str) -> str:
+    """Whom a retry should avoid: the receiver a KV stream failed at (a converter or decode
+    that died or refused), else this instance."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, StreamFailed) and seen.receiver:
+            return seen.receiver
+        seen = seen.__cause__ or seen.__context__
+    return own_id

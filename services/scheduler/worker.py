@@ -156,7 +156,9 @@ class SchedulerService(Service):
         live = [self.recent.applied(i) for i in self.registry.live()]
         prefills = [i for i in live if i.role == "prefill"]
         decodes = [i for i in live if i.role == "decode"]
-        converters = any(i.role == "converter" for i in live)
+        converters = any(
+            i.role == "converter" and i.instance_id not in request.excluded_instances for i in live
+        )
         self.prefixes.forget({i.instance_id for i in live})
         self.recent.forget({i.instance_id for i in live})
         found = options(
@@ -256,7 +258,14 @@ class SchedulerService(Service):
         assert prefill is not None and decode.kv is not None
         converter = None
         if option.via_converter:
-            converters = sorted(self.registry.live("converter"), key=lambda c: c.running)
+            converters = sorted(
+                (
+                    c
+                    for c in self.registry.live("converter")
+                    if c.instance_id not in request.excluded_instances
+                ),
+                key=lambda c: c.running,
+            )
             if not converters:
                 return None
             converter = converters[0].instance_id
