@@ -122,7 +122,7 @@ class RunningSystem:
         return self.log_path.read_text(errors="replace")
 
     async def stats(self, instance_id: str) -> InstanceInfo:
-        nc = await nats.connect(self.nats_url)
+        nc = await nats.connect(self.nats_url.split(","))
         try:
             msg = await nc.request(self.subjects.stats(instance_id), b"", timeout=5)
             return InstanceInfo.unpack(msg.data)

@@ -25,6 +25,7 @@ from proto.messages import (
 from services.common.bus import Bus
 from services.common.nats_server import NatsServer
 from services.common.registry import Registry
+from services.common.service import Service
 from services.common.settings import CommonSettings, GatewaySettings
 from services.gateway.dispatch import NatsBackend
 from services.kv.nats_link import StreamFailed
@@ -113,3 +114,26 @@ async def test_a_route_instance_restarted_within_the_ttl_is_retried(
         await beating
     await registry.stop()
     await bus.close()
+
+
+class _FailingLoop(Service):
+    role = "converter"
+
+    async def start(self) -> None:
+        self.spawn(self._fail_after(0.1), "per-request work")
+        self.spawn(self._fail_after(0.6), "step loop", essential=True)
+
+    async def _fail_after(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        raise RuntimeError("engine step failed")
+
+
+async def test_a_failed_essential_loop_stops_the_service(nats_server: NatsServer) -> None:
+    """Else the instance would heartbeat for ever and serve nothing: it exits 1 instead, for
+    `hetserve up` (or Kubernetes) to restart it. Other failed work only gets logged."""
+    settings = CommonSettings(nats_url=nats_server.url, prefix=_prefix(), instance_id="loop-0")
+    service = _FailingLoop(settings)
+    began = time.monotonic()
+    await asyncio.wait_for(service.run(), 30)
+    assert service.exit_code == 1
+    assert time.monotonic() - began >= 0.6  # the per-request failure did not stop it

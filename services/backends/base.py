@@ -12,7 +12,15 @@ from services.common.bus import Bus
 from services.engine.kv_cache import PagedKVCache
 from services.engine.sequence import Sequence
 
-Spawn = Callable[[Coroutine[Any, Any, Any], str], Any]  # the service's Service.spawn
+
+class Spawn(Protocol):
+    """The service's Service.spawn: `essential` work ending in an error stops the service."""
+
+    def __call__(
+        self, coro: Coroutine[Any, Any, Any], name: str = "", essential: bool = False
+    ) -> Any: ...
+
+
 Announce = Callable[[Sequence], Awaitable[None]]
 
 

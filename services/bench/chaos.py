@@ -187,12 +187,15 @@ async def run_chaos(
     base_url: str,
     watch: Watch,
     config: ChaosConfig,
-    kill: Callable[[int], None] = lambda pid: os.kill(pid, signal.SIGKILL),
+    victims: dict[str, Callable[[], tuple[str, int]]] | None = None,
 ) -> ChaosReport:
+    """`victims`: roles that are not instances (e.g. "nats": a NATS server), each with what
+    names the process to kill now and its pid."""
     began = time.perf_counter()
     stop = asyncio.Event()
     results: list[tuple[int, RequestResult]] = []
     kills: list[Kill] = []
+    returns: list[asyncio.Task] = []  # each waits for a killed instance to come back
     url = f"{base_url}/completions"
     counter = iter(range(1 << 62))
 
@@ -216,15 +219,20 @@ async def run_chaos(
         for n, role in enumerate(config.roles):
             if n:
                 await asyncio.sleep(config.kill_interval_s)
-            victim = _victim(role, await watch.fresh(role))
-            if victim is None:
-                log.warning("no live %s to kill", role)
-                continue
-            kill(victim.pid)
+            if victims and role in victims:
+                name, pid = victims[role]()
+            else:
+                victim = _victim(role, await watch.fresh(role))
+                if victim is None:
+                    log.warning("no live %s to kill", role)
+                    continue
+                name, pid = victim.instance_id, victim.pid
+            os.kill(pid, signal.SIGKILL)
             at = time.perf_counter()
-            kills.append(Kill(role, victim.instance_id, victim.pid, at - began))
-            log.info("killed %s %s (pid %d)", role, victim.instance_id, victim.pid)
-            asyncio.create_task(_watch_return(watch, kills[-1], victim.pid, at))
+            kills.append(Kill(role, name, pid, at - began))
+            log.info("killed %s %s (pid %d)", role, name, pid)
+            if not (victims and role in victims):
+                returns.append(asyncio.create_task(_watch_return(watch, kills[-1], pid, at)))
         await asyncio.sleep(config.tail_s)
         stop.set()
 
@@ -236,6 +244,8 @@ async def run_chaos(
         await asyncio.gather(*clients)
     load_ended = time.perf_counter()
     stranded, blocks_back = await _drain(watch, config.drain_timeout_s, load_ended)
+    for task in returns:
+        task.cancel()
 
     for k in kills:
         at = began + k.at_s

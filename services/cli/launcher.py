@@ -123,6 +123,19 @@ def worker_env(topology: Topology, spec: WorkerSpec, aggregated: bool = False) -
     return env
 
 
+def keep_serving(server: NatsServer) -> None:
+    """Start the embedded server again if it died: same port, users and JetStream store, so
+    the services reconnect (they retry for ever) and find their streams and registry."""
+    rc = server.process.poll() if server.process else None
+    if rc is None:
+        return
+    log.warning("embedded NATS exited with code %s; starting it again at %s", rc, server.url)
+    try:
+        server.start()
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        log.error("embedded NATS did not start again (next try in a moment): %s", exc)
+
+
 def start(inst: Instance) -> None:
     env = {**os.environ, **inst.env}
     inst.process = subprocess.Popen(
@@ -200,6 +213,8 @@ def run_up(
         while not stop["now"]:
             time.sleep(0.2)
             report.tick()
+            if server is not None:
+                keep_serving(server)
             for inst in instances:
                 if inst.name in reported:
                     continue

@@ -100,4 +100,4 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ConnectionError, FileNotFoundError, ValueError) as exc:
         logging.getLogger("hetserve").error("%s failed to start: %s", args.role, exc)
         return EXIT_STARTUP_FAILED
-    return 0
+    return service.exit_code

@@ -72,7 +72,7 @@ class Bus:
         for _ in range(attempts):
             try:
                 nc = await nats.connect(
-                    settings.nats_url,
+                    settings.nats_servers,
                     name=name,
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=1,

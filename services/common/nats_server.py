@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 MAX_PAYLOAD = 8 * 1024 * 1024
@@ -51,6 +52,24 @@ def free_port_range(count: int) -> int:
     raise RuntimeError(f"no {count} consecutive free ports")
 
 
+@dataclass
+class ClusterMember:
+    """One server of a NATS cluster: its name, its route port, the others' route ports."""
+
+    name: str
+    route_port: int
+    peers: list[int]
+    cluster_name: str = "hetserve"
+
+    def config(self) -> str:
+        routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.peers)
+        return (
+            f"server_name: {self.name}\n"
+            f"cluster {{ name: {self.cluster_name}, listen: 127.0.0.1:{self.route_port}, "
+            f"routes: [{routes}] }}\n"
+        )
+
+
 class NatsServer:
     """A JetStream-enabled server on loopback with its own store; stop() removes both."""
 
@@ -59,10 +78,13 @@ class NatsServer:
         port: int | None = None,
         store_dir: str | None = None,
         authorization: dict | None = None,
+        cluster: ClusterMember | None = None,
     ):
-        """`authorization`: nats-server's block of users and permissions (none: anonymous)."""
+        """`authorization`: nats-server's block of users and permissions (none: anonymous).
+        `cluster`: this server's place in a cluster (none: a server alone)."""
         self.port = port or free_port()
         self.authorization = authorization
+        self.cluster = cluster
         self._tmp = None if store_dir else tempfile.TemporaryDirectory(prefix="hetserve-nats-")
         self.store_dir = store_dir or self._tmp.name
         self.process: subprocess.Popen | None = None
@@ -80,6 +102,8 @@ class NatsServer:
         )
         if self.authorization is not None:  # the config format takes JSON values
             config += f"authorization: {json.dumps(self.authorization)}\n"
+        if self.cluster is not None:
+            config += self.cluster.config()
         return config
 
     def start(self, timeout_s: float = 10.0) -> NatsServer:
@@ -101,8 +125,14 @@ class NatsServer:
                 return self
             except OSError:
                 time.sleep(0.05)
-        self.stop()
+        self.kill()  # the store stays: stop() removes it
         raise TimeoutError(f"nats-server did not listen on {self.port} within {timeout_s}s")
+
+    def kill(self) -> None:
+        """SIGKILL, keeping the store: start() brings the same server back."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -115,3 +145,57 @@ class NatsServer:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+class NatsCluster:
+    """`size` JetStream servers on loopback routed to each other, as deploy/k8s runs them."""
+
+    def __init__(self, size: int = 3):
+        route_ports = [free_port() for _ in range(size)]
+        self.servers = [
+            NatsServer(
+                cluster=ClusterMember(
+                    f"n{i}", route_ports[i], [p for p in route_ports if p != route_ports[i]]
+                )
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def url(self) -> str:
+        """Every server's URL, comma-separated (what HETSERVE_NATS_URL takes)."""
+        return ",".join(server.url for server in self.servers)
+
+    def start(self, timeout_s: float = 30.0) -> NatsCluster:
+        for server in self.servers:
+            server.start(timeout_s)
+        wait_jetstream(self.servers[0].url, timeout_s)
+        return self
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+def wait_jetstream(url: str, timeout_s: float) -> None:
+    """Until JetStream answers on `url` (a cluster's first needs its meta leader elected)."""
+    import asyncio
+
+    import nats
+
+    async def ready() -> None:
+        nc = await nats.connect(url)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    await nc.jetstream().account_info()
+                    return
+                except Exception:  # noqa: BLE001 - not ready yet: no leader, no quorum
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+        finally:
+            await nc.close()
+
+    asyncio.run(ready())

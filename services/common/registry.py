@@ -7,6 +7,7 @@ heartbeating and drops out, a stopping one deletes its key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -19,29 +20,61 @@ log = logging.getLogger(__name__)
 
 
 class Registry:
-    def __init__(self, bus: Bus, ttl_s: float):
+    def __init__(self, bus: Bus, ttl_s: float, stale_s: float | None = None):
+        """`stale_s`: with no update for this long (every instance heartbeats each second),
+        the watch is presumed lost (its NATS server died, its consumer with it) and made
+        anew; default: half the TTL, so entries come back before they expire."""
         self.bus = bus
         self.ttl_s = ttl_s
+        self.stale_s = stale_s if stale_s is not None else 0.5 * ttl_s
         self.entries: dict[str, InstanceInfo] = {}
+        self.rewatched = 0  # how often the watch was made anew
         self._kv: KeyValue | None = None
         self._watch_task: asyncio.Task | None = None
+        self._guard_task: asyncio.Task | None = None
+        self._last_update = time.monotonic()
 
     async def start(self) -> None:
         self._kv = await self.bus.registry_bucket()
+        await self._start_watch()
+        self._guard_task = asyncio.create_task(self._guard())
+
+    async def _start_watch(self) -> None:
+        assert self._kv is not None
         watcher = await self._kv.watchall()
+        self._last_update = time.monotonic()
         self._watch_task = asyncio.create_task(self._watch(watcher))
 
-    async def _watch(self, watcher) -> None:  # noqa: ANN001
-        async for entry in watcher:
-            if entry is None:  # end of the initial values
+    async def _guard(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.stale_s / 2))
+            if time.monotonic() - self._last_update < self.stale_s:
                 continue
-            if entry.operation in ("DEL", "PURGE") or not entry.value:
-                self.entries.pop(entry.key, None)
-                continue
+            log.warning("no registry update for %.1fs: watching the registry anew", self.stale_s)
+            if self._watch_task is not None:
+                self._watch_task.cancel()
             try:
-                self.entries[entry.key] = InstanceInfo.unpack(entry.value)
-            except MessageError as exc:
-                log.warning("ignoring registry entry %s: %s", entry.key, exc)
+                await self._start_watch()
+                self.rewatched += 1
+            except Exception as exc:  # noqa: BLE001 - the server may be electing a leader
+                log.warning("watching the registry anew failed (trying again): %s", exc)
+
+    async def _watch(self, watcher) -> None:  # noqa: ANN001
+        try:
+            async for entry in watcher:
+                self._last_update = time.monotonic()
+                if entry is None:  # end of the initial values
+                    continue
+                if entry.operation in ("DEL", "PURGE") or not entry.value:
+                    self.entries.pop(entry.key, None)
+                    continue
+                try:
+                    self.entries[entry.key] = InstanceInfo.unpack(entry.value)
+                except MessageError as exc:
+                    log.warning("ignoring registry entry %s: %s", entry.key, exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
 
     def is_live(self, info: InstanceInfo, now: float | None = None) -> bool:
         return (now or time.time()) - info.heartbeat_at < self.ttl_s
@@ -71,5 +104,6 @@ class Registry:
                 log.debug("withdraw %s: %s", instance_id, exc)
 
     async def stop(self) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
+        for task in (self._guard_task, self._watch_task):
+            if task is not None:
+                task.cancel()

@@ -46,6 +46,7 @@ class Service(ABC):
         self.registry: Registry
         self._tasks: set[asyncio.Task] = set()
         self.stopping = asyncio.Event()
+        self.exit_code = 0  # 1: essential work failed
         self._errors = RecentErrors()
 
     @abstractmethod
@@ -72,17 +73,27 @@ class Service(ABC):
     async def stop(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release what the service holds; subscriptions are drained after this."""
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str = "") -> asyncio.Task:
-        """Background work that is never silently lost: kept until done, errors logged."""
+    def spawn(
+        self, coro: Coroutine[Any, Any, Any], name: str = "", essential: bool = False
+    ) -> asyncio.Task:
+        """Background work that is never silently lost: kept until done, errors logged.
+        `essential` work (an engine's step loop, the request puller) that fails stops the
+        service with exit status 1, for its supervisor to restart, rather than leave an
+        instance that heartbeats but serves nothing."""
         task = asyncio.create_task(coro, name=name or None)
         self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        task.add_done_callback(lambda done: self._task_done(done, essential))
         return task
 
-    def _task_done(self, task: asyncio.Task) -> None:
+    def _task_done(self, task: asyncio.Task, essential: bool) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("task %s failed", task.get_name(), exc_info=task.exception())
+        if essential and not self.stopping.is_set():
+            log.error("%s cannot serve without %s: stopping", self.instance_id, task.get_name())
+            self.exit_code = 1
+            self.stopping.set()
 
     async def subscribe(
         self, subject: str, handler: Callable[[Msg], Awaitable[None]], queue: str = ""
@@ -136,6 +147,8 @@ class Service(ABC):
         log.info("%s ready", self.instance_id)
         await self.stopping.wait()
         log.info("%s stopping", self.instance_id)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
         if heartbeat is not None:
             heartbeat.cancel()
             await self.registry.withdraw(self.instance_id)

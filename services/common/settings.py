@@ -94,13 +94,19 @@ class CommonSettings(KVTransportSettings):
         return Subjects(self.prefix)
 
     @property
+    def nats_servers(self) -> list[str]:
+        """The servers of `nats_url`: one URL, or a cluster's, comma-separated (the client
+        connects to one and moves to another when it goes)."""
+        return [url.strip() for url in self.nats_url.split(",") if url.strip()]
+
+    @property
     def nats_url_public(self) -> str:
-        """The server's URL without credentials: the one to log or print."""
-        return redact_url(self.nats_url)
+        """The servers' URLs without credentials: the one to log or print."""
+        return ",".join(redact_url(url) for url in self.nats_servers)
 
     @property
     def nats_username(self) -> str:
-        return self.nats_user or (urlsplit(self.nats_url).username or "")
+        return self.nats_user or (urlsplit(self.nats_servers[0]).username or "")
 
 
 def redact_url(url: str) -> str:

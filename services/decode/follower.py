@@ -37,7 +37,7 @@ class DecodeFollower(Service):
             f"{self.instance_id} rank {rank}", self._on_frame, self._on_rejected
         )
         await self.subscribe(self.bus.subjects.kv_frames(self.instance_id, rank), endpoint)
-        self.spawn(self._follow(), "tp-follower")
+        self.spawn(self._follow(), "tp-follower", essential=True)
 
     async def _follow(self) -> None:
         try:

@@ -80,7 +80,7 @@ class DecodeService(Service):
             )
             await self.subscribe(s.kv_frames(self.instance_id, rank), endpoint)
         await self.subscribe(s.aborts, self._on_abort)
-        self.spawn(self._expire_reservations(), "reservation-expiry")
+        self.spawn(self._expire_reservations(), "reservation-expiry", essential=True)
 
     def status(self) -> InstanceInfo:
         info = super().status()

@@ -9,6 +9,9 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+import nats.errors
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
+
 from proto.messages import (
     ROLES,
     AbortRequest,
@@ -31,6 +34,7 @@ _tracer = tracer("hetserve.gateway")
 
 _LIVENESS_CHECK_S = 0.5
 _MAX_RETRIES = 10
+_SUBMIT_RETRY_S = 10.0  # a JetStream cluster elects a stream's new leader in a few seconds
 
 
 class _Retry(Exception):
@@ -131,7 +135,7 @@ class NatsBackend:
         sub = await self.bus.nc.subscribe(self.bus.subjects.request_events(rid), cb=on_event)
         finished = False
         try:
-            await self.bus.js.publish(self.bus.subjects.requests, request.pack(), headers=inject())
+            await self._submit(request)
             route: RouteEvent | None = None
             routed_to: dict[str, float] = {}  # the route's instances: when each one started
             pending: dict[int, TokenEvent] = {}
@@ -159,7 +163,7 @@ class NatsBackend:
                         avoid = event.instance_id if event.exclude_instance else ""
                         raise _Retry(event.message, [avoid] if avoid else [])
                     raise GenerationError(event.message)
-                else:
+                elif event.index >= next_index:  # below: a repeat of delivered tokens
                     pending[event.index] = event
                     while next_index in pending:
                         ready = pending.pop(next_index)
@@ -177,6 +181,32 @@ class NatsBackend:
                 await self.bus.publish(
                     self.bus.subjects.aborts, AbortRequest(request_id=rid, reason="gateway gave up")
                 )
+
+    async def _submit(self, request: GenerateRequest) -> None:
+        """Into the request queue. While JetStream cannot take it (the stream's leader died
+        with its NATS server and a new one is being elected) try again, for a while; the
+        message id makes a repeat that did land the first time count once."""
+        headers = inject({"Nats-Msg-Id": request.request_id})
+        deadline = time.monotonic() + _SUBMIT_RETRY_S
+        pause = 0.1
+        while True:
+            try:
+                await self.bus.js.publish(
+                    self.bus.subjects.requests, request.pack(), headers=headers
+                )
+                return
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError, NoStreamResponseError,
+                    ServiceUnavailableError) as exc:  # fmt: skip
+                if time.monotonic() + pause > deadline:
+                    metrics.error("gateway", "queue_unavailable")
+                    raise GenerationError(
+                        f"the request queue (NATS JetStream) did not take the request for "
+                        f"{_SUBMIT_RETRY_S:.0f}s ({type(exc).__name__}); retry later",
+                        503,
+                        "queue_unavailable",
+                    ) from None
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, 1.0)
 
     def _check_gap(self, rid: str, next_index: int, gap_since: float | None) -> None:
         if (

@@ -16,7 +16,7 @@ class PrefillFollower(Service):
     settings: WorkerSettings
 
     async def start(self) -> None:
-        self.spawn(self._follow(), "tp-follower")
+        self.spawn(self._follow(), "tp-follower", essential=True)
 
     async def _follow(self) -> None:
         try:

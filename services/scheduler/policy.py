@@ -31,6 +31,10 @@ class RoutingError(RuntimeError):
     """No instance can take the request; the message says why."""
 
 
+class NoLiveInstance(RoutingError):
+    """No live instance of a role the request needs, as far as the registry knows now."""
+
+
 class Busy(RuntimeError):
     """Every decode instance that could take the request is out of free blocks for now."""
 

@@ -33,7 +33,14 @@ from services.common.settings import SchedulerSettings
 from services.common.telemetry import extract, inject, tracer
 from services.scheduler.costs import Defaults, PrefixIndex
 from services.scheduler.placements import RecentPlacements
-from services.scheduler.policy import Busy, Option, RoutingError, options, unroutable_reason
+from services.scheduler.policy import (
+    Busy,
+    NoLiveInstance,
+    Option,
+    RoutingError,
+    options,
+    unroutable_reason,
+)
 
 log = logging.getLogger(__name__)
 _tracer = tracer("hetserve.scheduler")
@@ -67,7 +74,7 @@ class SchedulerService(Service):
                 ack_policy=AckPolicy.EXPLICIT, ack_wait=self.settings.request_ack_wait_s
             ),
         )
-        self.spawn(self._pull_loop(), "scheduler-pull")
+        self.spawn(self._pull_loop(), "scheduler-pull", essential=True)
 
     async def _pull_loop(self) -> None:
         while True:
@@ -77,6 +84,15 @@ class SchedulerService(Service):
             except (nats.errors.TimeoutError, TimeoutError):
                 self.in_flight.release()
                 metrics.QUEUE_DEPTH.labels("requests").set(0)
+                continue
+            except nats.errors.Error as exc:
+                # The server went away or JetStream is electing a leader (a cluster that lost
+                # a node): keep pulling once it is back; giving up would leave a scheduler
+                # that heartbeats but never places a request.
+                self.in_flight.release()
+                log.warning("pulling requests failed (%s); trying again", type(exc).__name__)
+                metrics.error("scheduler", "pull_failed")
+                await asyncio.sleep(0.5)
                 continue
             metrics.QUEUE_DEPTH.labels("requests").set(msgs[0].metadata.num_pending)
             self.spawn(self._handle(msgs[0]), "route")
@@ -136,12 +152,18 @@ class SchedulerService(Service):
 
     async def _route_when_room(self, request: GenerateRequest, msg: Msg) -> RouteEvent:
         """Route now, or, while every decode instance is only full, wait for blocks to free
-        (the request stays queued, its JetStream message kept alive) up to queue_timeout_s."""
-        deadline = time.monotonic() + self.settings.queue_timeout_s
+        (the request stays queued, its JetStream message kept alive) up to queue_timeout_s.
+        With no live instance of a role it needs, wait one registry TTL for one to appear
+        (a restart, a NATS server gone and the registry watched anew) before failing."""
+        began = time.monotonic()
+        deadline = began + self.settings.queue_timeout_s
         pause = 0.02
         while True:
             try:
                 return await self._route(request)
+            except NoLiveInstance:
+                if time.monotonic() + pause > began + self.settings.instance_ttl_s:
+                    raise
             except Busy as busy:
                 if time.monotonic() + pause > deadline:
                     raise RoutingError(
@@ -166,7 +188,7 @@ class SchedulerService(Service):
             self.defaults,
         )  # fmt: skip
         if not found:
-            raise RoutingError(unroutable_reason(request, prefills, decodes, converters))
+            raise NoLiveInstance(unroutable_reason(request, prefills, decodes, converters))
         by_decode: dict[str, list[Option]] = {}
         for option in found:  # each decode instance in the order of its best option
             by_decode.setdefault(option.decode.instance_id, []).append(option)

@@ -57,7 +57,7 @@ class NativeDecode:
         self.scheduler = Scheduler(
             engine.blocks, self.settings.max_batch_size, self.settings.max_batched_tokens
         )
-        spawn(self._steps(), "decode-steps")
+        spawn(self._steps(), "decode-steps", essential=True)
 
     @property
     def kv(self) -> KVDescriptor:

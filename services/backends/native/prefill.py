@@ -62,7 +62,7 @@ class NativePrefill:
             self.settings.max_batched_tokens,
             decodes=False,
         )
-        spawn(self._steps(), "prefill-steps")
+        spawn(self._steps(), "prefill-steps", essential=True)
 
     @property
     def kv(self) -> KVDescriptor:

@@ -62,7 +62,7 @@ class VllmPrefill:
             "%s: vLLM prefill, KV %s block %d tp %d (%s)",
             settings.instance_id, self.kv.layout, self.kv.block_size, self.kv.tp_size, self.kv.id,
         )  # fmt: skip
-        spawn(self._engine_loop(), "vllm-steps")
+        spawn(self._engine_loop(), "vllm-steps", essential=True)
 
     async def _in_engine_thread(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         loop = asyncio.get_running_loop()
