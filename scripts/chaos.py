@@ -30,14 +30,19 @@ from services.bench.chaos import (
 )
 from services.bench.oracle import hf_greedy
 from services.bench.system import running
+from services.common.nats_server import NatsCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-async def chaos(system, config: ChaosConfig) -> ChaosReport:  # noqa: ANN001
+async def chaos(system, config: ChaosConfig, cluster: NatsCluster | None) -> ChaosReport:  # noqa: ANN001
     watch = await Watch.connect(system.admin_url, system.prefix)
+    victims = {}
+    if cluster is not None:
+        first = cluster.servers[0]
+        victims["nats"] = lambda: (f"nats-server {first.url}", first.process.pid)
     try:
-        return await run_chaos(system.base_url, watch, config)
+        return await run_chaos(system.base_url, watch, config, victims)
     finally:
         await watch.close()
 
@@ -63,6 +68,13 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=10.0, help="seconds between kills")
     parser.add_argument("--tail", type=float, default=25.0, help="seconds after the last kill")
     parser.add_argument("--restart", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--nats-cluster",
+        type=int,
+        default=0,
+        help="run on a NATS cluster of this many servers (JetStream replicas 3) instead of the "
+        "embedded server; role 'nats' in --roles then kills its first server",
+    )
     parser.add_argument("--min-completed", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, help="write the JSON report here")
@@ -90,9 +102,17 @@ def main() -> int:
     up_args = [] if args.restart else ["--no-restart"]
     # Admission must not shed the load itself: room for every client.
     env = {"HETSERVE_MAX_INFLIGHT_REQUESTS": str(max(256, 2 * args.concurrency))}
-    with running(topology, env=env, up_args=up_args) as system:
-        report = asyncio.run(chaos(system, config))
-        print(f"system log: {system.log_path}")
+    cluster = NatsCluster(args.nats_cluster).start() if args.nats_cluster else None
+    if cluster is not None:
+        env["HETSERVE_JETSTREAM_REPLICAS"] = str(min(3, args.nats_cluster))
+    try:
+        url = cluster.url if cluster else None
+        with running(topology, env=env, up_args=up_args, nats_url=url) as system:
+            report = asyncio.run(chaos(system, config, cluster))
+            print(f"system log: {system.log_path}")
+    finally:
+        if cluster is not None:
+            cluster.stop()
     for line in report.lines():
         print(line)
     if args.output:

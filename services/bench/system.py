@@ -31,13 +31,18 @@ class System:
     log_path: Path
     prefix: str = "hetserve"
     state_dir: Path | None = None  # the embedded NATS server's per-role URLs
+    nats_url: str | None = None  # the external server(s) it runs on, if not embedded
 
     @property
     def admin_url(self) -> str:
-        """The NATS URL with the admin role's credentials."""
-        if self.state_dir is None:
-            raise RuntimeError("no state dir: the system runs on an external NATS server")
-        return read_url(self.state_dir)
+        """The NATS URL with the admin role's credentials (an external server's own URL)."""
+        if self.nats_url is not None:
+            return self.nats_url
+        assert self.state_dir is not None
+        url = read_url(self.state_dir)
+        if url is None:
+            raise RuntimeError(f"no admin URL in {self.state_dir}")
+        return url
 
     @property
     def base_url(self) -> str:
@@ -92,9 +97,11 @@ def running(
     timeout_s: float = 600.0,
     settle_s: float = 3.0,
     up_args: list[str] | None = None,
+    nats_url: str | None = None,
 ) -> Iterator[System]:
     """`hetserve up` with an embedded NATS server until the block ends. `env` reaches every
-    process (HETSERVE_* settings); `up_args`: more `hetserve up` options. Processes get
+    process (HETSERVE_* settings); `up_args`: more `hetserve up` options; `nats_url`: run on
+    these servers instead (a cluster's URLs, comma-separated). Processes get
     metrics ports counted up from the first of a free range."""
     workdir = Path(tempfile.mkdtemp(prefix="hetserve-bench-"))
     state_dir = workdir / "state"
@@ -114,7 +121,8 @@ def running(
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "--log-level", "WARNING", "up",
-             "--topology", str(path), "--state-dir", str(state_dir), *(up_args or [])],
+             "--topology", str(path), "--state-dir", str(state_dir), *(up_args or []),
+             *(["--nats-url", nats_url] if nats_url else [])],
             env={**os.environ, "HETSERVE_METRICS_PORT": str(metrics), **(env or {})},
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -122,7 +130,7 @@ def running(
         wait_healthy(port, timeout_s, process, log_path)
         time.sleep(settle_s)  # every instance heartbeats at least once more
         metrics_ports = range(metrics, metrics + count)
-        yield System(port, metrics_ports, process, log_path, state_dir=state_dir)
+        yield System(port, metrics_ports, process, log_path, state_dir=state_dir, nats_url=nats_url)
     finally:
         process.send_signal(signal.SIGINT)
         try:
