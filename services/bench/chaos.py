@@ -7,6 +7,8 @@ ended, from the start until `tail_s` after the last kill. A request is
 - completed: it streamed every token and they equal transformers';
 - wrong: it completed with other tokens (a retry that resumed wrongly);
 - failed: the system answered with an error (its message is kept);
+- shed: refused at the door with 429/503 and Retry-After (the client waits a second before
+  its next one, as a client honouring Retry-After would; not counted as admitted);
 - hung: no answer within `request_timeout_s`, which is longer than the system's own timeouts.
 """
 
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 KILL_ORDER = ("decode", "prefill", "converter", "scheduler")
 STALLED_S = 1.0  # a stream that waited longer for its next token was hit by the kill
+SHED_PAUSE_S = 1.0  # a client's wait after a refusal with Retry-After
 
 
 @dataclass
@@ -73,6 +76,7 @@ class Kill:
 @dataclass
 class ChaosReport:
     requests: int
+    shed: int
     completed: int
     wrong: int
     failed: int
@@ -86,16 +90,26 @@ class ChaosReport:
     concurrency: int
 
     @property
+    def admitted(self) -> int:
+        return self.requests - self.shed
+
+    @property
     def completed_share(self) -> float:
-        return self.completed / self.requests if self.requests else 0.0
+        """Of the requests admitted (not shed at the door)."""
+        return self.completed / self.admitted if self.admitted else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "completed_share": self.completed_share}
+        return {
+            **asdict(self),
+            "admitted": self.admitted,
+            "completed_share": self.completed_share,
+        }
 
     def lines(self) -> list[str]:
         out = [
             f"{self.requests} requests at concurrency {self.concurrency} in "
-            f"{self.duration_s:.0f}s: {self.completed} completed ({self.completed_share:.1%}), "
+            f"{self.duration_s:.0f}s, {self.shed} shed with Retry-After; of the {self.admitted} "
+            f"admitted {self.completed} completed ({self.completed_share:.1%}), "
             f"{self.wrong} wrong tokens, {self.failed} failed with an error, {self.hung} hung",
         ]
         for k in self.kills:
@@ -213,6 +227,8 @@ async def run_chaos(
             }
             result = await send_request(session, url, body, timeout_s=config.request_timeout_s)
             results.append((index, result))
+            if result.shed:
+                await asyncio.sleep(SHED_PAUSE_S)
 
     async def killer() -> None:
         await asyncio.sleep(config.warmup_s)
@@ -255,10 +271,12 @@ async def run_chaos(
         k.stalled = sum(1 for s in stalls if s > STALLED_S)
         k.longest_stall_s = max(stalls, default=None)
 
-    completed = wrong = failed = hung = 0
+    completed = wrong = failed = hung = shed = 0
     errors: Counter[str] = Counter()
     for index, r in results:
-        if r.ok and r.output_ids == config.expected[index]:
+        if r.shed:
+            shed += 1
+        elif r.ok and r.output_ids == config.expected[index]:
             completed += 1
         elif r.ok:
             wrong += 1
@@ -270,6 +288,7 @@ async def run_chaos(
             errors[_short(r.error or "no answer")] += 1
     return ChaosReport(
         requests=len(results),
+        shed=shed,
         completed=completed,
         wrong=wrong,
         failed=failed,

@@ -33,6 +33,10 @@ class Registry:
         self._watch_task: asyncio.Task | None = None
         self._guard_task: asyncio.Task | None = None
         self._last_update = time.monotonic()
+        self._last_update_wall = time.time()
+        # since when the watch is lost and not yet made anew: entries are judged as of then
+        # (cut off from the bus, the registry does not know them dead), not expired by it
+        self._blind_since: float | None = None
 
     async def start(self) -> None:
         self._kv = await self.bus.registry_bucket()
@@ -46,23 +50,32 @@ class Registry:
         self._watch_task = asyncio.create_task(self._watch(watcher))
 
     async def _guard(self) -> None:
+        quiet = False  # nothing to watch (no instance heartbeats), not a lost watch
         while True:
             await asyncio.sleep(min(1.0, self.stale_s / 2))
             if time.monotonic() - self._last_update < self.stale_s:
+                quiet = False
                 continue
-            log.warning("no registry update for %.1fs: watching the registry anew", self.stale_s)
+            if self._blind_since is None:
+                self._blind_since = self._last_update_wall
+            (log.debug if quiet else log.warning)(
+                "no registry update for %.1fs: watching the registry anew", self.stale_s
+            )
             if self._watch_task is not None:
                 self._watch_task.cancel()
             try:
                 await self._start_watch()
-                self.rewatched += 1
             except Exception as exc:  # noqa: BLE001 - the server may be electing a leader
                 log.warning("watching the registry anew failed (trying again): %s", exc)
+                continue
+            self.rewatched += 1
+            self._blind_since = None  # the bus answers: what the watch shows now is so
+            quiet = True
 
     async def _watch(self, watcher) -> None:  # noqa: ANN001
         try:
             async for entry in watcher:
-                self._last_update = time.monotonic()
+                self._last_update, self._last_update_wall = time.monotonic(), time.time()
                 if entry is None:  # end of the initial values
                     continue
                 if entry.operation in ("DEL", "PURGE") or not entry.value:
@@ -77,7 +90,10 @@ class Registry:
                 await watcher.stop()
 
     def is_live(self, info: InstanceInfo, now: float | None = None) -> bool:
-        return (now or time.time()) - info.heartbeat_at < self.ttl_s
+        now = now or time.time()
+        if self._blind_since is not None:
+            now = min(now, self._blind_since + self.stale_s)
+        return now - info.heartbeat_at < self.ttl_s
 
     def live(self, role: Role | None = None) -> list[InstanceInfo]:
         now = time.time()
