@@ -14,6 +14,7 @@ import time
 from nats.js.kv import KeyValue
 
 from proto.messages import InstanceInfo, MessageError, Role
+from services.common import metrics
 from services.common.bus import Bus
 
 log = logging.getLogger(__name__)
@@ -78,13 +79,14 @@ class Registry:
                 self._last_update, self._last_update_wall = time.monotonic(), time.time()
                 if entry is None:  # end of the initial values
                     continue
-                if entry.operation in ("DEL", "PURGE") or not entry.value:
+                if entry.operation in ("DEL", "PURGE"):
                     self.entries.pop(entry.key, None)
                     continue
                 try:
                     self.entries[entry.key] = InstanceInfo.unpack(entry.value)
                 except MessageError as exc:
                     log.warning("ignoring registry entry %s: %s", entry.key, exc)
+                    metrics.error("registry", "malformed_entry")
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()

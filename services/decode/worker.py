@@ -110,6 +110,8 @@ class DecodeService(Service):
         try:
             req = ReserveRequest.unpack(msg.data)
         except MessageError as exc:
+            log.warning("rejected a reservation: %s", exc)
+            metrics.error("decode", "malformed_reserve")
             await msg.respond(ReserveReply(ok=False, reason=str(exc)).pack())
             return
         reply = await self._reserve(req, msg)
@@ -331,7 +333,9 @@ class DecodeService(Service):
     async def _on_abort(self, msg: Msg) -> None:
         try:
             abort = AbortRequest.unpack(msg.data)
-        except MessageError:
+        except MessageError as exc:
+            log.warning("ignored an abort: %s", exc)
+            metrics.error("decode", "malformed_abort")
             return
         rid = abort.request_id
         if rid in self.reservations:

@@ -131,6 +131,7 @@ class NatsBackend:
                 events.put_nowait(unpack_request_event(msg.data))
             except MessageError as exc:
                 log.warning("bad event for %s: %s", rid, exc)
+                metrics.error("gateway", "malformed_event")
 
         sub = await self.bus.nc.subscribe(self.bus.subjects.request_events(rid), cb=on_event)
         finished = False
