@@ -20,31 +20,17 @@ from pathlib import Path
 
 import yaml
 
-from services.bench.chaos import (
-    KILL_ORDER,
-    ChaosConfig,
-    ChaosReport,
-    Watch,
-    make_prompts,
-    run_chaos,
-)
-from services.bench.oracle import hf_greedy
+from services.bench.chaos import KILL_ORDER, ChaosConfig, ChaosReport, chaos_on
 from services.bench.system import running
 from services.common.nats_server import NatsCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-async def chaos(system, config: ChaosConfig, cluster: NatsCluster | None) -> ChaosReport:  # noqa: ANN001
-    watch = await Watch.connect(system.admin_url, system.prefix)
-    victims = {}
-    if cluster is not None:
-        first = cluster.servers[0]
-        victims["nats"] = lambda: (f"nats-server {first.url}", first.process.pid)
-    try:
-        return await run_chaos(system.base_url, watch, config, victims)
-    finally:
-        await watch.close()
+def server_victim(cluster: NatsCluster) -> dict:
+    """Role "nats": the cluster's first server."""
+    first = cluster.servers[0]
+    return {"nats": lambda: (f"nats-server {first.url}", first.process.pid)}
 
 
 def passed(report: ChaosReport, min_completed: float) -> bool:
@@ -83,21 +69,20 @@ def main() -> int:
     topology = yaml.safe_load(args.topology.read_text())
     model_dir = (args.model or Path(topology["model"])).resolve()
     topology["model"] = str(model_dir)
-    prompts = make_prompts(model_dir, args.prompts, args.seed)
     started = time.perf_counter()
-    expected = [hf_greedy(model_dir, p, args.max_tokens) for p in prompts]
-    print(
-        f"transformers' tokens for {len(prompts)} prompts in {time.perf_counter() - started:.1f}s"
-    )
-    config = ChaosConfig(
-        prompts=prompts,
-        expected=expected,
-        model=model_dir.name,
+    config = ChaosConfig.for_model(
+        model_dir,
+        args.prompts,
+        args.max_tokens,
+        args.seed,
         concurrency=args.concurrency,
         warmup_s=args.warmup,
         kill_interval_s=args.interval,
         tail_s=args.tail,
         roles=tuple(r for r in args.roles.split(",") if r),
+    )
+    print(
+        f"transformers' tokens for {args.prompts} prompts in {time.perf_counter() - started:.1f}s"
     )
     up_args = [] if args.restart else ["--no-restart"]
     # Admission must not shed the load itself: room for every client.
@@ -108,7 +93,10 @@ def main() -> int:
     try:
         url = cluster.url if cluster else None
         with running(topology, env=env, up_args=up_args, nats_url=url) as system:
-            report = asyncio.run(chaos(system, config, cluster))
+            victims = server_victim(cluster) if cluster else None
+            report = asyncio.run(
+                chaos_on(system.base_url, system.admin_url, system.prefix, config, victims)
+            )
             print(f"system log: {system.log_path}")
     finally:
         if cluster is not None:

@@ -12,16 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from services.bench.chaos import (
-    KILL_ORDER,
-    ChaosConfig,
-    ChaosReport,
-    Watch,
-    make_prompts,
-    run_chaos,
-)
-from services.bench.oracle import hf_greedy
-from tests.system import RunningSystem, run_system
+from services.bench.chaos import KILL_ORDER, ChaosConfig, chaos_on
+from tests.system import run_system
 
 pytestmark = pytest.mark.slow
 
@@ -39,20 +31,12 @@ TOPOLOGY = {
 }  # fmt: skip
 
 
-async def _chaos(system: RunningSystem, config: ChaosConfig) -> ChaosReport:
-    watch = await Watch.connect(system.nats_url, system.prefix)
-    try:
-        return await run_chaos(system.base_url, watch, config)
-    finally:
-        await watch.close()
-
-
 def test_one_of_each_role_killed_under_load(tiny_llama: Path, tmp_path: Path) -> None:
-    prompts = make_prompts(tiny_llama, 16, seed=1)
-    config = ChaosConfig(
-        prompts=prompts,
-        expected=[hf_greedy(tiny_llama, p, 32) for p in prompts],
-        model="tiny-llama",
+    config = ChaosConfig.for_model(
+        tiny_llama,
+        prompts=16,
+        max_tokens=32,
+        seed=1,
         concurrency=100,
         warmup_s=6.0,
         kill_interval_s=6.0,
@@ -62,7 +46,7 @@ def test_one_of_each_role_killed_under_load(tiny_llama: Path, tmp_path: Path) ->
     topology = {"model": str(tiny_llama), **TOPOLOGY}
     env = {"HETSERVE_MAX_INFLIGHT_REQUESTS": "256"}
     with run_system(topology, None, tmp_path, env=env) as system:
-        report = asyncio.run(_chaos(system, config))
+        report = asyncio.run(chaos_on(system.base_url, system.nats_url, system.prefix, config))
     summary = "\n".join(report.lines())
     assert [k.role for k in report.kills] == list(KILL_ORDER), summary
     assert report.hung == 0 and report.wrong == 0, summary

@@ -15,7 +15,7 @@ import openai
 import psutil
 import pytest
 
-from services.bench.chaos import ChaosConfig, ChaosReport, Watch, make_prompts, run_chaos
+from services.bench.chaos import ChaosConfig, chaos_on
 from services.bench.oracle import hf_greedy
 from services.common.nats_server import NatsCluster
 from tests.system import RunningSystem, run_system
@@ -83,30 +83,14 @@ async def _gather(system: RunningSystem, prompts: list[list[int]], n: int) -> li
     return list(await asyncio.gather(*(_complete(system, p, n) for p in prompts)))
 
 
-async def _chaos(
-    system: RunningSystem, config: ChaosConfig, cluster: NatsCluster, url: str
-) -> ChaosReport:
-    watch = await Watch.connect(url, system.prefix)
-    victim = cluster.servers[0]
-
-    def server() -> tuple[str, int]:
-        assert victim.process is not None
-        return f"nats-server {victim.url}", victim.process.pid
-
-    try:
-        return await run_chaos(system.base_url, watch, config, victims={"nats": server})
-    finally:
-        await watch.close()
-
-
 def test_one_server_of_a_three_node_cluster_killed_under_load(
     tiny_llama: Path, tmp_path: Path
 ) -> None:
-    prompts = make_prompts(tiny_llama, 12, seed=2)
-    config = ChaosConfig(
-        prompts=prompts,
-        expected=[hf_greedy(tiny_llama, p, 32) for p in prompts],
-        model="tiny-llama",
+    config = ChaosConfig.for_model(
+        tiny_llama,
+        prompts=12,
+        max_tokens=32,
+        seed=2,
         concurrency=60,
         warmup_s=6.0,
         tail_s=15.0,
@@ -123,7 +107,11 @@ def test_one_server_of_a_three_node_cluster_killed_under_load(
     env = {"HETSERVE_JETSTREAM_REPLICAS": "3"}
     try:
         with run_system(topology, cluster.url, tmp_path, env=env) as system:
-            report = asyncio.run(_chaos(system, config, cluster, cluster.url))
+            first = cluster.servers[0]
+            victims = {"nats": lambda: (f"nats-server {first.url}", first.process.pid)}
+            report = asyncio.run(
+                chaos_on(system.base_url, system.nats_url, system.prefix, config, victims)
+            )
     finally:
         cluster.stop()
     summary = "\n".join(report.lines())

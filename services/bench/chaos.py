@@ -31,6 +31,7 @@ import nats.errors
 
 from proto.messages import InstanceInfo
 from services.bench.client import RequestResult, send_request
+from services.bench.oracle import hf_greedy
 from services.common.bus import Bus
 from services.common.registry import Registry
 from services.common.settings import CommonSettings
@@ -59,6 +60,15 @@ class ChaosConfig:
     @property
     def max_tokens(self) -> int:
         return len(self.expected[0])
+
+    @classmethod
+    def for_model(
+        cls, model_dir: Path, prompts: int, max_tokens: int, seed: int = 0, **options: Any
+    ) -> ChaosConfig:
+        """`prompts` random prompts (make_prompts) and transformers' tokens for each."""
+        drawn = make_prompts(model_dir, prompts, seed)
+        expected = [hf_greedy(model_dir, p, max_tokens) for p in drawn]
+        return cls(prompts=drawn, expected=expected, model=model_dir.name, **options)
 
 
 @dataclass
@@ -307,6 +317,21 @@ def _stall_after(result: RequestResult, at: float) -> float:
     before `at` to the next one, and every gap after."""
     times = [result.sent_at, *result.arrivals]
     return max(b - max(a, at) for a, b in zip(times, times[1:], strict=False) if b > at)
+
+
+async def chaos_on(
+    base_url: str,
+    admin_url: str,
+    prefix: str,
+    config: ChaosConfig,
+    victims: dict[str, Callable[[], tuple[str, int]]] | None = None,
+) -> ChaosReport:
+    """run_chaos on a running system, watched over NATS as its admin."""
+    watch = await Watch.connect(admin_url, prefix)
+    try:
+        return await run_chaos(base_url, watch, config, victims)
+    finally:
+        await watch.close()
 
 
 async def _watch_return(watch: Watch, kill: Kill, old_pid: int, at: float) -> None:
