@@ -20,17 +20,11 @@ from pathlib import Path
 
 import yaml
 
-from services.bench.chaos import KILL_ORDER, ChaosConfig, ChaosReport, chaos_on
+from services.bench.chaos import KILL_ORDER, ChaosConfig, ChaosReport, chaos_on, first_server
 from services.bench.system import running
 from services.common.nats_server import NatsCluster
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def server_victim(cluster: NatsCluster) -> dict:
-    """Role "nats": the cluster's first server."""
-    first = cluster.servers[0]
-    return {"nats": lambda: (f"nats-server {first.url}", first.process.pid)}
 
 
 def passed(report: ChaosReport, min_completed: float) -> bool:
@@ -93,7 +87,7 @@ def main() -> int:
     try:
         url = cluster.url if cluster else None
         with running(topology, env=env, up_args=up_args, nats_url=url) as system:
-            victims = server_victim(cluster) if cluster else None
+            victims = first_server(cluster) if cluster else None
             report = asyncio.run(
                 chaos_on(system.base_url, system.admin_url, system.prefix, config, victims)
             )

@@ -15,7 +15,7 @@ import openai
 import psutil
 import pytest
 
-from services.bench.chaos import ChaosConfig, chaos_on
+from services.bench.chaos import ChaosConfig, chaos_on, first_server
 from services.bench.oracle import hf_greedy
 from services.common.nats_server import NatsCluster
 from tests.system import RunningSystem, run_system
@@ -107,8 +107,7 @@ def test_one_server_of_a_three_node_cluster_killed_under_load(
     env = {"HETSERVE_JETSTREAM_REPLICAS": "3"}
     try:
         with run_system(topology, cluster.url, tmp_path, env=env) as system:
-            first = cluster.servers[0]
-            victims = {"nats": lambda: (f"nats-server {first.url}", first.process.pid)}
+            victims = first_server(cluster)
             report = asyncio.run(
                 chaos_on(system.base_url, system.nats_url, system.prefix, config, victims)
             )

@@ -33,6 +33,7 @@ from proto.messages import InstanceInfo
 from services.bench.client import RequestResult, send_request
 from services.bench.oracle import hf_greedy
 from services.common.bus import Bus
+from services.common.nats_server import NatsCluster
 from services.common.registry import Registry
 from services.common.settings import CommonSettings
 from services.hf.config import load_model_config
@@ -317,6 +318,17 @@ def _stall_after(result: RequestResult, at: float) -> float:
     before `at` to the next one, and every gap after."""
     times = [result.sent_at, *result.arrivals]
     return max(b - max(a, at) for a, b in zip(times, times[1:], strict=False) if b > at)
+
+
+def first_server(cluster: NatsCluster) -> dict[str, Callable[[], tuple[str, int]]]:
+    """The victim for role "nats": the cluster's first server."""
+    server = cluster.servers[0]
+
+    def victim() -> tuple[str, int]:
+        assert server.process is not None, "the cluster is not running"
+        return f"nats-server {server.url}", server.process.pid
+
+    return {"nats": victim}
 
 
 async def chaos_on(

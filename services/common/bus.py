@@ -166,20 +166,18 @@ class Bus:
         s = self.settings
         args = (self.nc, self.subjects.kv_frames(receiver, rank), name)
         if self.kv_engine is None:
-            link = NatsLink(*args, s.kv_window, s.kv_ack_timeout_s, KV_HOOKS)
-        else:
-            from services.kv.mooncake_link import MooncakeLink
+            return NatsLink(*args, s.kv_window, s.kv_ack_timeout_s, KV_HOOKS, instance=receiver)
+        from services.kv.mooncake_link import MooncakeLink
 
-            link = MooncakeLink(
-                *args,
-                s.kv_window,
-                s.kv_ack_timeout_s,
-                self.kv_engine,
-                KV_HOOKS,
-                fail_write_after=s.mooncake_fail_write_after,
-            )
-        link.instance = receiver
-        return link
+        return MooncakeLink(
+            *args,
+            s.kv_window,
+            s.kv_ack_timeout_s,
+            self.kv_engine,
+            KV_HOOKS,
+            fail_write_after=s.mooncake_fail_write_after,
+            instance=receiver,
+        )
 
     def kv_endpoint(
         self,

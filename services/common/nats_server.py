@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -13,6 +14,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import nats
 
 MAX_PAYLOAD = 8 * 1024 * 1024
 
@@ -179,9 +182,6 @@ class NatsCluster:
 
 def wait_jetstream(url: str, timeout_s: float) -> None:
     """Until JetStream answers on `url` (a cluster's first needs its meta leader elected)."""
-    import asyncio
-
-    import nats
 
     async def ready() -> None:
         nc = await nats.connect(url)

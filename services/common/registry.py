@@ -21,20 +21,18 @@ log = logging.getLogger(__name__)
 
 
 class Registry:
-    def __init__(self, bus: Bus, ttl_s: float, stale_s: float | None = None):
-        """`stale_s`: with no update for this long (every instance heartbeats each second),
-        the watch is presumed lost (its NATS server died, its consumer with it) and made
-        anew; default: half the TTL, so entries come back before they expire."""
+    def __init__(self, bus: Bus, ttl_s: float):
         self.bus = bus
         self.ttl_s = ttl_s
-        self.stale_s = stale_s if stale_s is not None else 0.5 * ttl_s
+        # With no update for this long (every instance heartbeats each second) the watch is
+        # presumed lost (its NATS server died, its consumer with it) and made anew: half the
+        # TTL, so entries come back before they expire.
+        self.stale_s = 0.5 * ttl_s
         self.entries: dict[str, InstanceInfo] = {}
-        self.rewatched = 0  # how often the watch was made anew
         self._kv: KeyValue | None = None
         self._watch_task: asyncio.Task | None = None
         self._guard_task: asyncio.Task | None = None
-        self._last_update = time.monotonic()
-        self._last_update_wall = time.time()
+        self._last_update = time.time()
         # since when the watch is lost and not yet made anew: entries are judged as of then
         # (cut off from the bus, the registry does not know them dead), not expired by it
         self._blind_since: float | None = None
@@ -47,21 +45,20 @@ class Registry:
     async def _start_watch(self) -> None:
         assert self._kv is not None
         watcher = await self._kv.watchall()
-        self._last_update = time.monotonic()
+        self._last_update = time.time()
         self._watch_task = asyncio.create_task(self._watch(watcher))
 
     async def _guard(self) -> None:
-        quiet = False  # nothing to watch (no instance heartbeats), not a lost watch
+        quiet = False  # made anew and still no update: nothing heartbeats, the watch is fine
         while True:
             await asyncio.sleep(min(1.0, self.stale_s / 2))
-            if time.monotonic() - self._last_update < self.stale_s:
+            if time.time() - self._last_update < self.stale_s:
                 quiet = False
                 continue
             if self._blind_since is None:
-                self._blind_since = self._last_update_wall
-            (log.debug if quiet else log.warning)(
-                "no registry update for %.1fs: watching the registry anew", self.stale_s
-            )
+                self._blind_since = self._last_update
+            level = logging.DEBUG if quiet else logging.WARNING
+            log.log(level, "no registry update for %.1fs: watching it anew", self.stale_s)
             if self._watch_task is not None:
                 self._watch_task.cancel()
             try:
@@ -69,14 +66,13 @@ class Registry:
             except Exception as exc:  # noqa: BLE001 - the server may be electing a leader
                 log.warning("watching the registry anew failed (trying again): %s", exc)
                 continue
-            self.rewatched += 1
             self._blind_since = None  # the bus answers: what the watch shows now is so
             quiet = True
 
     async def _watch(self, watcher) -> None:  # noqa: ANN001
         try:
             async for entry in watcher:
-                self._last_update, self._last_update_wall = time.monotonic(), time.time()
+                self._last_update = time.time()
                 if entry is None:  # end of the initial values
                     continue
                 if entry.operation in ("DEL", "PURGE"):

@@ -22,7 +22,7 @@ from nats.aio.client import Client
 from proto.frames import Frame, encode_frame
 from services.kv.hooks import NO_HOOKS, StreamHooks
 from services.kv.mooncake_engine import MooncakeEngine
-from services.kv.nats_link import NatsLink, StreamFailed
+from services.kv.nats_link import NatsLink
 
 
 class MooncakeLink(NatsLink):
@@ -36,10 +36,11 @@ class MooncakeLink(NatsLink):
         engine: MooncakeEngine,
         hooks: StreamHooks = NO_HOOKS,
         fail_write_after: int = -1,
+        instance: str = "",
     ):
         """`fail_write_after`: fault injection for tests: after this many payloads written,
         write outside the receiver's memory, which the engine refuses (-1: never)."""
-        super().__init__(nc, subject, receiver, window, ack_timeout_s, hooks)
+        super().__init__(nc, subject, receiver, window, ack_timeout_s, hooks, instance)
         self.engine = engine
         self.fail_write_after = fail_write_after
         self.session = ""
@@ -86,9 +87,8 @@ class MooncakeLink(NatsLink):
         try:
             await asyncio.wait_for(self._leased.wait(), self.ack_timeout_s)
         except TimeoutError:
-            raise StreamFailed(
-                f"{self.receiver} did not answer the begin in {self.ack_timeout_s:.0f}s",
-                self.instance,
+            raise self.failed(
+                f"{self.receiver} did not answer the begin in {self.ack_timeout_s:.0f}s"
             ) from None
         self._check()
 
@@ -97,9 +97,7 @@ class MooncakeLink(NatsLink):
         try:
             slot = await asyncio.wait_for(self._free.get(), self.ack_timeout_s)
         except TimeoutError:
-            raise StreamFailed(
-                f"{self.receiver} freed no staging slot in time", self.instance
-            ) from None
+            raise self.failed(f"{self.receiver} freed no staging slot in time") from None
         self._check()
         address = self.slots[slot]
         if self.fail_write_after == 0:
@@ -118,7 +116,7 @@ class MooncakeLink(NatsLink):
                 f"({self.session}) failed: {rc}"
             )
             self._credits.release()  # the end frame telling the receiver needs one
-            raise StreamFailed(reason, self.instance)
+            raise self.failed(reason)
         self.bytes_staged += len(frame.payload)
         await self._publish(
             encode_frame(frame, at=slot), f"{self._inbox}.{slot}", len(frame.payload)

@@ -43,11 +43,12 @@ class NatsLink:
         window: int,
         ack_timeout_s: float,
         hooks: StreamHooks = NO_HOOKS,
+        instance: str = "",
     ):
         self.nc = nc
         self.subject = subject
-        self.receiver = receiver
-        self.instance = receiver  # the receiver's instance id (kv_link: without its rank)
+        self.receiver = receiver  # who it is, in messages ("d-0 rank 1")
+        self.instance = instance or receiver  # its instance id, for a retry to avoid
         self.window = window
         self.ack_timeout_s = ack_timeout_s
         self.hooks = hooks
@@ -95,9 +96,13 @@ class NatsLink:
     def acked(self, subject: str, reply: dict, ok: bool) -> None:
         """A transport's own use of an acknowledgement (mooncake: leases, free slots)."""
 
+    def failed(self, reason: str) -> StreamFailed:
+        """The stream's failure at this receiver."""
+        return StreamFailed(reason, self.instance)
+
     def _check(self) -> None:
         if self._error is not None:
-            raise StreamFailed(self._error, self.instance)
+            raise self.failed(self._error)
 
     async def send(self, frame: Frame) -> None:
         await self._credit()
@@ -108,9 +113,8 @@ class NatsLink:
         try:
             await asyncio.wait_for(self._credits.acquire(), self.ack_timeout_s)
         except TimeoutError:
-            raise StreamFailed(
-                f"{self.receiver} acknowledged nothing for {self.ack_timeout_s:.0f}s",
-                self.instance,
+            raise self.failed(
+                f"{self.receiver} acknowledged nothing for {self.ack_timeout_s:.0f}s"
             ) from None
         self._check()
 
@@ -129,7 +133,7 @@ class NatsLink:
         try:
             await asyncio.wait_for(self._drained.wait(), self.ack_timeout_s)
         except TimeoutError:
-            raise StreamFailed(
-                f"{self.receiver} left {self._unacked} frames unacknowledged", self.instance
+            raise self.failed(
+                f"{self.receiver} left {self._unacked} frames unacknowledged"
             ) from None
         self._check()
