@@ -72,7 +72,7 @@ class Registry:
     async def _watch(self, watcher) -> None:  # noqa: ANN001
         try:
             async for entry in watcher:
-                self._last_update = time.time()
+                self._last_update, self._blind_since = time.time(), None  # current again
                 if entry is None:  # end of the initial values
                     continue
                 if entry.operation in ("DEL", "PURGE"):
