@@ -164,10 +164,11 @@ class NativeEngine:
             blocks.append(block)
             offsets.append(offset)
             end = begin + row.stop - row.start
-            context = (None, None)
+            table = None
             if row.start > 0:
-                context = self._slots(row.block_table, torch.arange(row.stop))
-            spans.append(PrefillSpan(begin, end, row.start, *context))
+                used = row.block_table[: self.blocks_for(row.stop)]
+                table = torch.tensor(used, dtype=torch.long, device=self.device)
+            spans.append(PrefillSpan(begin, end, row.start, table))
             if row.want_logits and want_logits:
                 last.append(end - 1)
             begin = end
@@ -224,19 +225,19 @@ class NativeEngine:
         tables = torch.zeros(len(block_tables), width, dtype=torch.long)
         for row, table in enumerate(block_tables):
             tables[row, : len(table[:width])] = torch.tensor(table[:width])
-        ctx = torch.arange(max_len)
-        ctx_blocks = tables[:, ctx // bs]  # [S, Tmax]
-        ctx_offsets = (ctx % bs).expand(len(block_tables), -1)
-        mask = ctx[None, :] < lengths[:, None]
+        mask = None
+        if min(num_tokens) < max_len:
+            mask = (torch.arange(max_len)[None, :] < lengths[:, None])[:, None, None, :]
+            mask = mask.to(self.device)
         rows = torch.arange(len(block_tables))
         meta = AttentionMetadata(
             is_prefill=False,
             positions=positions.to(self.device),
             slot_blocks=tables[rows, positions // bs].to(self.device),
             slot_offsets=(positions % bs).to(self.device),
-            context_blocks=ctx_blocks.to(self.device),
-            context_offsets=ctx_offsets.to(self.device),
-            context_mask=mask[:, None, None, :].to(self.device),
+            context_tables=tables.to(self.device),
+            context_len=max_len,
+            context_mask=mask,
         )
         tokens = torch.tensor(last_tokens, device=self.device)
         logits_rows = rows if want_logits else rows[:0]

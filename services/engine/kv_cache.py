@@ -76,16 +76,20 @@ class PagedKVCache:
         for view, values in ((k_view, k), (v_view, v)):
             view[blocks, offsets] = values.to(view.dtype).reshape(values.shape[0], *view.shape[2:])
 
-    def gather(
-        self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor
+    def read(
+        self, layer: int, block_tables: torch.Tensor, length: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V at [S, Tmax] slots -> [S, Tmax, H, D] each."""
-        k_view, v_view = self.views[self._slot[layer]]
-        s, t = blocks.shape
-        return (
-            k_view[blocks, offsets].reshape(s, t, k_view.shape[2], -1),
-            v_view[blocks, offsets].reshape(s, t, v_view.shape[2], -1),
-        )
+        """K, V of the first `length` context positions of each [S, W] block table ->
+        [S, length, H, D] each. Whole blocks are copied (one index_select per plane), not
+        token by token: a decode step reads every context of the batch this way, per layer."""
+        s, width = block_tables.shape
+        flat = block_tables.reshape(-1)
+        out = []
+        for view in self.views[self._slot[layer]]:
+            blocks = view.index_select(0, flat)  # [S * W, block, H, D...]
+            tokens = blocks.reshape(s, width * view.shape[1], view.shape[2], -1)
+            out.append(tokens[:, :length])
+        return out[0], out[1]
 
     def _block_index(self, block_ids: list[int]) -> torch.Tensor:
         return torch.tensor(block_ids, dtype=torch.long, device=self.device)

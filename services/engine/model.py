@@ -37,9 +37,12 @@ class PrefillSpan:
     begin: int
     end: int
     start: int
-    # start > 0 (the earlier tokens are in the cache): where its whole context [0, stop) lives
-    context_blocks: torch.Tensor | None = None  # [stop]
-    context_offsets: torch.Tensor | None = None  # [stop]
+    # start > 0 (the earlier tokens are in the cache): the blocks its whole context lives in
+    context_table: torch.Tensor | None = None  # [W]
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.end - self.begin
 
 
 @dataclass
@@ -52,9 +55,10 @@ class AttentionMetadata:
     slot_offsets: torch.Tensor  # [T] offset inside that block
     # prefill only: which flattened tokens are whose
     spans: tuple[PrefillSpan, ...] = ()
-    # decode only: where each sequence's whole context lives
-    context_blocks: torch.Tensor | None = None  # [S, Tmax] block of each context position
-    context_offsets: torch.Tensor | None = None  # [S, Tmax]
+    # decode only: the blocks each sequence's whole context lives in, and which positions of
+    # the longest (Tmax) are attended; no mask when every context is Tmax long
+    context_tables: torch.Tensor | None = None  # [S, W]
+    context_len: int = 0  # Tmax
     context_mask: torch.Tensor | None = None  # [S, 1, 1, Tmax] True where attended
 
 
@@ -142,7 +146,7 @@ class Attention(nn.Module):
             out = torch.cat([self._prefill(q, k, v, span, cache) for span in meta.spans])
         else:
             # One new token per sequence: read each context from the cache, in its layout.
-            ctx_k, ctx_v = cache.gather(self.layer_index, meta.context_blocks, meta.context_offsets)
+            ctx_k, ctx_v = cache.read(self.layer_index, meta.context_tables, meta.context_len)
             # ctx_k: [S, Tmax, Hkv, D]
             out = F.scaled_dot_product_attention(
                 q[:, :, None, :],  # [S, Hq, 1, D]
@@ -170,10 +174,9 @@ class Attention(nn.Module):
             v = v[span.begin : span.end].transpose(0, 1)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
             return out.transpose(0, 1)
-        blocks, offsets = span.context_blocks[None], span.context_offsets[None]
         ctx_k, ctx_v = (
             t[0].to(q.dtype).transpose(0, 1)
-            for t in cache.gather(self.layer_index, blocks, offsets)
+            for t in cache.read(self.layer_index, span.context_table[None], span.stop)
         )
         # query i sits at position start + i and sees context positions 0 ..= start + i
         queries = torch.arange(span.end - span.begin, device=q.device)[:, None] + span.start
