@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from proto.kv_descriptor import kv_heads_of_rank as descriptor_kv_heads
+from services.engine.linear import linear
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class ReplicatedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ReplicatedEmbedding(nn.Module):
@@ -208,8 +209,8 @@ class RowParallelLinear(ReplicatedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+            return linear(x, self.weight, self.bias)
+        y = self.tp.all_reduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
     def load_weight(self, name: str, full: torch.Tensor, shard_id: object = None) -> None:
