@@ -67,8 +67,12 @@ class Native:
         params = SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True)
         seqs = []
         for i, ids in enumerate(prompts(batch, length)):
-            seq = self.engine.new_sequence(GenerateRequest(request_id=f"{batch}-{i}", prompt_token_ids=ids, sampling=params))
-            seq.block_table = self.engine.blocks.allocate(self.engine.blocks_for(length + 2 * steps + 16))
+            seq = self.engine.new_sequence(
+                GenerateRequest(request_id=f"{batch}-{i}", prompt_token_ids=ids, sampling=params)
+            )
+            seq.block_table = self.engine.blocks.allocate(
+                self.engine.blocks_for(length + 2 * steps + 16)
+            )
             seqs.append(seq)
         start = time.perf_counter()
         self.engine.prefill_step([PrefillChunk(s, 0, length) for s in seqs])
@@ -173,7 +177,9 @@ def main() -> int:
         for batch in batches:
             for engine in engines:
                 prefill, steps, step, release = engine.run(batch, args.prompt_tokens, args.steps)
-                s = samples.setdefault((engine.name, batch), {"prefill": [], "step": [], "split": []})
+                s = samples.setdefault(
+                    (engine.name, batch), {"prefill": [], "step": [], "split": []}
+                )
                 s["prefill"].append(prefill)
                 s["step"].append(statistics.median(steps))
                 s["split"].append(split_step(step))

@@ -198,11 +198,15 @@ async def _stream(request: web.Request, server: FakeServer, chat: bool) -> web.S
                 choice = {"index": 0, "delta": {"content": text}}
             else:
                 choice = {"index": 0, "text": text, "token_ids": ids}
+            if prompt == "no-done" and start + TOKENS_PER_CHUNK >= n:
+                choice["finish_reason"] = "length"
             await resp.write(_sse({"choices": [choice]}))
         prompt_len = len(prompt) if isinstance(prompt, list) else 3
         usage = {"prompt_tokens": prompt_len, "completion_tokens": n}
         await resp.write(_sse({"choices": [], "usage": usage}))
-        await resp.write(_sse("[DONE]"))
+        # transformers serve closes after its finish_reason without [DONE]; "cut" has neither
+        if prompt not in ("no-done", "cut"):
+            await resp.write(_sse("[DONE]"))
         return resp
     finally:
         server.in_flight -= 1
@@ -265,6 +269,23 @@ async def test_concurrency_run_counts_and_timing() -> None:
     assert s.e2e.p50 >= (TTFT_S + 2 * CHUNK_GAP_S) * 1000
     assert "Successful requests:" in format_table(run)
     assert json.loads(to_json(run))["config"]["concurrency"] == 3
+
+
+async def test_a_stream_ends_at_done_or_at_a_finish_reason(tmp_path: Path) -> None:
+    """A stream closed after its finish_reason with no [DONE] (transformers serve's way) is a
+    whole answer; one closed with neither was cut off and fails."""
+    dataset = tmp_path / "rows.jsonl"
+    dataset.write_text('{"prompt": "no-done"}\n{"prompt": "cut"}\n')
+    async with fake_openai_server() as server:
+        config = BenchConfig(
+            base_url=server.url, num_requests=4, concurrency=1, dataset=str(dataset),
+            output_tokens="fixed:4", timeout=10,
+        )  # fmt: skip
+        run = await run_benchmark(config)
+    ended, cut = run.results[0::2], run.results[1::2]
+    assert all(r.ok and r.output_tokens == 4 and r.e2e is not None for r in ended)
+    assert not any(r.ok for r in cut)
+    assert run.summary.errors == {"RuntimeError: stream ended without [DONE] or a finish_reason": 2}
 
 
 async def test_rate_run_with_chat_dataset_and_errors(tmp_path: Path) -> None:

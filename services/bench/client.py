@@ -120,7 +120,10 @@ class _Timing:
 
 
 async def _read_stream(resp: aiohttp.ClientResponse, timing: _Timing) -> None:
+    """Until [DONE]; a stream that closes after a choice's finish_reason without it (as
+    `transformers serve` does) is complete too, ended at that last event."""
     r = timing.result
+    finished_at: float | None = None
     async for raw in resp.content:
         now = time.perf_counter()
         line = raw.strip()
@@ -142,6 +145,8 @@ async def _read_stream(resp: aiohttp.ClientResponse, timing: _Timing) -> None:
             if exact:
                 r.output_ids.extend(choice["token_ids"])
             timing.tokens(now, count)
+            if choice.get("finish_reason") is not None:
+                finished_at = now
         usage = event.get("usage")
         if usage:
             r.output_tokens = int(usage.get("completion_tokens") or 0)
@@ -149,7 +154,9 @@ async def _read_stream(resp: aiohttp.ClientResponse, timing: _Timing) -> None:
             details = usage.get("prompt_tokens_details")
             if isinstance(details, dict) and details.get("cached_tokens") is not None:
                 r.cached_tokens = int(details["cached_tokens"])
-    raise RuntimeError("stream ended without [DONE]")
+    if finished_at is None:
+        raise RuntimeError("stream ended without [DONE] or a finish_reason")
+    r.e2e = finished_at - timing.start
 
 
 async def send_request(
