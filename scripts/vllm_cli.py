@@ -32,7 +32,6 @@ importlib.metadata.version = _version_of
 importlib.metadata.metadata = _metadata_of
 
 
-
 def _drop_fields(names: list[str]) -> None:
     from vllm.benchmarks.lib import endpoint_request_func as requests
 
