@@ -101,13 +101,18 @@ class KVReport:
     convert: list[ConvertResult] = field(default_factory=list)
     convert_skipped: list[str] = field(default_factory=list)
     transfers: dict[str, TransferResult] = field(default_factory=dict)  # per transport
-    exposed: ExposedResult | None = None
+    exposures: dict[str, ExposedResult] = field(default_factory=dict)  # per transport
     seconds: float = 0.0
 
     @property
     def transfer(self) -> TransferResult | None:
-        """The first transport's (the one the exposed section runs on)."""
+        """The first transport's."""
         return next(iter(self.transfers.values()), None)
+
+    @property
+    def exposed(self) -> ExposedResult | None:
+        """The first transport's."""
+        return next(iter(self.exposures.values()), None)
 
 
 def machine_info(threads: int) -> dict[str, Any]:
@@ -163,7 +168,7 @@ async def run_bus_sections(
         url = server.url
     try:
         model = Path(config.model) if config.model else build_tiny_model(workdir / "tiny-llama")
-        for index, transport in enumerate(config.transports):
+        for transport in config.transports:
             topology = _topology(config, url, model, workdir / transport, transport)
             progress(f"{transport}: starting prefill, two decode instances, converter and echo")
             async with BenchTopology(topology) as topo:
@@ -172,9 +177,9 @@ async def run_bus_sections(
                     report.transfers[transport] = await measure_transfer(
                         topo, config.transfer_tokens, config.transfer_requests
                     )
-                if "exposed" in config.sections and index == 0:
+                if "exposed" in config.sections:
                     progress(f"{transport} exposed: prompts through the real prefill worker")
-                    report.exposed = await measure_exposed(
+                    report.exposures[transport] = await measure_exposed(
                         topo, config.prompt_tokens, config.exposed_repeats
                     )
     finally:

@@ -106,8 +106,7 @@ def register(subparsers: Any) -> None:
         "--transport",
         type=_names,
         default=("nats",),
-        help="KV transports to measure (b) on, e.g. nats,mooncake; (c) runs on the first "
-        "(default nats)",
+        help="KV transports to measure (b) and (c) on, e.g. nats,mooncake (default nats)",
     )
     b.add_argument("--transfer-tokens", type=int, help="tokens per request (default: auto)")
     b.add_argument(

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from services.bench.kv import KVReport
+from services.bench.kv_exposed import ExposedResult
 from services.bench.kv_transfer import ENGINE_ROUTE, TransferResult
 
 _WIDTH = 100
@@ -65,7 +66,7 @@ def targets(report: KVReport) -> list[Target]:
                 )
             )
     out += _mooncake_targets(report)
-    if report.exposed is not None:
+    if report.exposed is not None:  # issue 3's, on the first transport
         for name, route in report.exposed.routes.items():
             d = route.to_dict()
             out.append(
@@ -97,6 +98,18 @@ def _mooncake_targets(report: KVReport) -> list[Target]:
             "mooncake via-converter / Mooncake ceiling", ">=", 0.5, over_engine(mc, "converter")
         ),
     ]
+    exposed = report.exposures.get("mooncake")
+    for name, route in exposed.routes.items() if exposed else ():
+        d = route.to_dict()
+        out.append(
+            Target(
+                f"mooncake exposed (TTFT - colocated) / colocated, {name}",
+                "<=",
+                0.1,
+                d["ttft_minus_colocated_s"] / exposed.colocated_prefill_s,
+                f"TTFT {d['ttft_s'] * 1e3:.0f} ms, colocated {exposed.colocated_prefill_s * 1e3:.0f} ms",
+            )
+        )
     if nats is not None and nats.routes["direct"].gbps:
         ratio = mc.routes["direct"].gbps / nats.routes["direct"].gbps
         conv = mc.routes["converter"].gbps / max(nats.routes["converter"].gbps, 1e-12)
@@ -125,7 +138,8 @@ def to_dict(report: KVReport) -> dict[str, Any]:
         out["transfer"] = report.transfer.to_dict()  # the first transport's, as before
         out["transfers"] = {name: t.to_dict() for name, t in report.transfers.items()}
     if report.exposed is not None:
-        out["exposed"] = report.exposed.to_dict()
+        out["exposed"] = report.exposed.to_dict()  # the first transport's, as before
+        out["exposures"] = {name: e.to_dict() for name, e in report.exposures.items()}
     out["targets"] = [t.to_dict() for t in targets(report)]
     return out
 
@@ -198,13 +212,11 @@ def _transfer_rows(report: KVReport, t: TransferResult) -> list[str]:
     return lines
 
 
-def _exposed_rows(report: KVReport) -> list[str]:
-    e = report.exposed
-    assert e is not None
+def _exposed_rows(transport: str, e: ExposedResult) -> list[str]:
     lines = [
         _heading(
-            f"(c) exposed transfer: {e.num_tokens}-token prompt through the real prefill "
-            f"worker, KV {e.kv_bytes / 1e6:.2f} MB"
+            f"(c) exposed transfer over {transport}: {e.num_tokens}-token prompt through the "
+            f"real prefill worker, KV {e.kv_bytes / 1e6:.2f} MB"
         ),
         f"colocated prefill (same engine in-process, no streaming): "
         f"{e.colocated_prefill_s * 1e3:.1f} ms",
@@ -242,8 +254,8 @@ def format_table(report: KVReport) -> str:
         lines += _convert_rows(report)
     for t in report.transfers.values():
         lines += _transfer_rows(report, t)
-    if report.exposed is not None:
-        lines += _exposed_rows(report)
+    for transport, exposed in report.exposures.items():
+        lines += _exposed_rows(transport, exposed)
     issues = "targets (issue 3)" + (", mooncake's (issue 12)" if _mooncake_targets(report) else "")
     lines.append(_heading(issues))
     for t in targets(report):
