@@ -70,7 +70,7 @@ def hetserve_generator(endpoint: Endpoint, dataset: Path, point: dict, n: int, o
     )  # fmt: skip
     s = asyncio.run(run_benchmark(config)).summary
     return {
-        "ok": s.requests_ok, "failed": s.requests_failed + s.requests_shed,
+        "ok": s.requests_ok, "failed": s.requests_failed, "shed": s.requests_shed,
         "output_tokens": s.output_tokens, "out_tok_s": s.output_token_throughput,
         "req_s": s.request_throughput,
         "ttft_p50_ms": s.ttft.p50, "ttft_p99_ms": s.ttft.p99,
@@ -188,7 +188,9 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (tpot, tput) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for system in dict.fromkeys(r["system"] for r in rows):
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    colors = dict(zip(systems, plt.get_cmap("tab10").colors, strict=False))
+    for system in systems:
         for gen, style in (("hetserve", "-o"), ("vllm", "--x")):
             pts = sorted((r["concurrency"], r) for r in rows
                          if r["system"] == system and r["generator"] == gen and r["concurrency"])  # fmt: skip
@@ -196,8 +198,9 @@ def plot(rows: list[dict], path: Path) -> None:
                 continue
             xs = [c for c, _ in pts]
             label = f"{system} ({gen} gen.)"
-            line = tpot.plot(xs, [r["tpot_p50_ms"] for _, r in pts], style, label=label)[0]
-            tput.plot(xs, [r["out_tok_s"] for _, r in pts], style, color=line.get_color())
+            color = colors[system]
+            tpot.plot(xs, [r["tpot_p50_ms"] for _, r in pts], style, color=color, label=label)
+            tput.plot(xs, [r["out_tok_s"] for _, r in pts], style, color=color)
     for ax, ylabel in ((tpot, "TPOT p50 (ms)"), (tput, "output tokens/s")):
         ax.set_xscale("log", base=2)
         ax.set_xticks([1, 4, 16], ["1", "4", "16"])
@@ -224,7 +227,11 @@ def main() -> int:
     parser.add_argument("--peers", default=None, help="comma-separated names (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="for the engines alone")
     parser.add_argument("--skip-engines", action="store_true")
+    parser.add_argument("--replot", type=Path, help="only draw --plot from a results.json")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(args.replot.read_text())["rows"], args.plot or args.out / "peers.png")
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     peers = PEERS if args.peers is None else [p for p in PEERS if p.name in args.peers.split(",")]
     if args.rate is None and peers[0].name != "vllm serve":

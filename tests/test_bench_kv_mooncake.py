@@ -22,8 +22,9 @@ def test_both_transports_against_both_ceilings(
     tiny_llama: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    args = ["bench", "kv", "--sections", "transfer", "--transport", "nats,mooncake"]
+    args = ["bench", "kv", "--sections", "transfer,exposed", "--transport", "nats,mooncake"]
     args += ["--nats-url", nats_server.url, "--model", str(tiny_llama)]
+    args += ["--prompt-tokens", "128", "--exposed-repeats", "1"]
     code = main([*args, "--transfer-requests", "2", "--transfer-tokens", "256", "--json"])
     assert code == 0, capsys.readouterr().err
     report = json.loads(capsys.readouterr().out)
@@ -34,11 +35,19 @@ def test_both_transports_against_both_ceilings(
         for route in transfer["routes"].values():
             assert route["gbps"] > 0 and route["requests"] == 2
     assert report["transfer"] == transfers["nats"]  # the first transport, as before
+    exposures = report["exposures"]
+    assert report["exposed"] == exposures["nats"]
+    for exposed in exposures.values():  # the real prefill streams over each transport
+        for route in ("direct", "converter"):
+            r = exposed["routes"][route]
+            assert r["ttft_s"] > 0 and r["transfer_s"] > 0 and len(r["samples"]) == 1
     names = {t["name"] for t in report["targets"]}
     assert {
         "mooncake direct / Mooncake ceiling",
         "mooncake direct / nats direct",
         "mooncake via-converter / Mooncake ceiling",
+        "mooncake exposed (TTFT - colocated) / colocated, direct",
+        "mooncake exposed (TTFT - colocated) / colocated, converter",
     } <= names
 
 
