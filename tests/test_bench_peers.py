@@ -65,7 +65,6 @@ def test_both_generators_load_a_real_server_with_the_same_prompts(
     s = ours.summary
     assert (s.requests_ok, s.requests_failed) == (REQUESTS, 0), s.errors
     assert s.output_tokens == REQUESTS * OUTPUT_TOKENS  # word prompts: no early EOS
-    assert [r.prompt_len for r in ours.results] == [None] * REQUESTS  # text prompts, as sent
     assert (theirs["completed"], theirs["failed"]) == (REQUESTS, 0)
     assert theirs["total_input_tokens"] == REQUESTS * PROMPT_TOKENS  # its tokenizer agrees
     assert theirs["median_tpot_ms"] > 0 and theirs["median_ttft_ms"] > 0

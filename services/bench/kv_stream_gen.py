@@ -10,6 +10,7 @@ receives them.
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,8 +35,11 @@ def new_request_id(tag: str) -> str:
 
 
 def bench_request(request_id: str, num_tokens: int, max_tokens: int) -> GenerateRequest:
-    """A greedy request of `num_tokens` prompt ids that never stops early (EOS ignored)."""
-    ids = [10 + (i * 7919) % 900 for i in range(num_tokens)]
+    """A greedy request of `num_tokens` prompt ids that never stops early (EOS ignored). The
+    ids are drawn from the request id: a decode's prefix cache never holds an earlier
+    request's blocks of it, so every request moves its whole KV."""
+    rng = random.Random(request_id)
+    ids = [rng.randrange(10, 910) for _ in range(num_tokens)]
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     return GenerateRequest(
         request_id=request_id, prompt_token_ids=ids, sampling=sampling, submitted_at=time.time()
