@@ -52,9 +52,15 @@ def test_both_generators_load_a_real_server_with_the_same_prompts(
         ours = asyncio.run(
             run_benchmark(
                 BenchConfig(
-                    base_url=endpoint.base_url, num_requests=REQUESTS, concurrency=2,
-                    model=endpoint.model, endpoint="completions", dataset=str(dataset),
-                    output_tokens=f"fixed:{OUTPUT_TOKENS}", vllm_extras=False, timeout=120,
+                    base_url=endpoint.base_url,
+                    num_requests=REQUESTS,
+                    concurrency=2,
+                    model=endpoint.model,
+                    endpoint="completions",
+                    dataset=str(dataset),
+                    output_tokens=f"fixed:{OUTPUT_TOKENS}",
+                    vllm_extras=False,
+                    timeout=120,
                 )  # fmt: skip
             )
         )
