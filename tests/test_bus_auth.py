@@ -228,10 +228,14 @@ def test_the_credentials_stay_private(system: RunningSystem, users: BusUsers) ->
     assert stat.S_IMODE(url_file(state, ADMIN).parent.stat().st_mode) == 0o700
     passwords = [f.read_text().strip().rsplit("@", 1)[0].rsplit(":", 1)[1] for f in files]
     assert len(set(passwords)) == len(BUS_USERS)  # one per role
-    log = system.log_text()
+    # the start-up summary comes once every instance has reported, which can be after the
+    # gateway's /health turned 200 (that needs one instance of each role)
+    deadline = time.monotonic() + 60
+    while "hetserve status --state-dir" not in (log := system.log_text()):
+        assert time.monotonic() < deadline, f"no start-up summary in the log:\n{log[-2000:]}"
+        time.sleep(0.5)
     assert "embedded NATS with JetStream" in log
     assert not [p for p in passwords if p in log]
-    assert "hetserve status --state-dir" in log
 
 
 @pytest.mark.slow

@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import nats
 from nats.aio.client import Client
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StreamConfig
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from proto.messages import M, Message
@@ -104,10 +105,25 @@ class Bus:
                 num_replicas=replicas,
             ),
         ):
+            await self._add_stream(config)
+
+    async def _add_stream(self, config: StreamConfig, patience_s: float = 30.0) -> None:
+        """A replicated stream's creation can time out while a cluster under load places it
+        (seen at R3 on two busy CPUs): ask again, until `patience_s`; a stream that exists,
+        made by another service or by an earlier attempt that did get through, is done."""
+        deadline = asyncio.get_running_loop().time() + patience_s
+        while True:
             try:
                 await self.js.add_stream(config)
-            except BadRequestError as exc:  # created concurrently by another service
+                return
+            except BadRequestError as exc:
                 log.debug("stream %s exists: %s", config.name, exc)
+                return
+            except (NatsTimeoutError, ServiceUnavailableError) as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                log.warning("creating stream %s: %s; asking again", config.name, exc)
+                await asyncio.sleep(1.0)
 
     async def registry_bucket(self) -> KeyValue:
         bucket = self.subjects.registry_bucket
